@@ -1,0 +1,17 @@
+"""The kit's input errors: each names the file and, where there is one, the 1-based line or row."""
+
+from __future__ import annotations
+
+import os
+
+
+class KinretInputError(ValueError):
+    """Bad input data: a malformed list, a missing or corrupt image, a wrong row count, an unknown family."""
+
+    def __init__(self, path: str | os.PathLike | None, message: str, line: int | None = None):
+        self.path = None if path is None else str(path)
+        self.line = line
+        where = self.path or "<input>"
+        if line is not None:
+            where += f", line {line}"
+        super().__init__(f"{where}: {message}")
