@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny FIW-like folders of random images, written per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("KINRET_NO_PROGRESS", "1")
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "rfiw_test_index"
+
+
+def write_image(path: Path, seed: int, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_fiw(root: Path, sizes: dict[str, list[int]], seed: int = 0) -> Path:
+    """sizes: fid -> images per member, e.g. {"F0001": [2, 3], "F0002": [1]}."""
+    k = seed * 10_000
+    for fid, members in sizes.items():
+        for m, n in enumerate(members, start=1):
+            for i in range(n):
+                k += 1
+                write_image(root / fid / f"MID{m}" / f"P{k:05d}_face{i + 1}.jpg", k)
+    return root
+
+
+@pytest.fixture
+def fiw_root(tmp_path: Path) -> Path:
+    return make_fiw(tmp_path / "train", {"F0001": [2, 3, 1], "F0002": [2, 2], "F0003": [4], "F0010": [1, 1, 2, 1]})
