@@ -1,0 +1,52 @@
+"""Score a predictions file against labelled lists.
+
+    python -m kinret.evaluate --predictions predictions.csv --probes probe_list.csv --gallery gallery_list.csv \
+        [--ap standard|trapezoid] [--json]
+
+Exit codes: 0 scored; 2 invalid predictions or malformed lists (the message names the file and first bad row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import KinretInputError
+from .metrics import AP_VARIANTS, evaluate_ranking
+from .split import read_labelled
+from .submission import read_predictions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kinret.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--predictions", required=True, help="predictions.csv, or a submission zip holding it")
+    p.add_argument("--probes", required=True, help="labelled probe list (RFIW2021 probe_list.csv)")
+    p.add_argument("--gallery", required=True, help="labelled gallery list (RFIW2021 gallery_list.csv)")
+    p.add_argument("--ap", choices=AP_VARIANTS, default="standard",
+                   help="AP definition: 'standard' (precision at each hit) or 'trapezoid' (the organisers' "
+                        "published code); the official scorer's choice is unknown (default: standard)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        truth = read_labelled(args.probes, args.gallery, image_root=None, name="truth")
+        ranking = read_predictions(args.predictions, len(truth.probes), len(truth.gallery))
+    except KinretInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    scores = evaluate_ranking(ranking, truth.probe_fids, truth.gallery_fids, ap=args.ap)
+    if args.json:
+        print(json.dumps(scores.as_dict()))
+    else:
+        print(scores.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Track-3 retrieval metrics as pure numpy functions.
+
+Conventions shared by every function here:
+- a *ranking* is a (P, N) integer array; row i lists all N gallery indices for probe i, best first;
+- *relevant* means same family id as the probe;
+- ties in scores are broken by lower gallery index first (see `kinret.ranking.rank_gallery`);
+- a probe with no relative in the gallery has AP 0 and never a Rank@K hit, but still counts in every mean.
+
+>>> hits = np.array([[1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]], dtype=bool)
+>>> average_precision(hits).round(4).tolist()
+[0.7222, 0.25]
+>>> average_precision(hits, "trapezoid").round(4).tolist()
+[0.6778, 0.125]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RANK_KS = (1, 5, 10, 20, 50)
+AP_VARIANTS = ("standard", "trapezoid")
+
+
+def relevance(probe_fids: Sequence, gallery_fids: Sequence) -> np.ndarray:
+    """(P, N) boolean matrix: `rel[i, j]` is True when gallery face j has probe i's family id."""
+    _, codes = np.unique(np.concatenate([np.asarray(probe_fids, dtype=object), np.asarray(gallery_fids, dtype=object)])
+                         .astype(str), return_inverse=True)
+    p = codes[: len(probe_fids)]
+    g = codes[len(probe_fids):]
+    return p[:, None] == g[None, :]
+
+
+def hits_in_rank_order(ranking: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """(P, N) boolean: `hits[i, r]` is True when the gallery face ranked r-th (0-based) for probe i is relevant."""
+    return np.take_along_axis(relevant, ranking, axis=1)
+
+
+def _standard_ap(hits: np.ndarray) -> np.ndarray:
+    """AP = (1/R) * sum over relatives of precision at the relative's rank; R = number of relatives."""
+    n_rel = hits.sum(axis=1)
+    cum = np.cumsum(hits, axis=1, dtype=np.float64)
+    ranks = np.arange(1, hits.shape[1] + 1, dtype=np.float64)
+    total = np.where(hits, cum / ranks, 0.0).sum(axis=1)
+    return np.divide(total, n_rel, out=np.zeros_like(total), where=n_rel > 0)
+
+
+def _trapezoid_ap(hits: np.ndarray) -> np.ndarray:
+    """The organisers' AP: (1/R) * sum over relatives of (p_before + p_at) / 2, where for the c-th relative
+    (1-based) at 0-based rank r, p_at = c / (r + 1) and p_before = (c - 1) / r, or 1.0 when r = 0."""
+    n_rel = hits.sum(axis=1)
+    cum = np.cumsum(hits, axis=1, dtype=np.float64)
+    r = np.arange(hits.shape[1], dtype=np.float64)
+    p_at = cum / (r + 1.0)
+    p_before = np.divide(cum - 1.0, r, out=np.ones_like(cum), where=r > 0)
+    total = np.where(hits, (p_before + p_at) / 2.0, 0.0).sum(axis=1)
+    return np.divide(total, n_rel, out=np.zeros_like(total), where=n_rel > 0)
+
+
+_AP = {"standard": _standard_ap, "trapezoid": _trapezoid_ap}
+
+
+def average_precision(hits: np.ndarray, variant: str = "standard") -> np.ndarray:
+    """Per-probe AP over the full ranked gallery, `variant` "standard" or "trapezoid" (see the module docstring
+    and the two private functions for the formulas). A probe with no relative gets 0."""
+    if variant not in _AP:
+        raise ValueError(f"unknown AP variant {variant!r}; choose one of {AP_VARIANTS}")
+    hits = np.asarray(hits, dtype=bool)
+    if hits.ndim != 2:
+        raise ValueError(f"hits must be a (P, N) matrix, got shape {hits.shape}")
+    return _AP[variant](hits)
+
+
+def first_hit_rank(hits: np.ndarray) -> np.ndarray:
+    """0-based rank of each probe's first relative; N (one past the end) when it has none."""
+    hits = np.asarray(hits, dtype=bool)
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])
+
+
+def cmc_curve(hits: np.ndarray) -> np.ndarray:
+    """CMC: `cmc[k - 1]` = share of probes with at least one relative in the top k, for k = 1..N."""
+    first = first_hit_rank(hits)
+    n = hits.shape[1]
+    counts = np.bincount(first, minlength=n + 1)[:n]
+    return np.cumsum(counts) / hits.shape[0]
+
+
+def rank_at_k(hits: np.ndarray, ks: Sequence[int] = RANK_KS) -> dict[int, float]:
+    """Rank@K = share of probes with a relative in the top K; K beyond the gallery size means the whole gallery."""
+    hits = np.asarray(hits, dtype=bool)
+    first = np.where(hits.any(axis=1), first_hit_rank(hits), np.iinfo(np.int64).max)  # no relative: never a hit
+    return {int(k): float(np.mean(first < k)) for k in ks}
+
+
+@dataclass(frozen=True)
+class Track3Scores:
+    """Every number the organisers report, plus per-probe AP. `average` = (mAP + Rank@5) / 2."""
+
+    ap_variant: str
+    mAP: float
+    rank: dict[int, float]
+    n_probes: int
+    n_gallery: int
+    per_probe_ap: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def average(self) -> float:
+        return (self.mAP + self.rank[5]) / 2.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        out: dict[str, float | int | str] = {"mAP": self.mAP}
+        out.update({f"rank@{k}": v for k, v in self.rank.items()})
+        out.update(average=self.average, ap=self.ap_variant, n_probes=self.n_probes, n_gallery=self.n_gallery)
+        return out
+
+    def table(self) -> str:
+        rows = [(f"mAP ({self.ap_variant} AP)", self.mAP)]
+        rows += [(f"Rank@{k}", v) for k, v in self.rank.items()]
+        rows.append(("Average = (mAP + Rank@5) / 2", self.average))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"Track 3: {self.n_probes} probes x {self.n_gallery} gallery faces"]
+        lines += [f"  {name:<{width}}  {value:.4f}" for name, value in rows]
+        return "\n".join(lines)
+
+
+def evaluate_ranking(ranking: np.ndarray, probe_fids: Sequence, gallery_fids: Sequence, ap: str = "standard",
+                     ks: Sequence[int] = RANK_KS) -> Track3Scores:
+    """Score a (P, N) ranking against family ids; `ranking` must hold a permutation of 0..N-1 per row."""
+    ranking = np.asarray(ranking)
+    if ranking.shape != (len(probe_fids), len(gallery_fids)):
+        raise ValueError(f"ranking shape {ranking.shape} != ({len(probe_fids)} probes, {len(gallery_fids)} gallery)")
+    if 5 not in ks:
+        ks = tuple(sorted(set(ks) | {5}))
+    hits = hits_in_rank_order(ranking, relevance(probe_fids, gallery_fids))
+    per_probe = average_precision(hits, ap)
+    return Track3Scores(ap, float(per_probe.mean()), rank_at_k(hits, ks), ranking.shape[0], ranking.shape[1],
+                        per_probe)
