@@ -78,3 +78,14 @@ def test_default_run_as_the_readme_runs_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "local test score, standard AP" in proc.stdout
     assert (tmp_path / "submissions" / "submission.zip").is_file()
+
+
+def test_truth_lists_that_do_not_match_the_test_split(synth_root, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "mismatch"
+    shutil.copytree(synth_root / "test", data / "test")
+    shutil.copytree(synth_root / "test_truth", data / "test_truth")
+    lines = (data / "test_truth" / "gallery_list.csv").read_text().splitlines()
+    (data / "test_truth" / "gallery_list.csv").write_text("\n".join(lines[:-1]) + "\n")
+    assert submit.main(["--data-root", str(data), "--out", str(tmp_path / "out")]) == 2
+    assert "gallery_list.csv: has" in capsys.readouterr().err

@@ -103,3 +103,17 @@ def test_fixture_family_layout_helper(tmp_path):
     # guards the conftest helper itself: member folders and image counts as asked
     root = make_fiw(tmp_path, {"F0001": [2, 1]})
     assert sorted(p.name for p in (root / "F0001").iterdir()) == ["MID1", "MID2"]
+
+
+def test_protocol_command_writes_lists_copy_and_folds(fiw_root, tmp_path, capsys):
+    from kinret.protocol import main
+
+    out, copy = tmp_path / "proto", tmp_path / "codalab"
+    assert main(["--fiw", str(fiw_root), "--out", str(out), "--codalab", str(copy), "--folds", "2"]) == 0
+    assert "1 single-member family skipped" in capsys.readouterr().out
+    split = read_labelled(out / "probe_list.csv", out / "gallery_list.csv", fiw_root)
+    assert len(read_codalab(copy).gallery) == len(split.gallery)
+    folds = (out / "folds.csv").read_text().splitlines()
+    assert folds[0] == "fid,fold" and len(folds) == 5
+    assert main(["--fiw", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "FIW data folder does not exist" in capsys.readouterr().err

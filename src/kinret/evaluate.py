@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     scores = evaluate_ranking(ranking, truth.probe_fids, truth.gallery_fids, ap=args.ap)
+    lonely = [i for i, f in enumerate(truth.probe_fids) if f not in set(truth.gallery_fids)]
+    if lonely:
+        print(f"warning: {len(lonely)} probe(s) have no relative in the gallery (AP 0, still counted): "
+              f"{', '.join(f's{i}' for i in lonely[:10])}", file=sys.stderr)
     if args.json:
         print(json.dumps(scores.as_dict()))
     else:

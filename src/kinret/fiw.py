@@ -22,7 +22,7 @@ RELATION_CODES = {0: "none/self", 1: "child", 2: "sibling", 3: "grandchild", 4: 
                   6: "grandparent", 7: "great-grandchild", 8: "great-grandparent", 9: "unknown"}
 
 
-def _natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
@@ -88,12 +88,12 @@ def read_family(folder: str | Path, strict_members: bool = True) -> Family:
     """Read one family folder; member folders must be named MID<digits> (other files such as mid.csv are fine)."""
     folder = Path(folder)
     members = []
-    for sub in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+    for sub in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)):
         if not MID_RE.match(sub.name):
             if strict_members:
                 raise KinretInputError(sub, "member folder must be named MID<digits>")
             continue
-        images = tuple(sorted((p for p in sub.iterdir() if is_image_file(p)), key=lambda p: _natural_key(p.name)))
+        images = tuple(sorted((p for p in sub.iterdir() if is_image_file(p)), key=lambda p: natural_key(p.name)))
         members.append(Member(sub.name, images))
     relations = read_mid_csv(folder / "mid.csv") if (folder / "mid.csv").is_file() else None
     return Family(folder.name, tuple(members), relations)
@@ -110,7 +110,7 @@ def read_fiw(root: str | Path) -> list[Family]:
         raise KinretInputError(root, "FIW data folder does not exist")
     families = []
     for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: _natural_key(p.name)):
+                      key=lambda p: natural_key(p.name)):
         if not FID_RE.match(sub.name):
             raise KinretInputError(sub, "unknown folder in a FIW layout: family folders are named F<digits>")
         families.append(read_family(sub))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KinretInputError
-from .fiw import Family, _natural_key
+from .fiw import Family, natural_key
 from .images import is_image_file, load_image
 from .io import atomic_path
 from .lists import (
@@ -121,7 +121,7 @@ def _resolve(root: Path, rel: str, list_path: Path, row: int, want_dir: bool) ->
 
 
 def _probe_images(folder: Path) -> tuple[Path, ...]:
-    images = tuple(sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: _natural_key(p.name)))
+    images = tuple(sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: natural_key(p.name)))
     if not images:
         raise KinretInputError(folder, "probe folder holds no images")
     return images

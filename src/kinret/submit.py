@@ -20,8 +20,9 @@ from .errors import KinretInputError
 from .features import FEATURES, get_feature
 from .fiw import read_fiw
 from .log import setup_logging
+from .metrics import evaluate_ranking
 from .pipeline import score_split, submit
-from .ranking import AGGREGATIONS
+from .ranking import AGGREGATIONS, rank_gallery
 from .split import Track3Split, build_protocol, read_codalab, read_labelled
 from .synth import SynthConfig, generate
 
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     truth = None
     if (truth_dir / "probe_list.csv").is_file():
         truth = read_labelled(truth_dir / "probe_list.csv", truth_dir / "gallery_list.csv", None, name="test truth")
+        for kind, n_truth, n_test in (("probe", len(truth.probes), len(test.probes)),
+                                      ("gallery", len(truth.gallery), len(test.gallery))):
+            if n_truth != n_test:
+                raise KinretInputError(truth_dir / f"{kind}_list.csv", f"has {n_truth} rows but the test split has "
+                                                                      f"{n_test} {kind} entries")
     feature = get_feature(args.feature)
     variant = f"{args.feature}, cosine, {args.aggregation} over probe images"
     result = submit(score_split(test, feature, args.aggregation, args.skip_bad_images), test, args.out, truth,
@@ -90,9 +96,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"no test labels in {truth_dir}: local test score skipped")
     val = _val_split(root / "val", args.synth_seed)
     if val is not None:
-        from .metrics import evaluate_ranking
-        from .ranking import rank_gallery
-
         ranking = rank_gallery(score_split(val, feature, args.aggregation, args.skip_bad_images))
         for ap in ("standard", "trapezoid"):
             print(f"\nval score ({val.describe()}), {ap} AP:\n"
