@@ -137,3 +137,18 @@ def test_bad_arguments_raise():
         average_precision(np.ones((1, 2), bool), "voc")
     with pytest.raises(ValueError, match="shape"):
         evaluate_ranking(np.zeros((2, 3), int), ["F1"], ["F1", "F2", "F3"])
+
+
+def test_chance_level_matches_monte_carlo():
+    from kinret.metrics import chance_level
+
+    rng = np.random.default_rng(3)
+    pf = ["F1", "F2", "F3", "F9"]
+    gf = ["F1"] * 3 + ["F2"] * 1 + ["F3"] * 7 + ["F4"] * 29
+    want = chance_level(pf, gf)
+    runs = [evaluate_ranking(rank_gallery(rng.random((4, 40))), pf, gf) for _ in range(4000)]
+    assert want["mAP"] == pytest.approx(np.mean([r.mAP for r in runs]), abs=0.004)
+    assert want["rank@5"] == pytest.approx(np.mean([r.rank[5] for r in runs]), abs=0.01)
+    assert want["rank@50"] == pytest.approx(3 / 4)  # K beyond the gallery: every probe with a relative hits
+    # one relative among N: E[AP] = H_N / N exactly
+    assert chance_level(["F1"], ["F1"] + ["F2"] * 9)["mAP"] == pytest.approx(sum(1 / k for k in range(1, 11)) / 10)

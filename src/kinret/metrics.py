@@ -137,3 +137,25 @@ def evaluate_ranking(ranking: np.ndarray, probe_fids: Sequence, gallery_fids: Se
     per_probe = average_precision(hits, ap)
     return Track3Scores(ap, float(per_probe.mean()), rank_at_k(hits, ks), ranking.shape[0], ranking.shape[1],
                         per_probe)
+
+
+def chance_level(probe_fids: Sequence, gallery_fids: Sequence, ks: Sequence[int] = RANK_KS) -> dict[str, float]:
+    """Expected standard mAP, Rank@K and Average of a uniformly random ranking, in closed form.
+
+    For a probe with R relatives among N: E[AP] = (H_N + (R - 1) / (N - 1) * (N - H_N)) / N with H_N the N-th
+    harmonic number (a relative at rank k has on average (k - 1)(R - 1)/(N - 1) relatives above it), and
+    P(hit in top K) = 1 - C(N - R, K) / C(N, K). Probes with R = 0 contribute 0 to both.
+    """
+    rel = relevance(probe_fids, gallery_fids).sum(axis=1).astype(np.float64)
+    n = len(gallery_fids)
+    h_n = float(np.sum(1.0 / np.arange(1, n + 1)))
+    ap = np.where(rel > 0, (h_n + (rel - 1) / max(n - 1, 1) * (n - h_n)) / n, 0.0)
+    out = {"mAP": float(ap.mean())}
+    for k in ks:
+        k_eff = min(int(k), n)
+        # C(N-R, K) / C(N, K) = prod_{i<K} (N - R - i) / (N - i), zero once N - R - i hits 0
+        i = np.arange(k_eff, dtype=np.float64)
+        miss = np.prod(np.clip((n - rel[:, None] - i) / (n - i), 0.0, None), axis=1)
+        out[f"rank@{k}"] = float(np.mean(np.where(rel > 0, 1.0 - miss, 0.0)))
+    out["average"] = (out["mAP"] + out["rank@5"]) / 2.0
+    return out

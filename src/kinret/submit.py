@@ -20,7 +20,7 @@ from .errors import KinretInputError
 from .features import FEATURES, get_feature
 from .fiw import read_fiw
 from .log import setup_logging
-from .metrics import evaluate_ranking
+from .metrics import chance_level, evaluate_ranking
 from .pipeline import score_split, submit
 from .ranking import AGGREGATIONS, rank_gallery
 from .split import Track3Split, build_protocol, read_codalab, read_labelled
@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if result.scores:
         for ap, scores in result.scores.items():
             print(f"\nlocal test score, {ap} AP:\n{scores.table()}")
+        chance = chance_level(truth.probe_fids, truth.gallery_fids)
+        print(f"(a random ranking expects standard mAP {chance['mAP']:.4f}, Rank@5 {chance['rank@5']:.4f}, "
+              f"Average {chance['average']:.4f})")
     else:
         print(f"no test labels in {truth_dir}: local test score skipped")
     val = _val_split(root / "val", args.synth_seed)
