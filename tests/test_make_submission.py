@@ -65,7 +65,7 @@ def test_bad_gallery_image_is_named_or_skipped(synth_root, tmp_path, capsys):
 def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "make_submission.py", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
-    for opt in ("--data-root", "--out", "--feature", "--aggregation", "--skip-bad-images", "--synth-seed",
+    for opt in ("--data-root", "--out", "--feature", "--aggregation", "--skip-bad-images", "--seed",
                 "--regenerate", "--quiet"):
         assert opt in proc.stdout
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion over a probe's images: mean (mean embedding) or max of cosines (default: mean)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="rank unreadable gallery faces last and drop unreadable probe images instead of stopping")
-    p.add_argument("--synth-seed", type=int, default=SynthConfig.seed, help="seed of the synthetic dataset")
+    p.add_argument("--seed", type=int, default=SynthConfig.seed,
+                   help="seed of the synthetic dataset and of a val protocol drawn from labelled folders (default: 0)")
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic dataset even if cached")
     p.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     p.add_argument("--verbose", action="store_true", help="debug logging")
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     root = args.data_root
     if root is None:
-        root = generate(DEFAULT_SYNTH_ROOT, SynthConfig(seed=args.synth_seed), force=args.regenerate)
-        print(f"data: synthetic families in {root} (seed {args.synth_seed}); pass --data-root for real FIW data")
+        root = generate(DEFAULT_SYNTH_ROOT, SynthConfig(seed=args.seed), force=args.regenerate)
+        print(f"data: synthetic families in {root} (seed {args.seed}); pass --data-root for real FIW data")
     else:
         print(f"data: {root}")
     if (root / "train").is_dir():
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
               f"Average {chance['average']:.4f})")
     else:
         print(f"no test labels in {truth_dir}: local test score skipped")
-    val = _val_split(root / "val", args.synth_seed)
+    val = _val_split(root / "val", args.seed)
     if val is not None:
         ranking = rank_gallery(score_split(val, feature, args.aggregation, args.skip_bad_images))
         for ap in ("standard", "trapezoid"):
