@@ -51,14 +51,14 @@ def format_predictions(ranking: np.ndarray, chunk_rows: int = 256) -> bytes:
 
 def write_predictions(ranking: np.ndarray, csv_path: str | Path, zip_path: str | Path | None = None) -> Path:
     """Validate, then write `predictions.csv` (temp name, then rename; never appended) and optionally the zip."""
-    text = format_predictions(ranking)
+    data = format_predictions(ranking)
     csv_path = Path(csv_path)
     with atomic_path(csv_path) as tmp:
-        tmp.write_bytes(text)
+        tmp.write_bytes(data)
     if zip_path is not None:
         with atomic_path(zip_path, suffix=".zip") as tmp:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                zf.writestr(CSV_NAME, text)
+                zf.writestr(CSV_NAME, data)
     return csv_path
 
 
@@ -108,4 +108,5 @@ def read_predictions(path: str | Path, n_probes: int, n_gallery: int) -> np.ndar
     if len(lines) != n_probes and not (lines and not _ROW_RE.fullmatch(lines[0])):
         raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")
     _first_bad_line(path, lines, n_gallery)
+    # every line is a valid row, so the count is what is wrong (or a header shifted it, caught above)
     raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")

@@ -24,11 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import RawPixels
 from .fiw import read_fiw
 from .io import atomic_dir, write_text_atomic
 from .log import progress
-from .ranking import cosine_scores
-from .split import Track3Split, build_protocol, write_codalab, write_labelled
+from .metrics import evaluate_ranking
+from .pipeline import probe_scores
+from .ranking import cosine_scores, rank_gallery
+from .split import Track3Split, build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
 from .synth_faces import SynthFamily, make_family, render_face
 
 log = logging.getLogger(__name__)
@@ -132,9 +135,9 @@ def generate(root: str | Path, cfg: SynthConfig = SynthConfig(), force: bool = F
 def oracle_scores(truth: Track3Split, latents_path: str | Path) -> np.ndarray:
     """Score a labelled split with the generator's own latent traits (cosine of the members' trait vectors):
     an upper reference that no image model sees. Married-in spouses share no traits, so even it is imperfect."""
-    data = np.load(latents_path)
-    index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
-    traits = data["traits"]
+    with np.load(latents_path) as data:
+        index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
+        traits = data["traits"]
 
     def member(ref: str) -> int:
         return index["/".join(ref.split("/")[:2])]
@@ -148,55 +151,47 @@ def signal_report(root: str | Path, n_random: int = 10, seed: int = 0) -> dict[s
     """How learnable the test split is: standard-AP scores of random rankings (mean of `n_random`), raw-pixel
     cosine, a pixel-to-trait ridge fitted on train (diagnostic), and the latent-trait oracle. Random should sit at
     chance, pixel cosine well below the oracle, the ridge in between."""
-    from .features import RawPixels
-    from .metrics import evaluate_ranking
-    from .pipeline import score_split
-    from .ranking import rank_gallery
-    from .split import read_codalab, read_labelled
-
     root = Path(root)
     test = read_codalab(root / "test")
     truth = read_labelled(root / "test_truth" / "probe_list.csv", root / "test_truth" / "gallery_list.csv", None)
-    pf, gf = truth.probe_fids, truth.gallery_fids
 
     def score(matrix: np.ndarray) -> dict[str, float]:
-        s = evaluate_ranking(rank_gallery(matrix), pf, gf)
+        s = evaluate_ranking(rank_gallery(matrix), truth.probe_fids, truth.gallery_fids)
         return {"mAP": s.mAP, "rank@5": s.rank[5], "average": s.average}
 
+    pixels = RawPixels()
+    paths, owner = test.probe_image_table()
+    probe_px, probe_ok = pixels(paths)
+    gallery_px, gallery_ok = pixels([g.path for g in test.gallery])
+    w = _pixels_to_traits(root, pixels)
+
+    def cosine(probe: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        return probe_scores(probe, probe_ok, owner, len(test.probes), gallery, gallery_ok)
+
     rng = np.random.default_rng(seed)
-    runs = [score(rng.random((len(pf), len(gf)))) for _ in range(n_random)]
+    runs = [score(rng.random((len(test.probes), len(test.gallery)))) for _ in range(n_random)]
     return {
         "random": {k: float(np.mean([r[k] for r in runs])) for k in runs[0]},
-        "raw_pixels": score(score_split(test, RawPixels())),
-        "pixel_ridge": score(score_split(test, _trait_regressor(root))),
+        "raw_pixels": score(cosine(probe_px, gallery_px)),
+        "pixel_ridge": score(cosine(probe_px @ w, gallery_px @ w)),
         "oracle": score(oracle_scores(truth, root / "latents.npz")),
     }
 
 
-def _trait_regressor(root: Path, ridge: float = 100.0):
-    """A diagnostic feature, not a kit method: ridge regression from raw pixels to the latent traits, fitted on the
-    train split's images. It shows the kinship signal is present in the pixels and learnable, even though plain
-    pixel cosine is drowned by pose, light and age."""
-    from .features import RawPixels
-    from .fiw import read_fiw
-
-    pixels = RawPixels()
-    data = np.load(root / "latents.npz")
-    index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
+def _pixels_to_traits(root: Path, pixels: RawPixels, ridge: float = 100.0) -> np.ndarray:
+    """A diagnostic, not a kit method: ridge regression from raw pixels to the latent traits, fitted on the train
+    split's images. It shows the kinship signal is in the pixels and learnable, though plain pixel cosine is drowned
+    by pose, light and age."""
+    with np.load(root / "latents.npz") as data:
+        index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
+        traits = data["traits"]
     paths, rows = [], []
     for fam in read_fiw(root / "train"):
         for m in fam.members:
             paths += m.images
             rows += [index[f"{fam.fid}/{m.mid}"]] * len(m.images)
     x, _ = pixels(paths)
-    y = data["traits"][rows]
-    w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1], dtype=np.float32), x.T @ y)
-
-    def feature(paths, skip_bad=False):
-        feats, ok = pixels(paths, skip_bad)
-        return feats @ w, ok
-
-    return feature
+    return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1], dtype=np.float32), x.T @ traits[rows])
 
 
 def main(argv: list[str] | None = None) -> int:
