@@ -159,3 +159,24 @@ def chance_level(probe_fids: Sequence, gallery_fids: Sequence, ks: Sequence[int]
         out[f"rank@{k}"] = float(np.mean(np.where(rel > 0, 1.0 - miss, 0.0)))
     out["average"] = (out["mAP"] + out["rank@5"]) / 2.0
     return out
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties counting 1/2
+    (the Mann–Whitney U statistic from mid-ranks). NaN when either class is empty.
+
+    >>> roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    0.75
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    mid = first + (counts + 1) / 2.0  # 1-based mid-rank of each tie group
+    ranks[order] = np.repeat(mid, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

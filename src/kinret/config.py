@@ -1,0 +1,169 @@
+"""Experiment configs: one frozen dataclass of defaults, one small python file per experiment deriving from it.
+
+An experiment file (``src/kinret/experiments/<name>.py`` or any ``path/to/file.py``) defines
+``cfg = replace(TrainConfig(), ...)`` and, for the grid runner, optionally ``GRID = {"field": [values], ...}``.
+Command lines add typed ``--set key=value`` overrides, checked against the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults after the seed paper (SGD, lr 1e-2, momentum 0.9, 5,000 + 5,000 pairs an epoch, comb1, BCE)."""
+
+    name: str = "default"
+    data_root: str = "data/synthetic"   # holds train/ (FIW folders) and optionally val/
+    out_root: str = "runs"
+    # model
+    backbone: str = "resnet18"          # any timm name, or "sface" (the bundled pretrained face network)
+    pretrained: bool = False            # timm hub weights (needs the network)
+    weights: str = ""                   # a local state dict for the backbone (overrides `pretrained`)
+    input_size: int = 0                 # 0: from timm's resolve_model_data_config
+    pool: str = "avg"                   # avg | max | gem | native (sface's own embedding layer)
+    gem_p: float = 3.0
+    neck: str = "none"                  # none | residual (identity-initialised linear) | linear
+    embed_dim: int = 0                  # width of a "linear" neck; 0 = backbone width
+    combination: str = "comb1"          # see kinret.models.COMBINATIONS
+    head_widths: tuple[int, ...] = (128,)
+    dropout: float = 0.1
+    # training
+    mode: str = "e2e"                   # e2e (fine-tune the backbone) | head (frozen backbone, cached features)
+    freeze: tuple[str, ...] = ()        # backbone parameter-name prefixes kept frozen in e2e mode
+    loss: str = "bce"                   # see kinret.losses.LOSSES
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    margin: float = 0.35                # cosface
+    scale: float = 30.0                 # cosface
+    temperature: float = 0.1            # supcon
+    pairs_per_epoch: int = 5000         # kin pairs; as many non-kin pairs are drawn (pair losses)
+    images_per_family: int = 4          # family losses: batches of families x this many images
+    epochs: int = 5
+    batch_size: int = 64                # global batch (split over DDP processes)
+    optimizer: str = "sgd"              # sgd | adamw
+    lr: float = 1e-2
+    backbone_lr_mult: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    augment: bool = True
+    flip_p: float = 0.5
+    color_jitter: float = 0.2
+    affine_degrees: float = 5.0
+    affine_translate: float = 0.05
+    affine_scale: float = 0.05
+    # folds, evaluation, run control
+    n_folds: int = 5
+    fold_seed: int = 0
+    seed: int = 0
+    eval_pairs: int = 1000              # held-out kin pairs for the pair AUC (as many non-kin)
+    eval_batch_size: int = 128
+    device: str = "auto"                # auto | cpu | cuda
+    amp: bool = True                    # CUDA only
+    channels_last: bool = True          # CUDA only
+    threads: int = 0                    # torch threads on CPU; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("e2e", "head"), "neck": ("none", "residual", "linear"), "optimizer": ("sgd", "adamw"),
+                   "pool": ("avg", "max", "gem", "native"), "device": ("auto", "cpu", "cuda")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {self.name!r}: {key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"config {self.name!r}: need epochs >= 1 and batch_size >= 2")
+
+    def run_dir(self, fold: int) -> Path:
+        return Path(self.out_root) / self.name / f"fold{fold}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(field: dataclasses.Field, text: str) -> Any:
+    kind = typing.get_type_hints(TrainConfig)[field.name]
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"--set {field.name}: expected a boolean, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--set {field.name}: expected {kind.__name__}, got {text!r}") from None
+    item = typing.get_args(kind)[0]  # tuple[X, ...]
+    parts = [t for t in text.split(",") if t.strip()]
+    try:
+        return tuple(item(t.strip()) for t in parts)
+    except ValueError:
+        raise ValueError(f"--set {field.name}: expected comma-separated {item.__name__}s, got {text!r}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply ``key=value`` strings, converted to each field's declared type; unknown keys raise."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        if key not in by_name:
+            raise ValueError(f"--set {key}: no such config field; known: {', '.join(sorted(by_name))}")
+        changes[key] = _convert(by_name[key], value.strip())
+    return replace(cfg, **changes)
+
+
+def experiment_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file {path} does not exist")
+        return path
+    path = EXPERIMENTS_DIR / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"no experiment {name!r} in {EXPERIMENTS_DIR}; known: {', '.join(known)}")
+    return path
+
+
+def load_experiment(name: str) -> tuple[TrainConfig, dict[str, list]]:
+    """The experiment's config (its `name` set to the file's stem) and its grid (empty when it defines none)."""
+    path = experiment_path(name)
+    spec = importlib.util.spec_from_file_location(f"kinret_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = getattr(module, "cfg", None)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"experiment file {path} must define `cfg = replace(TrainConfig(), ...)`")
+    grid = dict(getattr(module, "GRID", {}))
+    known = {f.name for f in fields(TrainConfig)} | {"fold"}
+    for key, values in grid.items():
+        if key not in known:
+            raise ValueError(f"experiment file {path}: GRID key {key!r} is not a config field")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"experiment file {path}: GRID[{key!r}] must be a non-empty list")
+    return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), grid
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from .io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    kwargs = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items() if k in names}
+    return TrainConfig(**kwargs)

@@ -1,0 +1,1 @@
+"""Experiment files: each defines `cfg` (and optionally `GRID`) from `kinret.config.TrainConfig`."""
