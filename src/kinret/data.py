@@ -135,7 +135,7 @@ def family_batches(family: np.ndarray, rows: np.ndarray, batch_size: int, per_fa
 
 def to_float(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1] on `device`."""
-    x = torch.as_tensor(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels
+    x = torch.from_numpy(np.array(pixels, copy=True)) if isinstance(pixels, np.ndarray) else pixels  # may be a mmap
     return x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 

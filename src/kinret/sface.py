@@ -285,10 +285,12 @@ def sface_cv2_embed(images_bgr_nchw: np.ndarray, path: str | Path | None = None)
     if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
         raise ValueError(f"expected (N, 3, {INPUT_SIZE}, {INPUT_SIZE}) BGR 0..255, got {x.shape}")
     net = cv2.dnn.readNetFromONNX(str(_resolve(path)))
-    try:  # OpenCV 5 runs the whole batch although the file declares batch 1
+    try:  # OpenCV 5 runs the whole batch although the file declares batch 1; older engines may not
         net.setInput(x, "data")
-        out = np.asarray(net.forward(), dtype=np.float32).reshape(len(x), -1)
-    except cv2.error:
+        out = np.asarray(net.forward(), dtype=np.float32)
+        if out.shape != (len(x), EMBED_DIM):
+            raise ValueError(f"batched cv2.dnn output has shape {out.shape}")
+    except (cv2.error, ValueError):
         out = np.empty((len(x), EMBED_DIM), np.float32)
         for i in range(len(x)):
             net.setInput(x[i:i + 1], "data")

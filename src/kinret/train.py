@@ -42,6 +42,7 @@ from .synth import SynthConfig, generate
 
 log = logging.getLogger("kinret.train")
 SYNTH_ROOT = Path("data") / "synthetic"
+RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
 SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "seconds", "pair_auc_cos", "pair_auc_fc", "mAP",
                   "rank1", "rank5", "average")
 
@@ -102,6 +103,7 @@ class Trainer:
         self.cfg, self.fold, self.rank, self.world = cfg, fold, rank, world
         self.device = resolve_device(cfg)
         self.run_dir = cfg.run_dir(fold)
+        torch.manual_seed(seed_of(cfg.seed, fold))  # the initial weights (heads, a scratch backbone)
         train_fams, eval_fams, root = training_families(cfg, fold)
         self.table = ImageTable.from_families(train_fams + eval_fams)
         self.train_rows = self.table.subset({f.fid for f in train_fams})
@@ -129,6 +131,9 @@ class Trainer:
         self.loss = build_loss(cfg, self.model.embed_dim, self.n_train_families)
         if self.loss.kind == "family":  # the FC head is not trained by a family loss
             self.model.head.requires_grad_(False)
+            if self.head_only and cfg.neck == "none":
+                raise ValueError(f"{cfg.name}: head-only mode with the family loss {cfg.loss!r} has nothing to train; "
+                                 "set neck=residual (starts as the identity) or neck=linear")
         self.model.to(self.device)
         self.loss.to(self.device)
         if self.device.type == "cuda" and cfg.channels_last:
@@ -330,26 +335,36 @@ class Trainer:
         return self.rows
 
 
+def run_status(cfg: TrainConfig, fold: int) -> tuple[str, str]:
+    """('todo' | 'partial' | 'finished' | 'conflict', detail) for the run folder of (cfg, fold).
+
+    'conflict': the folder holds trained weights of another config; nothing may overwrite them silently.
+    """
+    run_dir = cfg.run_dir(fold)
+    has_ckpt = (run_dir / "checkpoint.pt").is_file()
+    cfg_path = run_dir / "config.json"
+    if has_ckpt and cfg_path.is_file():
+        saved = config_from_dict(json.loads(cfg_path.read_text())).to_dict()
+        diff = {k: (v, getattr(cfg, k)) for k, v in saved.items() if v != cfg.to_dict()[k] and k not in RUNTIME_FIELDS}
+        if diff:
+            return "conflict", (f"{run_dir} holds a run with another config {diff} (saved, now): use another "
+                                "experiment name or --restart")
+    state_path = run_dir / "state.json"
+    if has_ckpt and state_path.is_file() and json.loads(state_path.read_text())["finished"]:
+        return "finished", ""
+    return ("partial", "") if has_ckpt else ("todo", "")
+
+
 def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) -> str:
     """'fresh', 'resume' or 'finished'; refuses to overwrite another run's outputs silently."""
-    run_dir = cfg.run_dir(fold)
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    cfg_path = run_dir / "config.json"
-    if cfg_path.is_file():
-        saved = config_from_dict(json.loads(cfg_path.read_text()))
-        if saved != cfg:
-            diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if v != cfg.to_dict()[k]}
-            raise ValueError(f"{run_dir} holds a run with another config {diff} (saved, now): use another "
-                             f"experiment name or --restart")
-    state_path = run_dir / "state.json"
-    if state_path.is_file() and json.loads(state_path.read_text())["finished"]:
-        return "finished"
-    if (run_dir / "checkpoint.pt").is_file():
-        if not resume:
-            raise ValueError(f"{run_dir} holds an unfinished run: pass --resume to continue it or --restart")
-        return "resume"
-    return "fresh"
+    if restart and cfg.run_dir(fold).exists():
+        shutil.rmtree(cfg.run_dir(fold))
+    status, detail = run_status(cfg, fold)
+    if status == "conflict":
+        raise ValueError(detail)
+    if status == "partial" and not resume:
+        raise ValueError(f"{cfg.run_dir(fold)} holds an unfinished run: pass --resume to continue it or --restart")
+    return {"todo": "fresh", "partial": "resume", "finished": "finished"}[status]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,124 @@
+"""Train every variant an experiment file lists: ``python -m kinret.grid -C <experiment> [--jobs N]``.
+
+The experiment's ``GRID = {"backbone": [...], "loss": [...], "combination": [...], "fold": [...]}`` is expanded
+as a product; each variant trains into ``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid
+values, e.g. ``sface-bce-comb1``). Finished runs are skipped, interrupted ones resumed; runs go to joblib worker
+processes with the cores shared between them. Head-only variants of one backbone share one feature cache, built
+once before the parallel part so that workers never race to compute it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import TrainConfig, apply_overrides, load_experiment
+from .io import write_text_atomic
+from .log import setup_logging
+
+log = logging.getLogger("kinret.grid")
+
+
+def _text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def expand(cfg: TrainConfig, grid: dict[str, list]) -> list[tuple[TrainConfig, int, list[str]]]:
+    """(config, fold, --set overrides) for every grid point, in a stable order."""
+    folds = list(grid.get("fold", range(cfg.n_folds)))
+    keys = [k for k in grid if k != "fold"]
+    jobs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values) or "base"
+        sets = [f"name={cfg.name}/{variant}"] + [f"{k}={_text(v)}" for k, v in zip(keys, values, strict=True)]
+        vcfg = apply_overrides(cfg, sets)
+        jobs += [(vcfg, fold, sets) for fold in folds]
+    return jobs
+
+
+def _train(argv: list[str]) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+def summary_table(jobs: list[tuple[TrainConfig, int, list[str]]]) -> str:
+    """CSV of the last epoch of each run: the grid's results at a glance."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["variant", "fold", "epochs", "average", "mAP", "rank5", "pair_auc_cos", "pair_auc_fc"])
+    for cfg, fold, _ in jobs:
+        state = cfg.run_dir(fold) / "state.json"
+        last = json.loads(state.read_text())["last"] if state.is_file() else None
+        if last:
+            w.writerow([cfg.name, fold, last["epoch"]] + [f"{last[k]:.4f}" for k in
+                                                          ("average", "mAP", "rank5", "pair_auc_cos", "pair_auc_fc")])
+    return buf.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kinret.grid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-C", "--config", required=True, help="experiment name or .py file defining cfg and GRID")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    p.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(quiet=args.quiet)
+    cfg, grid = load_experiment(args.config)
+    cfg = apply_overrides(cfg, args.set)
+    jobs = expand(cfg, grid)
+    from .train import run_status
+
+    found = [run_status(c, f) for c, f, _ in jobs]
+    states = [s for s, _ in found]
+    for (c, f, _), s in zip(jobs, states, strict=True):
+        print(f"{s:>8}  {c.run_dir(f)}")
+    conflicts = [detail for s, detail in found if s == "conflict"]
+    if conflicts:
+        log.error("%d run folder(s) hold another config, e.g. %s", len(conflicts), conflicts[0])
+        return 2
+    todo = [(c, f, sets) for (c, f, sets), s in zip(jobs, states, strict=True) if s != "finished"]
+    print(f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, {len(todo)} to train")
+    if args.dry_run or not todo:
+        return 0
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    quiet = ["--quiet"] if args.quiet or args.jobs > 1 else []
+    argvs = [["-C", args.config, "--fold", str(f), "--resume", *quiet,
+              *itertools.chain.from_iterable(("--set", s) for s in [*args.set, *sets, f"threads={threads}"])]
+             for c, f, sets in todo]
+    # the first head-only run of each backbone builds the shared feature cache before the parallel part
+    first: dict[tuple, int] = {}
+    for i, (c, _, _) in enumerate(todo):
+        if c.mode == "head":
+            first.setdefault((c.backbone, c.weights, c.pretrained, c.input_size, c.gem_p, c.data_root), i)
+    codes = {i: _train(argvs[i]) for i in first.values()}
+    rest = [i for i in range(len(todo)) if i not in codes]
+    if args.jobs > 1 and len(rest) > 1:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=args.jobs)(delayed(_train)(argvs[i]) for i in rest)
+        codes.update(zip(rest, results, strict=True))
+    else:
+        codes.update({i: _train(argvs[i]) for i in rest})
+    failed = [todo[i][0].run_dir(todo[i][1]) for i, code in codes.items() if code != 0]
+    table = summary_table(jobs)
+    write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
+    print(table, end="")
+    if failed:
+        log.error("%d run(s) failed: %s", len(failed), ", ".join(map(str, failed)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
