@@ -36,3 +36,20 @@ def make_fiw(root: Path, sizes: dict[str, list[int]], seed: int = 0) -> Path:
 @pytest.fixture
 def fiw_root(tmp_path: Path) -> Path:
     return make_fiw(tmp_path / "train", {"F0001": [2, 3, 1], "F0002": [2, 2], "F0003": [4], "F0010": [1, 1, 2, 1]})
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic FIW dataset (12 train, 4 val, 4 test families at 48 px), generated once per session."""
+    from kinret.synth import SynthConfig, generate
+
+    return generate(tmp_path_factory.mktemp("tiny") / "synthetic",
+                    SynthConfig(seed=3, n_train=12, n_val=4, n_test=4, size=48))
+
+
+def write_experiment(path: Path, **fields) -> Path:
+    """An experiment file deriving from the `tiny` experiment, with these fields replaced."""
+    body = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    path.write_text("from dataclasses import replace\n\nfrom kinret.config import load_experiment\n\n"
+                    f"cfg = replace(load_experiment('tiny')[0], name={path.stem!r}, {body})\n")
+    return path

