@@ -1,7 +1,8 @@
 """Experiment configs: one frozen dataclass of defaults, one small python file per experiment deriving from it.
 
 An experiment file (``src/kinret/experiments/<name>.py`` or any ``path/to/file.py``) defines
-``cfg = replace(TrainConfig(), ...)`` and, for the grid runner, optionally ``GRID = {"field": [values], ...}``.
+``cfg = replace(TrainConfig(), ...)`` and, for the grid runner, optionally ``GRID = {"field": [values], ...}`` (the
+product of the lists) or a list of such dicts (the union of their products).
 Command lines add typed ``--set key=value`` overrides, checked against the fields.
 """
 
@@ -71,7 +72,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     device: str = "auto"                # auto | cpu | cuda
     amp: bool = True                    # CUDA only
-    channels_last: bool = True          # CUDA only
+    channels_last: bool = True          # memory format for convolutions (CPU and CUDA)
     threads: int = 0                    # torch threads on CPU; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -137,8 +138,9 @@ def experiment_path(name: str) -> Path:
     return path
 
 
-def load_experiment(name: str) -> tuple[TrainConfig, dict[str, list]]:
-    """The experiment's config (its `name` set to the file's stem) and its grid (empty when it defines none)."""
+def load_experiment(name: str) -> tuple[TrainConfig, list[dict[str, list]]]:
+    """The experiment's config (its `name` set to the file's stem) and its grid as a list of blocks, each a dict
+    of value lists whose product is trained (a list of blocks is their union; empty when it defines none)."""
     path = experiment_path(name)
     spec = importlib.util.spec_from_file_location(f"kinret_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -146,14 +148,18 @@ def load_experiment(name: str) -> tuple[TrainConfig, dict[str, list]]:
     cfg = getattr(module, "cfg", None)
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"experiment file {path} must define `cfg = replace(TrainConfig(), ...)`")
-    grid = dict(getattr(module, "GRID", {}))
+    grid = getattr(module, "GRID", {})
+    blocks = [grid] if isinstance(grid, dict) else list(grid)
     known = {f.name for f in fields(TrainConfig)} | {"fold"}
-    for key, values in grid.items():
-        if key not in known:
-            raise ValueError(f"experiment file {path}: GRID key {key!r} is not a config field")
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"experiment file {path}: GRID[{key!r}] must be a non-empty list")
-    return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), grid
+    for block in blocks:
+        if not isinstance(block, dict):
+            raise ValueError(f"experiment file {path}: GRID must be a dict of lists or a list of such dicts")
+        for key, values in block.items():
+            if key not in known:
+                raise ValueError(f"experiment file {path}: GRID key {key!r} is not a config field")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"experiment file {path}: GRID[{key!r}] must be a non-empty list")
+    return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), [dict(b) for b in blocks if b]
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -1,10 +1,11 @@
 """Train every variant an experiment file lists: ``python -m kinret.grid -C <experiment> [--jobs N]``.
 
 The experiment's ``GRID = {"backbone": [...], "loss": [...], "combination": [...], "fold": [...]}`` is expanded
-as a product; each variant trains into ``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid
-values, e.g. ``sface-bce-comb1``). Finished runs are skipped, interrupted ones resumed; runs go to joblib worker
-processes with the cores shared between them. Head-only variants of one backbone share one feature cache, built
-once before the parallel part so that workers never race to compute it.
+as a product (a list of such dicts: the union of their products); each variant trains into
+``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid values, e.g. ``bce-comb1``). Finished
+runs are skipped, interrupted ones resumed; runs go to joblib worker processes with the cores shared between them.
+Head-only variants of one backbone share one feature cache, built once before the parallel part so that workers
+never race to compute it.
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ def _text(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def expand(cfg: TrainConfig, grid: dict[str, list]) -> list[tuple[TrainConfig, int, list[str]]]:
-    """(config, fold, --set overrides) for every grid point, in a stable order."""
-    folds = list(grid.get("fold", range(cfg.n_folds)))
-    keys = [k for k in grid if k != "fold"]
-    jobs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values) or "base"
-        sets = [f"name={cfg.name}/{variant}"] + [f"{k}={_text(v)}" for k, v in zip(keys, values, strict=True)]
-        vcfg = apply_overrides(cfg, sets)
-        jobs += [(vcfg, fold, sets) for fold in folds]
+def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainConfig, int, list[str]]]:
+    """(config, fold, --set overrides) for every grid point, in a stable order; a point listed twice runs once."""
+    jobs, seen = [], set()
+    for block in grid or [{}]:
+        folds = list(block.get("fold", range(cfg.n_folds)))
+        keys = [k for k in block if k != "fold"]
+        for values in itertools.product(*(block[k] for k in keys)):
+            variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values) or "base"
+            sets = [f"name={cfg.name}/{variant}"] + [f"{k}={_text(v)}" for k, v in zip(keys, values, strict=True)]
+            vcfg = apply_overrides(cfg, sets)
+            for fold in folds:
+                if (vcfg.name, fold) not in seen:
+                    seen.add((vcfg.name, fold))
+                    jobs.append((vcfg, fold, sets))
     return jobs
 
 

@@ -120,7 +120,7 @@ class Trainer:
             self.backbone_digest = state_digest(backbone)
             feats = cached_features(backbone, self.backbone_digest, self.data_cfg, self.table.paths,
                                     lambda: decode_pixels(self.table.paths, size, cache), cache, cfg.backbone,
-                                    self.device, cfg.eval_batch_size, cfg.gem_p)
+                                    self.device, cfg.eval_batch_size, cfg.gem_p, cfg.channels_last)
             self.features = torch.from_numpy(feats[cfg.pool])  # (2, N, D): image, mirror image
             self.model = KinNet(None, dim, cfg)
         else:
@@ -138,7 +138,7 @@ class Trainer:
                                  "set neck=residual (starts as the identity) or neck=linear")
         self.model.to(self.device)
         self.loss.to(self.device)
-        if self.device.type == "cuda" and cfg.channels_last:
+        if cfg.channels_last:  # faster for convolutions on CUDA and on CPU alike
             self.model.to(memory_format=torch.channels_last)
         self.eval_split = None
         if eval_fams:
@@ -221,7 +221,7 @@ class Trainer:
                                      offset=int(chunk_pos[0]) if len(chunk_pos) else 0, total=total))
             x = torch.cat(parts)
         x = normalize(x, self.data_cfg["mean"], self.data_cfg["std"])
-        if self.device.type == "cuda" and self.cfg.channels_last:
+        if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, target_t, per
 
@@ -238,6 +238,8 @@ class Trainer:
             chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
             x = normalize(to_float(self.pixels[np.sort(chunk)][np.argsort(np.argsort(chunk))], self.device),
                           self.data_cfg["mean"], self.data_cfg["std"])
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 e = (self.model(x).float() + self.model(x.flip(3)).float()) / 2
             out.append(e.cpu().numpy())
