@@ -133,3 +133,24 @@ def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
     assert grid.main(["-C", str(exp), "--dry-run"]) == 0
     assert "8 runs: 8 finished, 0 to train" in capsys.readouterr().out
     assert grid.main(["-C", str(exp), "--set", "lr=0.3", "--dry-run"]) == 2  # folders of another config
+
+
+def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
+    from kinret.checkpoint import load_model
+
+    out = tmp_path / "runs"
+    for name, extra in (("e", []), ("h", ["--set", "mode=head", "--set", "neck=residual"])):
+        exp = write_experiment(tmp_path / f"{name}.py", epochs=1)
+        assert run(exp, tiny_data, out, *extra) == 0
+        model, cfg, data_cfg = load_model(out / name / "fold0")
+        assert cfg.name == name and data_cfg["input_size"] == (3, 32, 32)
+        trained = weights(out, name)
+        state = model.state_dict()
+        assert all(torch.equal(trained[k], state[k]) for k in trained)
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, model.embed_dim)
+    torch.save({**torch.load(out / "h" / "fold0" / "checkpoint.pt", weights_only=False), "backbone_digest": "0" * 16},
+               out / "h" / "fold0" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="other weights"):
+        load_model(out / "h" / "fold0")
+    with pytest.raises(FileNotFoundError, match="train this run first"):
+        load_model(out / "nothing" / "fold0")

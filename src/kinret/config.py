@@ -162,6 +162,13 @@ def load_experiment(name: str) -> tuple[TrainConfig, list[dict[str, list]]]:
     return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), [dict(b) for b in blocks if b]
 
 
+def seed_of(*parts: int) -> int:
+    """One 32-bit seed from several integers (seed, fold, epoch, ...), well mixed, negative parts allowed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
+
+
 def save_config(cfg: TrainConfig, path: Path) -> None:
     from .io import write_text_atomic
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .config import TrainConfig, apply_overrides, config_from_dict, load_experiment, save_config
+from .config import TrainConfig, apply_overrides, config_from_dict, load_experiment, save_config, seed_of
 from .data import ImageTable, augment, decode_pixels, family_batches, normalize, sample_pairs, to_float
 from .embed import cached_features
 from .errors import KinretInputError
@@ -45,10 +45,6 @@ SYNTH_ROOT = Path("data") / "synthetic"
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
 SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "seconds", "pair_auc_cos", "pair_auc_fc", "mAP",
                   "rank1", "rank5", "average")
-
-
-def seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
 
 
 class Objective(nn.Module):
