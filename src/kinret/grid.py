@@ -95,25 +95,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, {len(todo)} to train")
     if args.dry_run or not todo:
         return 0
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    cores = os.cpu_count() or 1
     quiet = ["--quiet"] if args.quiet or args.jobs > 1 else []
-    argvs = [["-C", args.config, "--fold", str(f), "--resume", *quiet,
-              *itertools.chain.from_iterable(("--set", s) for s in [*args.set, *sets, f"threads={threads}"])]
-             for c, f, sets in todo]
-    # the first head-only run of each backbone builds the shared feature cache before the parallel part
+
+    def argv(i: int, threads: int) -> list[str]:
+        _, fold, sets = todo[i]
+        overrides = [*args.set, *sets, f"threads={threads}"]
+        return ["-C", args.config, "--fold", str(fold), "--resume", *quiet,
+                *itertools.chain.from_iterable(("--set", s) for s in overrides)]
+
+    # the first head-only run of each backbone builds the shared feature cache, with every core, before the
+    # parallel part
     first: dict[tuple, int] = {}
     for i, (c, _, _) in enumerate(todo):
         if c.mode == "head":
             first.setdefault((c.backbone, c.weights, c.pretrained, c.input_size, c.gem_p, c.data_root), i)
-    codes = {i: _train(argvs[i]) for i in first.values()}
+    codes = {i: _train(argv(i, cores)) for i in first.values()}
     rest = [i for i in range(len(todo)) if i not in codes]
     if args.jobs > 1 and len(rest) > 1:
         from joblib import Parallel, delayed
 
-        results = Parallel(n_jobs=args.jobs)(delayed(_train)(argvs[i]) for i in rest)
+        threads = max(1, cores // args.jobs)
+        results = Parallel(n_jobs=args.jobs)(delayed(_train)(argv(i, threads)) for i in rest)
         codes.update(zip(rest, results, strict=True))
     else:
-        codes.update({i: _train(argvs[i]) for i in rest})
+        codes.update({i: _train(argv(i, cores)) for i in rest})
     failed = [todo[i][0].run_dir(todo[i][1]) for i, code in codes.items() if code != 0]
     table = summary_table(jobs)
     write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
