@@ -4,6 +4,7 @@ head over a pair combination (the seed paper's comb1 ``(x²−y²) ⊕ (x−y)²
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import os
 import socket
@@ -44,7 +45,8 @@ COMBINATIONS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 
 class PairHead(nn.Module):
-    """FC layers over a pair combination of L2-normalised embeddings, ending in one logit (sigmoid = kin prob.)."""
+    """FC layers over a pair combination of L2-normalised embeddings (scaled by sqrt(dim)), ending in one logit
+    (sigmoid = kin probability)."""
 
     def __init__(self, dim: int, combination: str, widths: tuple[int, ...], dropout: float):
         super().__init__()
@@ -60,7 +62,10 @@ class PairHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.combine(F.normalize(x, dim=1), F.normalize(y, dim=1))).squeeze(1)
+        # unit vectors scaled by sqrt(dim) have O(1) components: squares and products of plain unit vectors are
+        # O(1/dim) and leave the FC layers stuck at chance (measured: BCE stayed at ln 2 on 128-d SFace features)
+        scale = math.sqrt(x.shape[1])
+        return self.mlp(self.combine(F.normalize(x, dim=1) * scale, F.normalize(y, dim=1) * scale)).squeeze(1)
 
 
 class ResidualNeck(nn.Module):

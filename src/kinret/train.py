@@ -34,7 +34,7 @@ from .fiw import family_folds, read_fiw
 from .io import atomic_path, write_text_atomic
 from .log import progress, setup_logging
 from .losses import build_loss
-from .metrics import evaluate_ranking, roc_auc
+from .metrics import chance_level, evaluate_ranking, roc_auc
 from .models import KinNet, build_backbone, pooled_dim, state_digest
 from .ranking import cosine_scores, l2_normalize, mean_embedding, rank_gallery
 from .split import Track3Split, build_protocol, read_labelled
@@ -142,6 +142,9 @@ class Trainer:
             held = self.table.subset({f.fid for f in eval_fams})
             rng = np.random.default_rng(seed_of(cfg.seed, 7))
             self.eval_pairs = sample_pairs(self.table.family, self.table.member, held, cfg.eval_pairs, rng)
+            chance = chance_level(self.eval_split.probe_fids, self.eval_split.gallery_fids)
+            log.info("%s; a random ranking expects Average %.4f (mAP %.4f, Rank@5 %.4f)", self.eval_split.describe(),
+                     chance["average"], chance["mAP"], chance["rank@5"])
         self.objective = Objective(self.model, self.loss, self.head_only)
         self.ddp = self.objective
         if world > 1:

@@ -6,5 +6,6 @@ from dataclasses import replace
 
 from kinret.config import TrainConfig
 
-cfg = replace(TrainConfig(), backbone="resnet18", input_size=64, loss="cosface", batch_size=64, images_per_family=4,
-              epochs=8, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
+cfg = replace(TrainConfig(), backbone="resnet18", input_size=64, loss="cosface", margin=0.2, scale=30.0,
+              batch_size=64, images_per_family=4, epochs=8, optimizer="adamw", lr=2e-3, weight_decay=5e-4,
+              warmup_epochs=1.0)
