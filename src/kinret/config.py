@@ -85,7 +85,8 @@ class TrainConfig:
             raise ValueError(f"config {self.name!r}: need epochs >= 1 and batch_size >= 2")
 
     def run_dir(self, fold: int) -> Path:
-        return Path(self.out_root) / self.name / f"fold{fold}"
+        """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide."""
+        return Path(self.out_root) / self.name / (f"fold{fold}" if self.seed == 0 else f"fold{fold}_seed{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

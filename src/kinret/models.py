@@ -4,8 +4,8 @@ head over a pair combination (the seed paper's comb1 ``(x²−y²) ⊕ (x−y)²
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable

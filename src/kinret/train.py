@@ -104,7 +104,8 @@ class Trainer:
         self.table = ImageTable.from_families(sorted(train_fams + eval_fams, key=lambda f: f.fid))
         self.train_rows = self.table.subset({f.fid for f in train_fams})
         self.n_train_families = len(train_fams)
-        self.label_of = {self.table.fids.index(f.fid): i for i, f in enumerate(train_fams)}
+        position = {fid: i for i, fid in enumerate(self.table.fids)}
+        self.label_of = {position[f.fid]: i for i, f in enumerate(train_fams)}
         torch.manual_seed(seed_of(cfg.seed))  # a scratch backbone starts the same in every fold (and feature cache)
         backbone, self.data_cfg = build_backbone(cfg)
         size = self.data_cfg["input_size"][-1]
@@ -112,6 +113,8 @@ class Trainer:
         self.head_only = cfg.mode == "head"
         dim = pooled_dim(backbone, cfg.pool)
         torch.manual_seed(seed_of(cfg.seed, fold))  # the head's initial weights
+        if world > 1 and rank > 0:
+            tdist.barrier()  # rank 0 fills the pixel and feature caches first; the others then read them
         if self.head_only:
             self.backbone_digest = state_digest(backbone)
             feats = cached_features(backbone, self.backbone_digest, self.data_cfg, self.table.paths,
@@ -126,6 +129,8 @@ class Trainer:
             for name, p in self.model.backbone.named_parameters():
                 if any(name.startswith(prefix) for prefix in cfg.freeze):
                     p.requires_grad_(False)
+        if world > 1 and rank == 0:
+            tdist.barrier()
         self.loss = build_loss(cfg, self.model.embed_dim, self.n_train_families)
         if self.loss.kind == "family":  # the FC head is not trained by a family loss
             self.model.head.requires_grad_(False)
@@ -152,20 +157,26 @@ class Trainer:
                 self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        backbone_params = [p for n, p in self.model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
-        other = [p for n, p in self.objective.named_parameters() if not n.startswith("model.backbone.")
-                 and p.requires_grad]
-        groups = [{"params": other, "lr_mult": 1.0}]
-        if backbone_params:
-            groups.append({"params": backbone_params, "lr_mult": cfg.backbone_lr_mult})
-        if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = self.build_optimizer()
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cfg.name}: an epoch has no full batch of {cfg.batch_size}: lower batch_size")
         self.epoch, self.step, self.rows = 0, 0, []
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """SGD (the paper) or AdamW over every trained parameter, the loss's included; the backbone's group gets
+        `backbone_lr_mult` times the learning rate."""
+        cfg = self.cfg
+        backbone = [p for n, p in self.objective.named_parameters() if n.startswith("model.backbone.")
+                    and p.requires_grad]
+        other = [p for n, p in self.objective.named_parameters() if not n.startswith("model.backbone.")
+                 and p.requires_grad]
+        groups = [{"params": other, "lr_mult": 1.0}]
+        if backbone:
+            groups.append({"params": backbone, "lr_mult": cfg.backbone_lr_mult})
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def held_out_protocol(self, families: list, root: Path, fold: int) -> Track3Split:
         """A fold's protocol is drawn from its held-out families; with --fold -1 the val split's own labelled lists
