@@ -46,7 +46,7 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2", "--restart") == 0
 
 
-def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data):
+def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data, monkeypatch):
     exp = write_experiment(tmp_path / "rep.py", epochs=1)
     assert run(exp, tiny_data, tmp_path / "a") == 0 and run(exp, tiny_data, tmp_path / "b") == 0
     wa, wb = weights(tmp_path / "a", "rep"), weights(tmp_path / "b", "rep")
@@ -54,7 +54,8 @@ def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data)
     assert run(exp, tiny_data, tmp_path / "a", "--set", "seed=1") == 0  # another seed: its own folder, other weights
     w1 = torch.load(tmp_path / "a" / "rep" / "fold0_seed1" / "checkpoint.pt", weights_only=False)["model"]
     assert not all(torch.equal(wa[k], w1[k]) for k in wa)
-    assert run(exp, tiny_data, tmp_path / "a", "--fold", "-1") == 0
+    monkeypatch.chdir(tiny_data.parent)  # a relative data root, as users pass it
+    assert run(exp, tiny_data.name, tmp_path / "a", "--fold", "-1") == 0
     row = json.loads((tmp_path / "a" / "rep" / "fold-1" / "state.json").read_text())["last"]
     assert 0 <= row["average"] <= 1  # scored on the val split's own lists
     assert run(exp, tiny_data, tmp_path / "a", "--fold", "5") == 2

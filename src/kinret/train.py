@@ -103,6 +103,7 @@ class Trainer:
         # in family-id order whatever the fold, so every fold shares one pixel and one feature cache
         self.table = ImageTable.from_families(sorted(train_fams + eval_fams, key=lambda f: f.fid))
         self.train_rows = self.table.subset({f.fid for f in train_fams})
+        self.row_of = {p.resolve(): i for i, p in enumerate(self.table.paths)}  # lists may name paths another way
         self.n_train_families = len(train_fams)
         position = {fid: i for i, fid in enumerate(self.table.fids)}
         self.label_of = {position[f.fid]: i for i, f in enumerate(train_fams)}
@@ -184,8 +185,9 @@ class Trainer:
         val = root / "val"
         if fold < 0 and (val / "probe_list.csv").is_file() and (val / "gallery_list.csv").is_file():
             split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
-            known = set(self.table.paths)
-            missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery] if p not in known]
+            known = set(self.row_of)
+            missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery]
+                       if p.resolve() not in known]
             if missing:
                 raise KinretInputError(missing[0], "listed in the val lists but not in the val family folders")
             return split
@@ -261,10 +263,9 @@ class Trainer:
         if self.eval_split is None:
             return dict.fromkeys(("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average"), nan)
         split = self.eval_split
-        index = {p: i for i, p in enumerate(self.table.paths)}
         paths, owner = split.probe_image_table()
-        prow = np.array([index[p] for p in paths])
-        grow = np.array([index[g.path] for g in split.gallery])
+        prow = np.array([self.row_of[p.resolve()] for p in paths])
+        grow = np.array([self.row_of[g.path.resolve()] for g in split.gallery])
         a, b, y = self.eval_pairs
         rows = np.unique(np.concatenate([prow, grow, a, b]))
         emb = self.embed_rows(rows)
