@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import TrainConfig, apply_overrides, load_experiment
 from .io import write_text_atomic
 from .log import setup_logging
+from .runs import run_status
 
 log = logging.getLogger("kinret.grid")
 
@@ -81,8 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, grid = load_experiment(args.config)
     cfg = apply_overrides(cfg, args.set)
     jobs = expand(cfg, grid)
-    from .train import run_status
-
     found = [run_status(c, f) for c, f, _ in jobs]
     states = [s for s, _ in found]
     for (c, f, _), s in zip(jobs, states, strict=True):

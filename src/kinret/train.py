@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .config import TrainConfig, apply_overrides, config_from_dict, load_experiment, save_config, seed_of
+from .config import TrainConfig, apply_overrides, load_experiment, save_config, seed_of
 from .data import ImageTable, augment, decode_pixels, family_batches, normalize, sample_pairs, to_float
 from .embed import cached_features
 from .errors import KinretInputError
@@ -37,12 +36,12 @@ from .losses import build_loss
 from .metrics import chance_level, evaluate_ranking, roc_auc
 from .models import KinNet, build_backbone, pooled_dim, state_digest
 from .ranking import cosine_scores, l2_normalize, mean_embedding, rank_gallery
+from .runs import prepare_run_dir
 from .split import Track3Split, build_protocol, read_labelled
 from .synth import SynthConfig, generate
 
 log = logging.getLogger("kinret.train")
 SYNTH_ROOT = Path("data") / "synthetic"
-RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
 SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "seconds", "pair_auc_cos", "pair_auc_fc", "mAP",
                   "rank1", "rank5", "average")
 
@@ -362,38 +361,6 @@ class Trainer:
             if self.world > 1:
                 tdist.barrier()
         return self.rows
-
-
-def run_status(cfg: TrainConfig, fold: int) -> tuple[str, str]:
-    """('todo' | 'partial' | 'finished' | 'conflict', detail) for the run folder of (cfg, fold).
-
-    'conflict': the folder holds trained weights of another config; nothing may overwrite them silently.
-    """
-    run_dir = cfg.run_dir(fold)
-    has_ckpt = (run_dir / "checkpoint.pt").is_file()
-    cfg_path = run_dir / "config.json"
-    if has_ckpt and cfg_path.is_file():
-        saved = config_from_dict(json.loads(cfg_path.read_text())).to_dict()
-        diff = {k: (v, getattr(cfg, k)) for k, v in saved.items() if v != cfg.to_dict()[k] and k not in RUNTIME_FIELDS}
-        if diff:
-            return "conflict", (f"{run_dir} holds a run with another config {diff} (saved, now): use another "
-                                "experiment name or --restart")
-    state_path = run_dir / "state.json"
-    if has_ckpt and state_path.is_file() and json.loads(state_path.read_text())["finished"]:
-        return "finished", ""
-    return ("partial", "") if has_ckpt else ("todo", "")
-
-
-def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) -> str:
-    """'fresh', 'resume' or 'finished'; refuses to overwrite another run's outputs silently."""
-    if restart and cfg.run_dir(fold).exists():
-        shutil.rmtree(cfg.run_dir(fold))
-    status, detail = run_status(cfg, fold)
-    if status == "conflict":
-        raise ValueError(detail)
-    if status == "partial" and not resume:
-        raise ValueError(f"{cfg.run_dir(fold)} holds an unfinished run: pass --resume to continue it or --restart")
-    return {"todo": "fresh", "partial": "resume", "finished": "finished"}[status]
 
 
 def build_parser() -> argparse.ArgumentParser:
