@@ -46,7 +46,7 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2", "--restart") == 0
 
 
-def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data, monkeypatch):
+def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data, monkeypatch, capsys):
     exp = write_experiment(tmp_path / "rep.py", epochs=1)
     assert run(exp, tiny_data, tmp_path / "a") == 0 and run(exp, tiny_data, tmp_path / "b") == 0
     wa, wb = weights(tmp_path / "a", "rep"), weights(tmp_path / "b", "rep")
@@ -59,6 +59,9 @@ def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data,
     row = json.loads((tmp_path / "a" / "rep" / "fold-1" / "state.json").read_text())["last"]
     assert 0 <= row["average"] <= 1  # scored on the val split's own lists
     assert run(exp, tiny_data, tmp_path / "a", "--fold", "5") == 2
+    assert train.main(["-C", str(exp), "--set", "lr=0.3", "--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "* lr = 0.3" in shown and "  momentum = 0.9" in shown and "* backbone = 'test_resnet'" in shown
     assert train.main(["-C", "no_such_experiment", "--quiet"]) == 2
     assert train.main(["-C", str(exp), "--quiet", "--set", "epochs=many"]) == 2
 

@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="typed config override")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--restart", action="store_true", help="delete this run's outputs and start again")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (fields changed from the defaults marked *) and exit")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -385,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
+    if args.show_config:
+        defaults = TrainConfig().to_dict()
+        for key, value in cfg.to_dict().items():
+            print(f"{'*' if defaults[key] != value else ' '} {key} = {value!r}")
+        return 0
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
