@@ -9,7 +9,7 @@ import torch
 from conftest import write_image
 
 from kinret.config import TrainConfig
-from kinret.data import ImageTable, augment, decode_pixels, family_batches, sample_pairs
+from kinret.data import ImageTable, augment, decode_pixels, family_batches, gather, sample_pairs
 from kinret.fiw import read_fiw
 from kinret.train import lr_factor
 
@@ -77,3 +77,11 @@ def test_pixel_cache_is_keyed_by_the_files(tmp_path, fiw_root):
     write_image(table.paths[0], seed=999, size=20)  # a replaced image is never served from the old cache
     assert not np.array_equal(decode_pixels(table.paths, 8, cache)[0], first[0])
     assert len(list(cache.glob("*.npy"))) == 2 and not list(cache.glob(".*tmp*"))
+
+
+def test_gather_equals_fancy_indexing(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 2, 2, 3), dtype=np.uint8)
+    np.save(tmp_path / "p.npy", pixels)
+    mapped = np.load(tmp_path / "p.npy", mmap_mode="r")
+    rows = np.array([7, 2, 2, 19, 0, 7])
+    assert np.array_equal(gather(mapped, rows), pixels[rows])

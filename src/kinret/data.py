@@ -90,7 +90,8 @@ def sample_pairs(family: np.ndarray, member: np.ndarray, rows: np.ndarray, n: in
     by_family: dict[int, np.ndarray] = {}
     for f in np.unique(fam):
         by_family[int(f)] = np.flatnonzero(fam == f)
-    eligible = np.array([len(np.unique(mem[by_family[int(f)]])) > 1 for f in fam])
+    multi = {f: len(np.unique(mem[idx])) > 1 for f, idx in by_family.items()}  # families with two members
+    eligible = np.array([multi[int(f)] for f in fam], dtype=bool)
     if not eligible.any() or len(by_family) < 2:
         raise ValueError("pair sampling needs a family with two members holding images, and two families")
     anchors = rng.choice(np.flatnonzero(eligible), size=n)
@@ -131,6 +132,15 @@ def family_batches(family: np.ndarray, rows: np.ndarray, batch_size: int, per_fa
             batch.append(rng.choice(pool, size=per_family, replace=len(pool) < per_family))
         batches.append(np.concatenate(batch)[:batch_size])
     return batches
+
+
+def gather(pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """pixels[rows], reading a memory-mapped array in ascending row order (duplicates allowed)."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows),) + pixels.shape[1:], dtype=pixels.dtype)
+    out[order] = pixels[rows[order]]
+    return out
 
 
 def to_float(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from .config import TrainConfig, apply_overrides, load_experiment, save_config, seed_of
-from .data import ImageTable, augment, decode_pixels, family_batches, normalize, sample_pairs, to_float
+from .data import ImageTable, augment, decode_pixels, family_batches, gather, normalize, sample_pairs, to_float
 from .embed import cached_features
 from .errors import KinretInputError
 from .fiw import family_folds, read_fiw
@@ -35,7 +35,8 @@ from .log import progress, setup_logging
 from .losses import build_loss
 from .metrics import chance_level, evaluate_ranking, roc_auc
 from .models import KinNet, build_backbone, pooled_dim, state_digest
-from .ranking import cosine_scores, l2_normalize, mean_embedding, rank_gallery
+from .pipeline import probe_scores
+from .ranking import l2_normalize, rank_gallery
 from .runs import prepare_run_dir
 from .split import Track3Split, build_protocol, read_labelled
 from .synth import SynthConfig, generate
@@ -224,7 +225,7 @@ class Trainer:
             flip = torch.rand(total, generator=gen)[pos] < (self.cfg.flip_p if self.cfg.augment else 0.0)
             x = self.features[flip.long(), torch.as_tensor(rows)].to(self.device)
             return x, target_t, per
-        x = to_float(self.pixels[np.sort(rows)][np.argsort(np.argsort(rows))], self.device)
+        x = to_float(gather(self.pixels, rows), self.device)
         if self.cfg.augment:
             parts = []  # pair inputs are two slices of the global batch (first images, second images)
             for chunk_pos in np.split(pos, [per]) if self.loss.kind == "pair" else [pos]:
@@ -247,7 +248,7 @@ class Trainer:
         out = []
         for i in range(0, len(rows), self.cfg.eval_batch_size):
             chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
-            x = normalize(to_float(self.pixels[np.sort(chunk)][np.argsort(np.argsort(chunk))], self.device),
+            x = normalize(to_float(gather(self.pixels, chunk), self.device),
                           self.data_cfg["mean"], self.data_cfg["std"])
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -273,7 +274,8 @@ class Trainer:
         def take(r: np.ndarray) -> np.ndarray:
             return emb[[at[i] for i in r]]
 
-        scores = cosine_scores(mean_embedding(take(prow), owner, len(split.probes)), take(grow))
+        ok_p, ok_g = np.ones(len(prow), dtype=bool), np.ones(len(grow), dtype=bool)
+        scores = probe_scores(take(prow), ok_p, owner, len(split.probes), take(grow), ok_g, "mean")
         res = evaluate_ranking(rank_gallery(scores), split.probe_fids, split.gallery_fids, "standard")
         ea, eb = take(a), take(b)
         cos = (l2_normalize(ea) * l2_normalize(eb)).sum(1)
