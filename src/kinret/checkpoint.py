@@ -11,8 +11,12 @@ from .config import TrainConfig, config_from_dict, seed_of
 from .models import KinNet, build_backbone, pooled_dim, state_digest
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[KinNet, TrainConfig, dict]:
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbones: dict | None = None
+               ) -> tuple[KinNet, TrainConfig, dict]:
     """(model in eval mode, its config, its data config) from ``run_dir/checkpoint.pt``.
+
+    `backbones`, a dict kept by the caller, shares one frozen backbone between the head-only checkpoints built on
+    it (they never change it), so scoring a grid of heads builds the backbone once.
 
     End-to-end checkpoints hold the whole network, so the backbone is built bare and filled from the checkpoint
     (no download). Head-only checkpoints hold the neck and head; their frozen backbone is rebuilt from its source
@@ -26,6 +30,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     torch.manual_seed(seed_of(cfg.seed))  # as the trainer did: a scratch backbone is rebuilt identically
     if cfg.mode == "e2e" and cfg.backbone != "sface":
         backbone, data_cfg = build_backbone(replace(cfg, pretrained=False, weights=""))
+    elif cfg.mode == "head" and backbones is not None:
+        key = (cfg.backbone, cfg.weights, cfg.pretrained, cfg.input_size, cfg.pool)
+        if key not in backbones:
+            backbones[key] = build_backbone(cfg)
+        backbone, data_cfg = backbones[key]
     else:
         backbone, data_cfg = build_backbone(cfg)
     model = KinNet(backbone, pooled_dim(backbone, cfg.pool), cfg)

@@ -1,0 +1,88 @@
+"""The embedding caches: chunks saved as they finish (a killed run recomputes only the rest), keys that change with
+the images and the weights, the mirror image as the second view, and every pooling from one pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import write_image
+
+from kinret.embed import build_in_chunks, cached_features, forward_pooled, read_cache
+from kinret.models import POOLS, ResidualNeck, state_digest
+
+
+def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
+    ids = np.array([f"img{i}" for i in range(10)])
+    calls = []
+
+    def compute(a, b):
+        calls.append((a, b))
+        if len(calls) == 3 and kill:
+            raise KeyboardInterrupt  # the run is killed while computing the third chunk
+        return {"x": np.arange(a, b, dtype=np.float32)[None, :, None] * np.ones((2, 1, 4))}
+
+    cache = tmp_path / "feats.npz"
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        build_in_chunks(cache, ids, compute, chunk=3)
+    assert not cache.exists() and len(list((tmp_path / "feats.npz.parts").glob("*.npz"))) == 2
+    kill, calls = False, []
+    out = build_in_chunks(cache, ids, compute, chunk=3)
+    assert calls == [(6, 9), (9, 10)]  # the two saved chunks were read, not recomputed
+    assert np.array_equal(out["x"][0, :, 0], np.arange(10)) and out["x"].shape == (2, 10, 4)
+    assert cache.is_file() and not (tmp_path / "feats.npz.parts").exists()
+    calls = []
+    assert np.array_equal(build_in_chunks(cache, ids, compute, chunk=3)["x"], out["x"]) and calls == []
+    with pytest.raises(ValueError, match="stored image ids do not match"):
+        read_cache(cache, ids[::-1])
+
+
+@pytest.fixture
+def backbone():
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+
+
+DATA = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def test_forward_pooled_reads_every_pooling_and_the_mirror_from_one_pass(backbone):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    neck = ResidualNeck(backbone.num_features)
+    with torch.no_grad():
+        neck.linear.weight.normal_(0, 0.1)  # not the identity any more
+    out = forward_pooled(backbone, pixels, DATA, torch.device("cpu"), batch=2, channels_last=False, neck=neck,
+                         neck_pool="gem")
+    assert set(out) == set(POOLS) | {"emb"} and out["avg"].shape == (2, 5, backbone.num_features)
+    mirrored = forward_pooled(backbone, pixels[:, :, ::-1].copy(), DATA, torch.device("cpu"), channels_last=False)
+    assert np.allclose(out["avg"][1], mirrored["avg"][0], atol=1e-5)  # row 1 is the mirror image
+    with torch.no_grad():
+        want = neck(torch.from_numpy(out["gem"][0])).numpy()
+    assert np.allclose(out["emb"][0], want, atol=1e-5)
+
+
+def test_feature_cache_is_keyed_by_images_and_weights(backbone, tmp_path):
+    paths = [write_image(tmp_path / "img" / f"{i}.png", i, size=32) for i in range(3)]
+    calls = []
+
+    def pixels():
+        calls.append(1)
+        from kinret.data import decode_pixels
+        return decode_pixels(paths, 32, None)
+
+    def feats(model):
+        return cached_features(model, state_digest(model), DATA, paths, pixels, tmp_path / "cache", "t",
+                               torch.device("cpu"), channels_last=False)
+
+    first = feats(backbone)
+    assert feats(backbone)["avg"].tobytes() == first["avg"].tobytes() and len(calls) == 1  # served from the cache
+    write_image(paths[1], 99, size=32)  # an image replaced under the same name
+    changed = feats(backbone)
+    assert len(calls) == 2 and not np.allclose(changed["avg"][:, 1], first["avg"][:, 1])
+    with torch.no_grad():
+        next(backbone.parameters()).add_(0.1)  # other weights
+    feats(backbone)
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
