@@ -1,0 +1,187 @@
+"""Evaluate every variant out of fold, then pick the best or blend: ``python -m kinret.ensemble`` (or
+``python ensemble/select.py``).
+
+Every variant is scored on the out-of-fold protocols (each fold's held-out families, scored by the model that did
+not see them) and, when present, on the labelled val split (and the test split when its truth is known; never used
+to choose). The table holds mAP (both AP variants), Rank@1/5/10 and Average per variant.
+
+Blending: each variant's scores are normalised per probe (z-score or rank) and summed with weights found by greedy
+forward selection with replacement (Caruana et al. 2004) on the out-of-fold Average. So that the reported gain is
+not the search's own optimism, the search is cross-fitted: for each fold k the weights (and, for comparison, the
+best single variant) are chosen on the other folds and scored on fold k; the blend is chosen only if it beats the
+best single variant there. The submitted weights are then searched on every fold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .metrics import average_precision, hits_in_rank_order, relevance
+from .ranking import rank_gallery
+from .scores import NORMALISATIONS, blend, normalise
+
+log = logging.getLogger(__name__)
+METRICS = ("average", "mAP", "mAP_trapezoid", "rank1", "rank5", "rank10")
+
+
+def safe_name(variant: str) -> str:
+    """A variant name as a file name: `sface_heads/bce-comb1:fc-mean` -> `sface_heads_bce-comb1_fc-mean`."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", variant)
+
+
+class Scorer:
+    """Per-probe results of score matrices on one labelled split (relevance computed once)."""
+
+    def __init__(self, probe_fids: Sequence, gallery_fids: Sequence):
+        self.rel = relevance(probe_fids, gallery_fids)
+
+    def per_probe(self, scores: np.ndarray, trapezoid: bool = True) -> dict[str, np.ndarray]:
+        hits = hits_in_rank_order(rank_gallery(scores), self.rel)
+        first = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)  # no relative: never a hit
+        out = {"ap": average_precision(hits, "standard"), "first": first}
+        if trapezoid:
+            out["ap_trapezoid"] = average_precision(hits, "trapezoid")
+        return out
+
+
+def pooled(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Metrics over the probes of several splits taken together (each probe counts once): mAP, Rank@K, Average."""
+    ap = np.concatenate([p["ap"] for p in parts])
+    first = np.concatenate([p["first"] for p in parts])
+    out = {"mAP": float(ap.mean()), "rank1": float(np.mean(first < 1)), "rank5": float(np.mean(first < 5)),
+           "rank10": float(np.mean(first < 10))}
+    if all("ap_trapezoid" in p for p in parts):
+        out["mAP_trapezoid"] = float(np.concatenate([p["ap_trapezoid"] for p in parts]).mean())
+    out["average"] = (out["mAP"] + out["rank5"]) / 2
+    return out
+
+
+def objective(matrices: dict[str, np.ndarray], scorers: dict[str, Scorer]) -> float:
+    return pooled([scorers[k].per_probe(m, trapezoid=False) for k, m in matrices.items()])["average"]
+
+
+def greedy_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], folds: Sequence[str],
+                   max_steps: int = 10) -> dict[str, float]:
+    """Forward selection with replacement: start empty, add the variant (again, possibly) that raises the pooled
+    Average over `folds` the most; stop when nothing raises it or after `max_steps`. Weights = counts / total.
+    `norm` (variant -> split -> normalised matrix) is ordered best single first, which breaks ties."""
+    counts: Counter[str] = Counter()
+    current = {k: np.zeros_like(next(iter(norm.values()))[k]) for k in folds}
+    best_obj = -np.inf
+    for _ in range(max_steps):
+        step = max(((objective({k: current[k] + norm[v][k] for k in folds}, scorers), -i, v)
+                    for i, v in enumerate(norm)), default=None)
+        if step is None or step[0] <= best_obj + 1e-12:
+            break
+        best_obj, v = step[0], step[2]
+        counts[v] += 1
+        current = {k: current[k] + norm[v][k] for k in folds}
+    total = sum(counts.values())
+    return {v: c / total for v, c in counts.items()}
+
+
+@dataclass
+class Selection:
+    """What was chosen and why: the weights (one variant at weight 1 for a single pick), the cross-fitted
+    comparison, and the name the submission files carry."""
+
+    name: str
+    weights: dict[str, float]
+    normalisation: str
+    best_single: str
+    crossfit: dict[str, dict[str, float]] = field(default_factory=dict)  # "blend" / "best single" -> metrics
+    reason: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "weights": self.weights, "normalisation": self.normalisation,
+                           "best_single": self.best_single, "crossfit": self.crossfit, "reason": self.reason},
+                          indent=2) + "\n"
+
+
+def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], how: str = "auto",
+           normalisation: str = "z", max_steps: int = 10) -> Selection:
+    """Choose from `oof` (variant -> oof split -> scores): how = "best" (the best single variant by pooled
+    out-of-fold Average), "blend", or "auto" (the blend when its cross-fitted Average beats the cross-fitted best
+    single variant's)."""
+    if not oof:
+        raise ValueError("no variants to choose from")
+    if how not in ("auto", "best", "blend"):
+        raise ValueError(f"unknown choice {how!r}; choose auto, best or blend")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {NORMALISATIONS}")
+    folds = sorted(scorers)
+    single = {v: objective(m, scorers) for v, m in oof.items()}
+    ranked = sorted(oof, key=lambda v: -single[v])
+    best = ranked[0]
+    sel = Selection(f"best_{safe_name(best)}", {best: 1.0}, normalisation, best)
+    if how == "best" or len(oof) == 1 or len(folds) < 2:
+        sel.reason = "best single variant by out-of-fold Average" + (
+            "" if how == "best" else " (a blend needs two variants and two folds)")
+        return sel
+    norm = {v: {k: normalise(oof[v][k], normalisation) for k in folds} for v in ranked}
+    parts: dict[str, list] = {"blend": [], "best single": []}
+    for k in folds:
+        rest = [f for f in folds if f != k]
+        w = greedy_weights(norm, scorers, rest, max_steps)
+        parts["blend"].append(scorers[k].per_probe(blend([norm[v][k] for v in w], list(w.values()))))
+        pick = max(ranked, key=lambda v: objective({f: oof[v][f] for f in rest}, {f: scorers[f] for f in rest}))
+        parts["best single"].append(scorers[k].per_probe(oof[pick][k]))
+    sel.crossfit = {name: pooled(p) for name, p in parts.items()}
+    gain = sel.crossfit["blend"]["average"] - sel.crossfit["best single"]["average"]
+    weights = greedy_weights(norm, scorers, folds, max_steps)
+    if how == "blend" or (how == "auto" and gain > 0 and len(weights) > 1):
+        sel.name, sel.weights = f"blend_{normalisation}_{len(weights)}v", weights
+        sel.reason = f"blend: cross-fitted out-of-fold Average {gain:+.4f} against the best single variant"
+    else:
+        sel.reason = (f"best single variant: the blend's cross-fitted out-of-fold Average was {gain:+.4f} against "
+                      "it" if len(weights) > 1 else "best single variant: the search kept only one variant")
+    return sel
+
+
+def combine(matrices: dict[str, np.ndarray], sel: Selection) -> np.ndarray:
+    """The chosen scores on one split: the single variant's matrix as is, or the normalised weighted blend."""
+    if len(sel.weights) == 1:
+        return matrices[next(iter(sel.weights))]
+    return blend([normalise(matrices[v], sel.normalisation) for v in sel.weights], list(sel.weights.values()))
+
+
+# ---- the table -------------------------------------------------------------------------------------------------
+def table_rows(results: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, object]]:
+    """results: row name -> split group ("oof", "val", "test") -> metrics; one flat row per name."""
+    rows = []
+    for name, by_split in results.items():
+        row: dict[str, object] = {"variant": name}
+        for group, metrics in by_split.items():
+            row.update({f"{group}_{m}": metrics[m] for m in METRICS if m in metrics})
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict[str, object]]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(rows: list[dict[str, object]], columns: Sequence[str] | None = None) -> str:
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                     for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    from kinret.workflow import main
+
+    raise SystemExit(main())
