@@ -85,6 +85,14 @@ LOSSES = {
     "cosface": lambda cfg, dim, n: CosFaceFamilyLoss(dim, n, cfg.margin, cfg.scale),
     "supcon": lambda cfg, dim, n: SupConFamilyLoss(cfg.temperature),
 }
+LOSS_CLASSES = {"bce": BCEPairLoss, "focal": FocalPairLoss, "cosface": CosFaceFamilyLoss, "supcon": SupConFamilyLoss}
+
+
+def loss_kind(name: str) -> str:
+    """"pair" (trains the FC head) or "family" (trains the embedding), without building the loss."""
+    if name not in LOSS_CLASSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSS_CLASSES)}")
+    return LOSS_CLASSES[name].kind
 
 
 def build_loss(cfg: TrainConfig, dim: int, n_families: int) -> nn.Module:

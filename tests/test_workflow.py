@@ -1,0 +1,161 @@
+"""make_submission.py end to end on tiny data: train -> embed -> score -> select -> submit, the caches (a rerun
+builds nothing; a changed checkpoint or image is never served stale), external variants and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from kinret import submit
+from kinret.scores import load_scores, save_scores
+from kinret.sources import CheckpointSource
+from kinret.submission import read_predictions
+from kinret.variants import build_splits
+
+
+def args(data, work, *extra):
+    return ["--data-root", str(data), "--experiments", "tiny", "--runs", str(work / "runs"), "--ensemble-dir",
+            str(work / "ens"), "--out", str(work / "sub"), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def done(tiny_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    assert submit.main(args(tiny_data, work)) == 0
+    return work
+
+
+def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, tiny_data, capsys):
+    sel = json.loads((done / "sub" / "selection.json").read_text())
+    zips = list((done / "sub").glob("*.zip"))
+    assert [z.name for z in zips] == [f"{sel['name']}.zip"]
+    splits = build_splits(tiny_data, 2)
+    test = splits["test"].split
+    ranking = read_predictions(zips[0], len(test.probes), len(test.gallery))
+    assert np.array_equal(ranking, read_predictions(done / "sub" / "predictions.csv", *ranking.shape))
+    table = (done / "sub" / "variants.md").read_text()
+    for variant in ("raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max", "tiny/base:cos-emb-meanemb",
+                    "tiny/base:cos-emb-max", "tiny/base:cos-gem-meanemb", "tiny/base:fc-mean", "tiny/base:fc-max",
+                    "tiny/base:fc-meanemb", "tiny/base:rerank100-emb", "best single (cross-fitted out-of-fold)"):
+        assert f"| {variant} |" in table
+    assert "oof_average" in table and "val_average" in table and "test_average" in table
+    csv = (done / "ens" / "variants.csv").read_text().splitlines()
+    assert csv[0].startswith("variant,") and "oof_mAP_trapezoid" in csv[0] and "oof_rank10" in csv[0]
+    for name in ("oof0", "oof1", "val"):  # the ids a team's external matrices must carry
+        assert (done / "ens" / "protocols" / name / "probe_list.csv").is_file()
+
+
+def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data):
+    splits = build_splits(tiny_data, 2)
+    sd = splits["test"]
+    stored = load_scores(done / "ens" / "scores" / "tiny_base_cos-emb-meanemb" / "test.npy", sd.probe_ids,
+                         sd.gallery_ids)
+    fold_scores = []
+    for k in (0, 1):
+        src = CheckpointSource(done / "runs" / "tiny" / "base" / f"fold{k}", done / "runs" / "_cache")
+        from kinret.scores import cosine_variant
+        emb = src.embeddings(sd.images)["emb"]
+        fold_scores.append(cosine_variant(emb[sd.probe_rows], sd.owner, len(sd.split.probes), emb[sd.gallery_rows]))
+    assert np.allclose(stored, (fold_scores[0] + fold_scores[1]) / 2, atol=1e-6)
+    assert len(list((done / "runs" / "tiny" / "base" / "fold0" / "embeddings").glob("*.npz"))) == 3  # train/val/test
+
+
+def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
+    assert submit.main(args(tiny_data, done, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "train " not in out and "score " not in out and "select" in out
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed a cached stage")
+
+    monkeypatch.setattr("kinret.variants._score_one", fail)
+    monkeypatch.setattr("kinret.submit.grid_main", fail)
+    assert submit.main(args(tiny_data, done)) == 0
+
+
+def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tmp_path):
+    run = tmp_path / "fold0"
+    shutil.copytree(done / "runs" / "tiny" / "base" / "fold0", run)
+    images = build_splits(tiny_data, 2)["test"].images
+    before = CheckpointSource(run, tmp_path / "cache")
+    emb = before.embeddings(images)["emb"]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    name = next(k for k in ckpt["model"] if k.endswith("weight") and ckpt["model"][k].ndim == 4)
+    ckpt["model"][name] = ckpt["model"][name] * 1.5
+    torch.save(ckpt, run / "checkpoint.pt")
+    after = CheckpointSource(run, tmp_path / "cache")
+    assert after.key(images) != before.key(images)
+    assert not np.allclose(after.embeddings(images)["emb"], emb)
+    assert len(list((run / "embeddings").glob("test_*.npz"))) == 2
+
+
+def external_matrices(done, tiny_data, folder, fill=None):
+    splits = build_splits(tiny_data, 2)
+    for name, sd in splits.items():
+        base = load_scores(done / "ens" / "scores" / "tiny_base_cos-emb-max" / f"{name}.npy", sd.probe_ids,
+                           sd.gallery_ids)
+        save_scores(folder / f"{name}.npy", -base, sd.probe_ids, sd.gallery_ids)
+    return splits
+
+
+def test_external_scores_and_embeddings_join_the_table(done, tiny_data, tmp_path):
+    ens = tmp_path / "ens"
+    shutil.copytree(done / "ens", ens)
+    splits = external_matrices(done, tiny_data, ens / "external" / "team_scores")
+    ids = sorted({i for sd in splits.values() for i in sd.images.ids})
+    rng = np.random.default_rng(0)
+    np.savez(ens / "external" / "team_feats" / "embeddings.npz" if (ens / "external" / "team_feats").mkdir() is None
+             else None, image_ids=np.array(ids), embeddings=rng.normal(size=(len(ids), 8)).astype(np.float32))
+    out = tmp_path / "sub"
+    argv = args(tiny_data, done, "--ensemble-dir", str(ens), "--out", str(out))
+    assert submit.main(argv) == 0
+    table = (out / "variants.md").read_text()
+    assert "| team_scores |" in table and "| team_feats:cos-emb-meanemb |" in table
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("nan", "non-finite score"),
+    ("ids", "probe id at row 0"),
+    ("missing", "score matrix not found"),
+    ("duplicate", "named twice"),
+])
+def test_bad_external_variants_are_named_and_nothing_is_written(done, tiny_data, tmp_path, capsys, problem, match):
+    ens = tmp_path / "ens"
+    shutil.copytree(done / "ens", ens)
+    folder = ens / "external" / ("raw_pixels" if problem == "duplicate" else "team")
+    splits = external_matrices(done, tiny_data, folder)
+    sd = splits["test"]
+    if problem == "nan":
+        m = np.load(folder / "test.npy")
+        m[0, 1] = np.nan
+        np.save(folder / "test.npy", m)
+    elif problem == "ids":
+        save_scores(folder / "test.npy", np.zeros((len(sd.probe_ids), len(sd.gallery_ids))), sd.probe_ids[::-1],
+                    sd.gallery_ids)
+    elif problem == "missing":
+        (folder / "val.npy").unlink()
+    out = tmp_path / "sub"
+    assert submit.main(args(tiny_data, done, "--ensemble-dir", str(ens), "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert match in err and str(folder) in err
+    assert not out.exists()
+
+
+def test_empty_and_duplicate_variant_lists_are_refused(done, tiny_data, tmp_path, capsys):
+    out = tmp_path / "sub"
+    assert submit.main(args(tiny_data, done, "--out", str(out), "--variants", "raw_pixels", "raw_pixels")) == 2
+    assert "named twice" in capsys.readouterr().err
+    argv = args(tiny_data, done, "--out", str(out), "--no-raw-pixels")
+    argv[argv.index("tiny")] = "--no-raw-pixels"  # no experiment either
+    assert submit.main(argv) == 2
+    assert "no variants to score" in capsys.readouterr().err and not out.exists()
+
+
+def test_only_named_variants(done, tiny_data, tmp_path):
+    out = tmp_path / "sub"
+    assert submit.main(args(tiny_data, done, "--out", str(out), "--variants", "tiny/base:fc-mean")) == 0
+    assert json.loads((out / "selection.json").read_text())["weights"] == {"tiny/base:fc-mean": 1.0}
