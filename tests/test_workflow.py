@@ -159,3 +159,23 @@ def test_only_named_variants(done, tiny_data, tmp_path):
     out = tmp_path / "sub"
     assert submit.main(args(tiny_data, done, "--out", str(out), "--variants", "tiny/base:fc-mean")) == 0
     assert json.loads((out / "selection.json").read_text())["weights"] == {"tiny/base:fc-mean": 1.0}
+
+
+@pytest.mark.slow
+def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
+    """The default experiment's path, made small: SFace features computed once and shared by the frozen-backbone
+    variants (every pooling, zero-shot) and the trained heads (cosine on the residual neck, FC, re-rank)."""
+    exp = tmp_path / "small_heads.py"
+    exp.write_text("from dataclasses import replace\n\nfrom kinret.config import load_experiment\n\n"
+                   "cfg = replace(load_experiment('sface_heads')[0], name='small_heads', n_folds=2, epochs=1, "
+                   "pairs_per_epoch=256, batch_size=64, eval_pairs=50)\n"
+                   "GRID = [{'loss': ['bce', 'cosface']}]\n")
+    argv = args(tiny_data, tmp_path, "--jobs", "1")
+    argv[argv.index("tiny")] = str(exp)
+    assert submit.main(argv) == 0
+    table = (tmp_path / "sub" / "variants.md").read_text()
+    for variant in ("sface:cos-native-meanemb", "sface:cos-gem-max", "small_heads/bce:fc-mean",
+                    "small_heads/bce:rerank100-emb", "small_heads/cosface:cos-emb-meanemb"):
+        assert f"| {variant} |" in table
+    assert "small_heads/cosface:fc-mean" not in table  # a family loss trains no FC head
+    assert len(list((tmp_path / "runs" / "_cache").glob("features_sface_*.npz"))) == 3  # train, val, test: once
