@@ -25,10 +25,12 @@ from .ensemble import safe_name
 from .errors import KinretInputError
 from .fiw import family_folds, read_fiw
 from .log import progress
+from .ranking import aggregate
 from .scores import (
     COSINE_AGGREGATIONS,
     FC_AGGREGATIONS,
     cosine_variant,
+    fc_matrix,
     fc_variant,
     ids_digest,
     load_scores,
@@ -208,18 +210,25 @@ class Group:
 def _score_one(source, sims: list[Similarity], sd: SplitData) -> dict[Similarity, np.ndarray]:
     emb = source.embeddings(sd.images)
     n = len(sd.split.probes)
+    per_image: dict[str, np.ndarray] = {}  # the FC head over every probe-photo x gallery pair, computed once
+
+    def fc(name: str, how: str) -> np.ndarray:
+        pe, ge = emb[name][sd.probe_rows], emb[name][sd.gallery_rows]
+        if how == "meanemb":
+            return fc_variant(source.pair_fn, pe, sd.owner, n, ge, how)
+        if name not in per_image:
+            per_image[name] = fc_matrix(source.pair_fn, pe, ge)
+        return aggregate(per_image[name], sd.owner, n, how)
+
     out = {}
     for sim in sims:
         pe, ge = emb[sim.emb][sd.probe_rows], emb[sim.emb][sd.gallery_rows]
         if sim.kind == "cos":
             out[sim] = cosine_variant(pe, sd.owner, n, ge, sim.agg)
         elif sim.kind == "fc":
-            out[sim] = fc_variant(source.pair_fn, pe, sd.owner, n, ge, sim.agg)
+            out[sim] = fc(sim.emb, sim.agg)
         else:
-            fine = out.get(Similarity("fc", sim.emb, sim.agg))
-            if fine is None:
-                fine = fc_variant(source.pair_fn, pe, sd.owner, n, ge, sim.agg)
-            out[sim] = rerank(cosine_variant(pe, sd.owner, n, ge, "meanemb"), fine, sim.top_n)
+            out[sim] = rerank(cosine_variant(pe, sd.owner, n, ge, "meanemb"), fc(sim.emb, sim.agg), sim.top_n)
     return out
 
 
