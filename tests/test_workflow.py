@@ -179,3 +179,19 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
         assert f"| {variant} |" in table
     assert "small_heads/cosface:fc-mean" not in table  # a family loss trains no FC head
     assert len(list((tmp_path / "runs" / "_cache").glob("features_sface_*.npz"))) == 3  # train, val, test: once
+
+
+def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_path, capsys, monkeypatch):
+    from kinret.workflow import main as ensemble_main
+
+    monkeypatch.setattr("kinret.variants._score_one", lambda *a: pytest.fail("recomputed a cached matrix"))
+    base = ["--data-root", str(tiny_data), "--experiments", "tiny", "--runs", str(done / "runs"), "--quiet"]
+    ens = tmp_path / "ens"
+    shutil.copytree(done / "ens", ens)
+    assert ensemble_main([*base, "--ensemble-dir", str(ens), "--choose", "best"]) == 0
+    out = capsys.readouterr().out
+    assert "| variant |" in out and "chose best_" in out
+    assert json.loads((ens / "selection.json").read_text())["name"].startswith("best_")
+    base[base.index(str(done / "runs"))] = str(tmp_path / "no_runs")  # nothing trained there
+    assert ensemble_main([*base, "--ensemble-dir", str(ens)]) == 2
+    assert "not trained" in capsys.readouterr().err
