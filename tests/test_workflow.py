@@ -195,3 +195,16 @@ def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_
     base[base.index(str(done / "runs"))] = str(tmp_path / "no_runs")  # nothing trained there
     assert ensemble_main([*base, "--ensemble-dir", str(ens)]) == 2
     assert "not trained" in capsys.readouterr().err
+
+
+def test_the_ensemble_script_runs_from_its_folder():
+    """`python ensemble/choose.py`: the script's folder goes first on sys.path, so its name must not shadow a
+    standard module (a script called select.py broke `import selectors`)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "ensemble/choose.py", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "--choose" in proc.stdout and "--normalise" in proc.stdout

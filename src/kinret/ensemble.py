@@ -1,5 +1,5 @@
 """Evaluate every variant out of fold, then pick the best or blend: ``python -m kinret.ensemble`` (or
-``python ensemble/select.py``).
+``python ensemble/choose.py``).
 
 Every variant is scored on the out-of-fold protocols (each fold's held-out families, scored by the model that did
 not see them) and, when present, on the labelled val split (and the test split when its truth is known; never used
