@@ -138,7 +138,8 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
     weights = greedy_weights(norm, scorers, folds, max_steps)
     if how == "blend" or (how == "auto" and gain > 0 and len(weights) > 1):
         sel.name, sel.weights = f"blend_{normalisation}_{len(weights)}v", weights
-        sel.reason = f"blend: cross-fitted out-of-fold Average {gain:+.4f} against the best single variant"
+        sel.reason = (f"blend{' (asked for)' if how == 'blend' else ''}: cross-fitted out-of-fold Average "
+                      f"{gain:+.4f} against the best single variant")
     else:
         sel.reason = (f"best single variant: the blend's cross-fitted out-of-fold Average was {gain:+.4f} against "
                       "it" if len(weights) > 1 else "best single variant: the search kept only one variant")
