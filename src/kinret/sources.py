@@ -26,12 +26,15 @@ from .scores import PairFn
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The images one split needs: "train" (every training image, which the out-of-fold protocols index), "val"
-    or "test". `ids` are the paths relative to the data root, as external files name images."""
+    """The images one split needs ("oof0", "val", "test", ...). `ids` are the paths relative to the data root, as
+    external files name images. An out-of-fold set is `rows` of its `parent`, every training image in the
+    trainer's order, so a frozen backbone's features come from the one cache the trainer filled."""
 
     label: str
     paths: tuple[Path, ...]
     ids: tuple[str, ...]
+    parent: ImageSet | None = None
+    rows: tuple[int, ...] = ()
 
     @cached_property
     def digest(self) -> str:
@@ -94,6 +97,9 @@ class BackboneSource:
         return feature_key(digest, data_cfg, images.paths, self.cfg.gem_p, self.cfg.channels_last)
 
     def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
+        """pooling -> (2, N, D) features of the image and its mirror image."""
+        if images.parent is not None:
+            return {k: v[:, list(images.rows)] for k, v in self.raw(images.parent).items()}
         backbone, data_cfg, digest = self._model
         size = data_cfg["input_size"][-1]
         return cached_features(backbone, digest, data_cfg, images.paths,

@@ -1,8 +1,9 @@
 """The splits every variant is scored on, the variants each source yields, and their score matrices, cached.
 
 Splits: `oof{k}`, a Track-3 protocol drawn from fold k's held-out training families (scored by the fold-k model,
-which never saw them), `val` when DATA/val exists, and `test`. A variant with fold models is scored on val and
-test by each fold model and the matrices averaged, as the paper did.
+which never saw them, and embedded by it alone: a fold model embeds only its own held-out images), `val` when
+DATA/val exists, and `test`. A variant with fold models is scored on val and test by each fold model and the
+matrices averaged, as the paper did.
 
 Score matrices go to ``{scores_dir}/{variant}/{split}.npy`` with ids beside them (see `kinret.scores`); the cache key
 stored with them covers the variant, its sources' content and the split's ids, so a stale matrix is never reused.
@@ -14,7 +15,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,7 @@ def build_splits(root: str | Path, n_folds: int, fold_seed: int = 0, seed: int =
             n_folds = min(TrainConfig.n_folds, len(families))
     if (root / "train").is_dir() and n_folds > 1:
         train = _image_set("train", ImageTable.from_families(families).paths, root)
+        position = {p.resolve(): i for i, p in enumerate(train.paths)}
         folds = family_folds(families, n_folds, fold_seed)
         for k in range(n_folds):
             held = [f for f in families if folds[f.fid] == k and sum(1 for m in f.members if m.images) >= 2]
@@ -144,7 +146,9 @@ def build_splits(root: str | Path, n_folds: int, fold_seed: int = 0, seed: int =
                 log.warning("fold %d has no family with two members: no out-of-fold split for it", k)
                 continue
             split = build_protocol(held, root / "train", seed=seed, name=f"oof{k}")[0]
-            out[f"oof{k}"] = _locate(f"oof{k}", split, train, split)
+            own = _own_images(f"oof{k}", split, root)
+            own = replace(own, parent=train, rows=tuple(position[p.resolve()] for p in own.paths))
+            out[f"oof{k}"] = _locate(f"oof{k}", split, own, split)
     val = read_val(root / "val", seed)
     if val is not None:
         out["val"] = _locate("val", val, _own_images("val", val, root), val)
