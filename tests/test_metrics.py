@@ -152,3 +152,38 @@ def test_chance_level_matches_monte_carlo():
     assert want["rank@50"] == pytest.approx(3 / 4)  # K beyond the gallery: every probe with a relative hits
     # one relative among N: E[AP] = H_N / N exactly
     assert chance_level(["F1"], ["F1"] + ["F2"] * 9)["mAP"] == pytest.approx(sum(1 / k for k in range(1, 11)) / 10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_metrics_match_evaluate_ranking_with_ties_and_empty_probes(seed):
+    from kinret.metrics import family_codes, ranked_block_metrics, track3_scores
+
+    rng = np.random.default_rng(200 + seed)
+    p, n = 9, 30
+    scores = rng.integers(0, 4, (p, n)).astype(np.float32)  # ties on purpose
+    scores[2] = -np.inf
+    pf = [f"F{i}" for i in rng.integers(0, 8, p)] + ["F99"]  # the last probe has no relative
+    scores = np.vstack([scores, rng.normal(size=(1, n)).astype(np.float32)])
+    gf = [f"F{i}" for i in rng.integers(0, 8, n)]
+    ranking = rank_gallery(scores)
+    pc, gc = family_codes(pf, gf)
+    parts = [ranked_block_metrics(ranking[a:a + 4], pc[a:a + 4], gc) for a in range(0, p + 1, 4)]
+    first = np.concatenate([f for _, f in parts])
+    assert first[-1] == n
+    for ap in ("standard", "trapezoid"):
+        want = evaluate_ranking(ranking, pf, gf, ap, ks=(1, 5, 10, 50))
+        got = track3_scores(np.concatenate([a[ap] for a, _ in parts]), first, n, ap, ks=(1, 5, 10, 50))
+        np.testing.assert_allclose(got.per_probe_ap, want.per_probe_ap, rtol=1e-12, atol=0)
+        assert got.mAP == pytest.approx(want.mAP, rel=1e-12) and got.rank == want.rank
+        assert (got.n_probes, got.n_gallery) == (p + 1, n) and got.per_probe_ap[-1] == 0.0
+
+
+def test_ap_from_hit_ranks_hand_computed():
+    from kinret.metrics import ap_from_hit_ranks
+
+    rows, ranks = np.array([0, 0, 0, 2]), np.array([0, 2, 5, 3])  # row 1 has no hit
+    np.testing.assert_allclose(ap_from_hit_ranks(rows, ranks, 3), [(1 + 2 / 3 + 3 / 6) / 3, 0, 1 / 4])
+    np.testing.assert_allclose(ap_from_hit_ranks(rows, ranks, 3, "trapezoid"),
+                               [((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 5 + 3 / 6) / 2) / 3, 0, (0 / 3 + 1 / 4) / 2])
+    with pytest.raises(ValueError, match="unknown AP variant"):
+        ap_from_hit_ranks(rows, ranks, 3, "voc")

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from kinret.pipeline import probe_scores
-from kinret.ranking import aggregate, cosine_scores, first_non_permutation, mean_embedding, rank_gallery
+from kinret.ranking import (
+    aggregate,
+    cosine_scores,
+    first_non_permutation,
+    mean_embedding,
+    probe_score_rows,
+    rank_gallery,
+)
 
 
 def test_aggregate_matches_naive_loop():
@@ -60,3 +67,47 @@ def test_probe_scores_handle_unreadable_images():
     assert np.all(np.isneginf(s[:, 2]))
     np.testing.assert_allclose(s[0, gok], cosine_scores(pf[:1], gf[gok])[0], rtol=1e-6)
     assert rank_gallery(s)[0, -1] == 2
+
+
+def test_float32_key_sort_matches_stable_argsort_on_ties_infinities_and_signed_zero():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        p, n = rng.integers(1, 6), rng.integers(1, 200)
+        s = (rng.integers(-3, 4, (p, n)) * rng.choice([1.0, 1e-40, 1e30], (p, n))).astype(np.float32)  # subnormals too
+        s[rng.random((p, n)) < 0.1] = -np.inf
+        s[rng.random((p, n)) < 0.05] = np.inf
+        s[rng.random((p, n)) < 0.1] = -0.0  # ties with 0.0, as the argsort of -scores has it
+        s[0] = -np.inf  # a whole row unreadable: gallery order
+        want = np.argsort(-s, axis=1, kind="stable")
+        for chunk in (1, 2, 256):
+            got = rank_gallery(s, chunk_rows=chunk)
+            assert got.dtype == np.int64 and np.array_equal(got, want)
+        assert np.array_equal(rank_gallery(s, dtype=np.int32), want) and rank_gallery(s, np.int32).dtype == np.int32
+
+
+def test_rank_gallery_dtype_must_hold_every_index():
+    with pytest.raises(ValueError, match="cannot hold gallery indices up to 299"):
+        rank_gallery(np.zeros((1, 300), np.float32), dtype=np.int8)
+    with pytest.raises(ValueError, match="cannot hold"):
+        rank_gallery(np.zeros((1, 3), np.float32), dtype=np.float32)
+    assert rank_gallery(np.zeros((1, 3), np.float16), dtype=np.uint8).tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_probe_score_rows_are_blocks_of_probe_scores(how):
+    rng = np.random.default_rng(4)
+    pf, gf = rng.normal(size=(14, 6)), rng.normal(size=(9, 6))
+    owner = np.array([3, 0, 0, 1, 4, 4, 4, 0, 3, 1, 1, 4, 0, 3])  # probe 2 has no image, probe 1 none readable
+    pok = np.ones(14, bool)
+    pok[[3, 9, 10]] = False
+    gok = np.ones(9, bool)
+    gok[[1, 7]] = False
+    want = probe_scores(pf, pok, owner, 5, gf, gok, how)
+    rows = probe_score_rows(pf, pok, owner, 5, gf, gok, how)
+    for step in (1, 2, 5):
+        got = np.vstack([rows(a, min(a + step, 5)) for a in range(0, 5, step)])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.all(rows(1, 3)[:, gok] == 0) and np.all(np.isneginf(rows(0, 5)[:, [1, 7]]))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        probe_score_rows(pf, pok, owner, 5, gf, gok, "median")

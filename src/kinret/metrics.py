@@ -24,12 +24,16 @@ RANK_KS = (1, 5, 10, 20, 50)
 AP_VARIANTS = ("standard", "trapezoid")
 
 
-def relevance(probe_fids: Sequence, gallery_fids: Sequence) -> np.ndarray:
-    """(P, N) boolean matrix: `rel[i, j]` is True when gallery face j has probe i's family id."""
+def family_codes(probe_fids: Sequence, gallery_fids: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of the family ids, shared by probes and gallery: equal codes mean the same family."""
     _, codes = np.unique(np.concatenate([np.asarray(probe_fids, dtype=object), np.asarray(gallery_fids, dtype=object)])
                          .astype(str), return_inverse=True)
-    p = codes[: len(probe_fids)]
-    g = codes[len(probe_fids):]
+    return codes[: len(probe_fids)], codes[len(probe_fids):]
+
+
+def relevance(probe_fids: Sequence, gallery_fids: Sequence) -> np.ndarray:
+    """(P, N) boolean matrix: `rel[i, j]` is True when gallery face j has probe i's family id."""
+    p, g = family_codes(probe_fids, gallery_fids)
     return p[:, None] == g[None, :]
 
 
@@ -87,11 +91,41 @@ def cmc_curve(hits: np.ndarray) -> np.ndarray:
     return np.cumsum(counts) / hits.shape[0]
 
 
+def _rank_from_first(first: np.ndarray, n_gallery: int, ks: Sequence[int]) -> dict[int, float]:
+    first = np.where(first < n_gallery, first, np.iinfo(np.int64).max)  # no relative: never a hit
+    return {int(k): float(np.mean(first < k)) for k in ks}
+
+
 def rank_at_k(hits: np.ndarray, ks: Sequence[int] = RANK_KS) -> dict[int, float]:
     """Rank@K = share of probes with a relative in the top K; K beyond the gallery size means the whole gallery."""
     hits = np.asarray(hits, dtype=bool)
-    first = np.where(hits.any(axis=1), first_hit_rank(hits), np.iinfo(np.int64).max)  # no relative: never a hit
-    return {int(k): float(np.mean(first < k)) for k in ks}
+    return _rank_from_first(first_hit_rank(hits), hits.shape[1], ks)
+
+
+def ap_from_hit_ranks(rows: np.ndarray, ranks: np.ndarray, n_rows: int, variant: str = "standard") -> np.ndarray:
+    """`average_precision` from the hits' positions alone, as `np.nonzero(hits)` gives them (row by row, ranks
+    ascending within a row): O(hits) work instead of O(P * N). A row without a hit gets 0."""
+    if variant not in _AP:
+        raise ValueError(f"unknown AP variant {variant!r}; choose one of {AP_VARIANTS}")
+    counts = np.bincount(rows, minlength=n_rows)
+    c = np.arange(1, len(rows) + 1, dtype=np.float64) - np.repeat(np.cumsum(counts) - counts, counts)  # 1-based
+    r = np.asarray(ranks, dtype=np.float64)
+    terms = c / (r + 1.0)
+    if variant == "trapezoid":
+        terms = (np.divide(c - 1.0, r, out=np.ones_like(r), where=r > 0) + terms) / 2.0
+    total = np.bincount(rows, weights=terms, minlength=n_rows)
+    return np.divide(total, counts, out=np.zeros(n_rows), where=counts > 0)
+
+
+def ranked_block_metrics(ranking: np.ndarray, probe_codes: np.ndarray, gallery_codes: np.ndarray,
+                         variants: Sequence[str] = AP_VARIANTS) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-probe AP (by variant) and first-hit rank (N when none) of a block of ranking rows, from `family_codes`."""
+    hits = gallery_codes[ranking] == np.asarray(probe_codes)[:, None]
+    rows, ranks = np.nonzero(hits)  # row by row, ranks ascending
+    counts = np.bincount(rows, minlength=len(ranking))
+    first = np.full(len(ranking), ranking.shape[1], dtype=np.int64)
+    first[counts > 0] = ranks[(np.cumsum(counts) - counts)[counts > 0]]
+    return {v: ap_from_hit_ranks(rows, ranks, len(ranking), v) for v in variants}, first
 
 
 @dataclass(frozen=True)
@@ -137,6 +171,16 @@ def evaluate_ranking(ranking: np.ndarray, probe_fids: Sequence, gallery_fids: Se
     per_probe = average_precision(hits, ap)
     return Track3Scores(ap, float(per_probe.mean()), rank_at_k(hits, ks), ranking.shape[0], ranking.shape[1],
                         per_probe)
+
+
+def track3_scores(per_probe_ap: np.ndarray, first_hit: np.ndarray, n_gallery: int, ap: str = "standard",
+                  ks: Sequence[int] = RANK_KS) -> Track3Scores:
+    """Track3Scores from per-probe AP and first-hit ranks (N = no relative), as `ranked_block_metrics` gives them."""
+    if 5 not in ks:
+        ks = tuple(sorted(set(ks) | {5}))
+    per_probe_ap = np.asarray(per_probe_ap, dtype=np.float64)
+    return Track3Scores(ap, float(per_probe_ap.mean()), _rank_from_first(np.asarray(first_hit), n_gallery, ks),
+                        len(per_probe_ap), n_gallery, per_probe_ap)
 
 
 def chance_level(probe_fids: Sequence, gallery_fids: Sequence, ks: Sequence[int] = RANK_KS) -> dict[str, float]:
