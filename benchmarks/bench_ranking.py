@@ -1,0 +1,373 @@
+"""Score -> aggregate -> rank -> CSV + zip -> evaluate, the kit's blocked path against a naive per-probe loop in the
+style of the public RFIW solutions, on the same inputs, side by side in one run. Targets: 10x test scale within
+5 s and 2 GiB on 2 cores; the kit >= 20x faster than the naive loop.
+
+Test scale is 190 probes, 1,487 probe faces, 3,897 gallery faces, 512-d features (10x: 1,900 / 14,870 / 38,970),
+drawn from a seed with a planted family structure, so AP means something. The kit path is
+`kinret.ranking.probe_score_rows` + `kinret.submission.score_rank_write`; the naive loop normalises and scores each
+probe's images, fuses them, argsorts, computes both APs in numpy and writes its CSV line by line, one probe at a
+time, then zips it with zipfile (deflate level 1); the kit deflates blocks in parallel (Huffman only, see
+`kinret.submission`). A second reference, "public", is the RFIW 2021 winner's test loop (TeamCNU, Track3/test.py)
+without its network: per probe the gallery in batches of 20, scores turned into Python lists of [index, score],
+sorted with a key function, each row appended with csv.writer, and AP summed in a Python loop over the ranking. Each
+(scale, path) runs in a fresh process; the fastest of `--repeats` runs is kept; memory is that process's peak RSS
+during the path. The two paths must agree before any number is printed.
+
+    python benchmarks/bench_ranking.py                       # scales 1 and 10, both fusions
+    python benchmarks/bench_ranking.py --scale 10 --naive-probes 400   # time 400 probes of the loop, extrapolate
+
+At 10x the public loop is timed on its first `--public-probes` probes (default 200) and extrapolated linearly; the
+table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import multiprocessing
+import resource
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kinret.ranking import probe_score_rows
+from kinret.submission import CSV_NAME, score_rank_write
+
+TEST_SCALE = (190, 1487, 3897)  # probes, probe faces, gallery faces
+DIM = 512
+STAGES = ("score", "rank", "encode", "evaluate", "write_csv", "zip")
+TARGET_S, TARGET_GIB, TARGET_RATIO = 5.0, 2.0, 20.0
+REFERENCES = ("naive", "public")  # the two per-probe loops the kit is compared with
+PATHS = ("kit", "kit-csv", *REFERENCES)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    probe_feats: np.ndarray  # (M, D) float32
+    owner: np.ndarray  # (M,) probe of each image
+    gallery_feats: np.ndarray  # (N, D) float32
+    probe_fids: list[str]
+    gallery_fids: list[str]
+
+    @property
+    def n_probes(self) -> int:
+        return len(self.probe_fids)
+
+
+def make_inputs(n_probes: int, n_images: int, n_gallery: int, dim: int = DIM, seed: int = 0,
+                signal: float = 0.3) -> Inputs:
+    """Probe p belongs to family p; gallery faces to one of n_probes * 5/4 families (a fifth are strangers to every
+    probe, and a probe may have no relative). A face is its family's centre times `signal` plus N(0, 1) noise."""
+    rng = np.random.default_rng(seed)
+    n_fam = n_probes + n_probes // 4
+    centres = rng.standard_normal((n_fam, dim), dtype=np.float32) * np.float32(signal)
+    owner = rng.permutation(np.concatenate([np.arange(n_probes), rng.integers(0, n_probes, n_images - n_probes)]))
+    gallery_fam = rng.integers(0, n_fam, n_gallery)
+    probe_feats = centres[owner] + rng.standard_normal((n_images, dim), dtype=np.float32)
+    gallery_feats = centres[gallery_fam] + rng.standard_normal((n_gallery, dim), dtype=np.float32)
+    return Inputs(probe_feats, owner, gallery_feats, [f"F{i:05d}" for i in range(n_probes)],
+                  [f"F{i:05d}" for i in gallery_fam])
+
+
+def scaled_inputs(scale: int, seed: int = 0) -> Inputs:
+    return make_inputs(*(n * scale for n in TEST_SCALE), seed=seed)
+
+
+@dataclass
+class Result:
+    ranking: np.ndarray
+    ap: dict[str, np.ndarray]  # per-probe AP by variant
+    times: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+    csv_bytes: int = 0
+
+
+def kit_path(x: Inputs, out_dir: Path, how: str = "mean", threads: int = 2, chunk_rows: int = 64,
+             zip_: bool = True) -> Result:
+    """The kit: blocked fused scores -> key-sort ranking -> token CSV (+ zip) -> sparse AP, on `threads` workers."""
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    ok_p, ok_g = np.ones(len(x.owner), bool), np.ones(len(x.gallery_feats), bool)
+    rows = probe_score_rows(x.probe_feats, ok_p, x.owner, x.n_probes, x.gallery_feats, ok_g, how)
+    times["score"] = time.perf_counter() - start  # normalisation and mean embeddings, once
+    ranking, scores = score_rank_write(rows, x.n_probes, len(x.gallery_fids), out_dir / CSV_NAME,
+                                       out_dir / "submission.zip" if zip_ else None, x.probe_fids, x.gallery_fids,
+                                       chunk_rows=chunk_rows, threads=threads, timings=times)
+    wall = time.perf_counter() - start
+    return Result(ranking, {v: s.per_probe_ap for v, s in scores.items()}, times, wall,
+                  (out_dir / CSV_NAME).stat().st_size)
+
+
+def naive_path(x: Inputs, out_dir: Path, how: str = "mean", n_probes: int | None = None) -> Result:
+    """A public-solution loop over the first `n_probes` probes: per probe, cosine of each of its images against the
+    gallery, mean (or max), argsort, both APs in numpy, one CSV line; then the CSV zipped."""
+    n = x.n_probes if n_probes is None else min(n_probes, x.n_probes)
+    times = dict.fromkeys(STAGES, 0.0)
+    start = time.perf_counter()
+    gallery = x.gallery_feats / np.linalg.norm(x.gallery_feats, axis=1, keepdims=True)
+    gallery_fids = np.array(x.gallery_fids)
+    ranking = np.empty((n, len(gallery_fids)), dtype=np.int64)
+    ap = {"standard": np.zeros(n), "trapezoid": np.zeros(n)}
+    times["score"] += time.perf_counter() - start
+    with open(out_dir / CSV_NAME, "w") as f:
+        for p in range(n):
+            t0 = time.perf_counter()
+            feats = x.probe_feats[x.owner == p]
+            cos = (feats / np.linalg.norm(feats, axis=1, keepdims=True)) @ gallery.T
+            s = cos.mean(axis=0) if how == "mean" else cos.max(axis=0)
+            t1 = time.perf_counter()
+            order = np.argsort(-s, kind="stable")
+            ranking[p] = order
+            t2 = time.perf_counter()
+            ranks = np.flatnonzero(gallery_fids[order] == x.probe_fids[p])
+            if ranks.size:
+                c = np.arange(1, ranks.size + 1)
+                p_at = c / (ranks + 1)
+                p_before = np.where(ranks > 0, (c - 1) / np.maximum(ranks, 1), 1.0)
+                ap["standard"][p] = p_at.mean()
+                ap["trapezoid"][p] = ((p_before + p_at) / 2).mean()
+            t3 = time.perf_counter()
+            f.write(",".join(map(str, order)) + "\n")
+            t4 = time.perf_counter()
+            times["score"] += t1 - t0
+            times["rank"] += t2 - t1
+            times["evaluate"] += t3 - t2
+            times["write_csv"] += t4 - t3
+    t0 = time.perf_counter()
+    with zipfile.ZipFile(out_dir / "submission.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.write(out_dir / CSV_NAME, CSV_NAME)
+    times["zip"] = time.perf_counter() - t0
+    return Result(ranking, ap, times, time.perf_counter() - start, (out_dir / CSV_NAME).stat().st_size)
+
+
+def public_path(x: Inputs, out_dir: Path, how: str = "mean", n_probes: int | None = None, batch: int = 20
+                ) -> Result:
+    """The RFIW 2021 winner's Track-3 test loop (TeamCNU, Track3/test.py) on precomputed features: for each probe,
+    the gallery in batches of `batch`, cosine of every probe photo with every face, mean (or max) over the photos,
+    [index, score] rows as Python lists sorted by score (stable, so ties keep the lower index), the row appended to
+    the CSV with csv.writer; then AP in a Python loop over the ranking (their scoring ran on Codalab) and the zip."""
+    n = x.n_probes if n_probes is None else min(n_probes, x.n_probes)
+    times = dict.fromkeys(STAGES, 0.0)
+    start = time.perf_counter()
+    gallery = x.gallery_feats / np.linalg.norm(x.gallery_feats, axis=1, keepdims=True)
+    ranking = np.empty((n, len(gallery)), dtype=np.int64)
+    ap = {"standard": np.zeros(n), "trapezoid": np.zeros(n)}
+    csv_path = out_dir / CSV_NAME
+    for p in range(n):
+        t0 = time.perf_counter()
+        feats = x.probe_feats[x.owner == p]
+        feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        rows: list[list[float]] = []
+        for a in range(0, len(gallery), batch):
+            cos = gallery[a:a + batch] @ feats.T
+            score = cos.mean(axis=1) if how == "mean" else cos.max(axis=1)
+            rows.extend(np.column_stack([np.arange(a, a + len(score)), score]).tolist())
+        t1 = time.perf_counter()
+        rows.sort(key=lambda r: r[1], reverse=True)
+        order = [int(r[0]) for r in rows]
+        t2 = time.perf_counter()
+        hits, std, trap = 0, 0.0, 0.0
+        for r, j in enumerate(order):
+            if x.gallery_fids[j] == x.probe_fids[p]:
+                hits += 1
+                p_at = hits / (r + 1)
+                std += p_at
+                trap += ((hits - 1) / r if r > 0 else 1.0) / 2 + p_at / 2
+        if hits:
+            ap["standard"][p], ap["trapezoid"][p] = std / hits, trap / hits
+        t3 = time.perf_counter()
+        with open(csv_path, "a+", newline="") as f:
+            csv.writer(f).writerow([str(v) for v in order])
+        t4 = time.perf_counter()
+        ranking[p] = order
+        times["score"] += t1 - t0
+        times["rank"] += t2 - t1
+        times["evaluate"] += t3 - t2
+        times["write_csv"] += t4 - t3
+    t0 = time.perf_counter()
+    with zipfile.ZipFile(out_dir / "submission.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.write(csv_path, CSV_NAME)
+    times["zip"] = time.perf_counter() - t0
+    return Result(ranking, ap, times, time.perf_counter() - start, csv_path.stat().st_size)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> str:
+    """Reset the kernel's peak-RSS mark (Linux clear_refs) and say how peaks are read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM after clear_refs"
+    except OSError:
+        return "ru_maxrss (peak since process start)"
+
+
+def _peak_kib() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(scale: int, path: str, how: str, threads: int, naive_probes: int | None, save_dir: str,
+            repeats: int = 1, public_probes: int | None = None) -> dict:
+    """One path at one scale in this process: inputs, reset the peak, run `repeats` times (once for a naive run
+    over 20 s) keeping the fastest, save ranking and AP for the check."""
+    x = scaled_inputs(scale)
+    gc.collect()
+    base = _status_kib("VmRSS") or 0
+    method = _reset_peak()
+    best = None
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            if path in ("kit", "kit-csv"):
+                r = kit_path(x, Path(out), how, threads, zip_=path == "kit")
+            elif path == "public":
+                r = public_path(x, Path(out), how, public_probes if scale > 1 else None)
+            else:
+                r = naive_path(x, Path(out), how, naive_probes)
+        best = r if best is None or r.wall < best.wall else best
+        del r
+        if path in ("naive", "public") and best.wall > 20:
+            break
+    peak = _peak_kib()
+    if path != "kit-csv":
+        np.save(Path(save_dir) / f"{path}_{how}_ranking.npy", best.ranking)
+        np.savez(Path(save_dir) / f"{path}_{how}_ap.npz", **best.ap)
+    return dict(times=best.times, wall=best.wall, peak_mib=peak / 1024, base_mib=base / 1024, method=method,
+                n_timed=len(best.ranking), csv_mb=best.csv_bytes / 1e6)
+
+
+def check_agreement(x: Inputs, how: str, kit: np.ndarray, naive: np.ndarray, kit_ap: dict, naive_ap: dict,
+                    atol: float = 1e-5, ap_tol: float = 1e-4) -> tuple[int, dict[str, float]]:
+    """Assert the naive rows are the kit's ranking up to the order of scores within `atol` (the paths fuse in a
+    different float order, so near-ties may swap), and that mAP agrees within `ap_tol`. Returns the number of rows
+    that are identical and the mAP difference per variant."""
+    n = len(naive)
+    ok_p, ok_g = np.ones(len(x.owner), bool), np.ones(len(x.gallery_feats), bool)
+    rows = probe_score_rows(x.probe_feats, ok_p, x.owner, x.n_probes, x.gallery_feats, ok_g, how)
+    same = 0
+    for a in range(0, n, 256):
+        b = min(a + 256, n)
+        k, v = np.asarray(kit[a:b]), np.asarray(naive[a:b])
+        equal = (k == v).all(axis=1)
+        same += int(equal.sum())
+        if not equal.all():
+            s = rows(a, b)[~equal]
+            in_naive_order = np.take_along_axis(s, v[~equal], axis=1)
+            assert (np.sort(v[~equal], axis=1) == np.arange(v.shape[1])).all(), "naive row is not a permutation"
+            worst = float(np.diff(in_naive_order, axis=1).max())
+            assert worst <= atol, f"{how}: naive order breaks the kit's score order by {worst:.2e} > {atol}"
+    diff = {ap: float(abs(kit_ap[ap][:n].mean() - naive_ap[ap].mean())) for ap in naive_ap}
+    for ap, d in diff.items():
+        assert d <= ap_tol, f"{how}: {ap} mAP differs by {d:.2e} > {ap_tol}"
+    return same, diff
+
+
+def _run(isolate: bool, *args) -> dict:
+    if not isolate:
+        return measure(*args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(measure, *args).result()
+
+
+def bench_scale(scale: int, hows: list[str], threads: int, naive_probes: int | None, repeats: int = 1,
+                isolate: bool = True, public_probes: int | None = 200) -> list[dict]:
+    """Every path for each fusion at one scale, the references checked against the kit; one dict per fusion."""
+    rows = []
+    with tempfile.TemporaryDirectory() as save:
+        res = {(path, how): _run(isolate, scale, path, how, threads, naive_probes, save, repeats, public_probes)
+               for how in hows for path in PATHS}
+        x = scaled_inputs(scale)
+        for how in hows:
+            load = {p: (np.load(Path(save) / f"{p}_{how}_ranking.npy", mmap_mode="r"),
+                        dict(np.load(Path(save) / f"{p}_{how}_ap.npz"))) for p in ("kit", *REFERENCES)}
+            row = dict(scale=scale, how=how, kit=res["kit", how], kit_csv=res["kit-csv", how],
+                       kit_map={ap: float(v.mean()) for ap, v in load["kit"][1].items()})
+            for ref in REFERENCES:
+                same, diff = check_agreement(x, how, load["kit"][0], load[ref][0], load["kit"][1], load[ref][1])
+                m = res[ref, how]
+                factor = x.n_probes / m["n_timed"]  # the loop and its CSV (hence the zip) grow with probes
+                m["wall_est"] = m["wall"] * factor
+                m["times"] = {k: v * factor for k, v in m["times"].items()}
+                row[ref] = m
+                row[f"{ref}_check"] = dict(same=same, diff=diff, extrapolated=m["n_timed"] < x.n_probes,
+                                           ratio=m["wall_est"] / row["kit"]["wall"],
+                                           ratio_csv=(m["wall_est"] - m["times"]["zip"]) / row["kit_csv"]["wall"])
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], threads: int) -> list[str]:
+    """Print one line per path and the verdict per target; returns the verdict lines."""
+    print(f"threads={threads}; stage columns: seconds summed over threads (the kit's stages overlap); total: wall "
+          f"(fastest run); peak: {rows[0]['kit']['method']}, one fresh process per path; +MiB: peak minus RSS at "
+          "start (interpreter, numpy, inputs); kit-csv: the kit without the zip; naive: a numpy per-probe loop; "
+          "public: the 2021 winner's loop")
+    print(f"{'scale':>5} {'fusion':>6} {'path':>7} " + " ".join(f"{s:>9}" for s in STAGES)
+          + f" {'total s':>8} {'peak MiB':>9} {'+MiB':>6} {'ref/kit':>8}")
+    for r in rows:
+        for path in ("kit", "kit_csv", *REFERENCES):
+            m = r[path]
+            stages = " ".join(f"{m['times'].get(s, 0):9.3f}" for s in STAGES)
+            line = (f"{r['scale']:>4}x {r['how']:>6} {path.replace('_', '-'):>7} {stages} "
+                    f"{m.get('wall_est', m['wall']):8.2f} {m['peak_mib']:9.0f} {m['peak_mib'] - m['base_mib']:6.0f}")
+            if path in REFERENCES:
+                c = r[f"{path}_check"]
+                line += f" {c['ratio']:7.1f}x"
+                if c["extrapolated"]:
+                    line += f"  (EXTRAPOLATED from {m['n_timed']} probes; peak measured on those)"
+            print(line)
+        for ref in REFERENCES:
+            c = r[f"{ref}_check"]
+            print(f"      {ref} agrees: {c['same']}/{r[ref]['n_timed']} rows identical, the rest differ only within "
+                  f"1e-5 score ties; |kit - {ref}| mAP {max(c['diff'].values()):.1e}")
+        print(f"      mAP kit {r['kit_map']['standard']:.4f} std / {r['kit_map']['trapezoid']:.4f} trap; CSV "
+              f"{r['kit']['csv_mb']:.0f} MB")
+    verdicts = []
+    for r in rows:
+        tag = f"{r['scale']}x {r['how']}"
+        for ref in REFERENCES:
+            c = r[f"{ref}_check"]
+            verdicts.append(f"{tag}: {ref}/kit {c['ratio']:.1f}x >= {TARGET_RATIO:.0f}x: "
+                            f"{'met' if c['ratio'] >= TARGET_RATIO else 'MISSED'} (without the zip on both sides: "
+                            f"{c['ratio_csv']:.1f}x)")
+        if r["scale"] >= 10:
+            k = r["kit"]
+            verdicts.append(f"{tag}: kit {k['wall']:.2f} s <= {TARGET_S:.0f} s: "
+                            f"{'met' if k['wall'] <= TARGET_S else 'MISSED'}; peak {k['peak_mib'] / 1024:.2f} GiB "
+                            f"<= {TARGET_GIB:.0f} GiB: {'met' if k['peak_mib'] <= TARGET_GIB * 1024 else 'MISSED'}")
+    print("\n".join(verdicts))
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=int, nargs="+", default=[1, 10], help="multiples of the test scale")
+    p.add_argument("--fusion", nargs="+", default=["mean", "max"], choices=["mean", "max"])
+    p.add_argument("--threads", type=int, default=2, help="worker threads of the kit path")
+    p.add_argument("--naive-probes", type=int, default=None,
+                   help="time only this many probes of the naive loop and extrapolate linearly (printed as such)")
+    p.add_argument("--public-probes", type=int, default=200,
+                   help="above 1x, time this many probes of the public loop and extrapolate (printed as such)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per path, fastest kept (naive: once if over 20 s)")
+    args = p.parse_args(argv)
+    rows = [r for s in args.scale for r in bench_scale(s, args.fusion, args.threads, args.naive_probes, args.repeats,
+                                                       public_probes=args.public_probes)]
+    print_table(rows, args.threads)
+
+
+if __name__ == "__main__":
+    main()
