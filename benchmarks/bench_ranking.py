@@ -104,6 +104,20 @@ def kit_path(x: Inputs, out_dir: Path, how: str = "mean", threads: int = 2, chun
                   (out_dir / CSV_NAME).stat().st_size)
 
 
+def _add_stages(times: dict[str, float], *marks: float) -> None:
+    """Add the gaps between five time marks to the score, rank, evaluate and write_csv stages of a loop."""
+    for stage, t0, t1 in zip(("score", "rank", "evaluate", "write_csv"), marks[:-1], marks[1:], strict=True):
+        times[stage] += t1 - t0
+
+
+def _zip_csv(out_dir: Path, times: dict[str, float]) -> None:
+    """The reference loops' zip: zipfile at deflate level 1."""
+    t0 = time.perf_counter()
+    with zipfile.ZipFile(out_dir / "submission.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.write(out_dir / CSV_NAME, CSV_NAME)
+    times["zip"] = time.perf_counter() - t0
+
+
 def naive_path(x: Inputs, out_dir: Path, how: str = "mean", n_probes: int | None = None) -> Result:
     """A public-solution loop over the first `n_probes` probes: per probe, cosine of each of its images against the
     gallery, mean (or max), argsort, both APs in numpy, one CSV line; then the CSV zipped."""
@@ -135,14 +149,8 @@ def naive_path(x: Inputs, out_dir: Path, how: str = "mean", n_probes: int | None
             t3 = time.perf_counter()
             f.write(",".join(map(str, order)) + "\n")
             t4 = time.perf_counter()
-            times["score"] += t1 - t0
-            times["rank"] += t2 - t1
-            times["evaluate"] += t3 - t2
-            times["write_csv"] += t4 - t3
-    t0 = time.perf_counter()
-    with zipfile.ZipFile(out_dir / "submission.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        zf.write(out_dir / CSV_NAME, CSV_NAME)
-    times["zip"] = time.perf_counter() - t0
+            _add_stages(times, t0, t1, t2, t3, t4)
+    _zip_csv(out_dir, times)
     return Result(ranking, ap, times, time.perf_counter() - start, (out_dir / CSV_NAME).stat().st_size)
 
 
@@ -186,14 +194,8 @@ def public_path(x: Inputs, out_dir: Path, how: str = "mean", n_probes: int | Non
             csv.writer(f).writerow([str(v) for v in order])
         t4 = time.perf_counter()
         ranking[p] = order
-        times["score"] += t1 - t0
-        times["rank"] += t2 - t1
-        times["evaluate"] += t3 - t2
-        times["write_csv"] += t4 - t3
-    t0 = time.perf_counter()
-    with zipfile.ZipFile(out_dir / "submission.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        zf.write(csv_path, CSV_NAME)
-    times["zip"] = time.perf_counter() - t0
+        _add_stages(times, t0, t1, t2, t3, t4)
+    _zip_csv(out_dir, times)
     return Result(ranking, ap, times, time.perf_counter() - start, csv_path.stat().st_size)
 
 
