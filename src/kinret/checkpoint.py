@@ -11,6 +11,14 @@ from .config import TrainConfig, config_from_dict, seed_of
 from .models import KinNet, build_backbone, pooled_dim, state_digest
 
 
+def shared_backbone(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict]:
+    """`build_backbone(cfg)`, built once per backbone and weights and kept in `backbones` (frozen backbones only)."""
+    key = (cfg.backbone, cfg.weights, cfg.pretrained, cfg.input_size)
+    if key not in backbones:
+        backbones[key] = build_backbone(cfg)
+    return backbones[key]
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbones: dict | None = None
                ) -> tuple[KinNet, TrainConfig, dict]:
     """(model in eval mode, its config, its data config) from ``run_dir/checkpoint.pt``.
@@ -31,10 +39,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbone
     if cfg.mode == "e2e" and cfg.backbone != "sface":
         backbone, data_cfg = build_backbone(replace(cfg, pretrained=False, weights=""))
     elif cfg.mode == "head" and backbones is not None:
-        key = (cfg.backbone, cfg.weights, cfg.pretrained, cfg.input_size, cfg.pool)
-        if key not in backbones:
-            backbones[key] = build_backbone(cfg)
-        backbone, data_cfg = backbones[key]
+        backbone, data_cfg = shared_backbone(cfg, backbones)
     else:
         backbone, data_cfg = build_backbone(cfg)
     model = KinNet(backbone, pooled_dim(backbone, cfg.pool), cfg)

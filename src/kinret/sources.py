@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import load_model, shared_backbone
 from .config import TrainConfig, config_from_dict
 from .data import decode_pixels, file_list_digest
-from .embed import FEATURE_CODE_VERSION, build_in_chunks, cached_features, feature_key, file_digest, forward_pooled
+from .embed import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
 from .errors import KinretInputError
 from .features import RawPixels
 from .losses import loss_kind
-from .models import build_backbone, state_digest
+from .models import state_digest
 from .scores import PairFn
 
 
@@ -86,15 +86,13 @@ class BackboneSource:
 
     @cached_property
     def _model(self) -> tuple[torch.nn.Module, dict, str]:
-        key = (self.cfg.backbone, self.cfg.weights, self.cfg.pretrained, self.cfg.input_size, self.cfg.pool)
-        if key not in self.backbones:
-            self.backbones[key] = build_backbone(self.cfg)
-        backbone, data_cfg = self.backbones[key]
+        backbone, data_cfg = shared_backbone(self.cfg, self.backbones)
         return backbone, data_cfg, state_digest(backbone)
 
     def key(self, images: ImageSet) -> str:
         _, data_cfg, digest = self._model
-        return feature_key(digest, data_cfg, images.paths, self.cfg.gem_p, self.cfg.channels_last)
+        return _key(digest, sorted(data_cfg.items()), self.cfg.gem_p, self.cfg.channels_last, FEATURE_CODE_VERSION,
+                    images.digest)
 
     def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
         """pooling -> (2, N, D) features of the image and its mirror image."""
@@ -157,19 +155,20 @@ class CheckpointSource:
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
         cfg = self.cfg
-        pixels: list[np.ndarray] = []
+        inputs: list[np.ndarray] = []  # the decoded pixels, or the frozen backbone's features: read on first need
 
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
             model, _, data_cfg = self._loaded
             if cfg.mode == "head":
-                backbone = BackboneSource(cfg, self.cache_dir, self.backbones)
-                pooled = torch.from_numpy(backbone.raw(images)[cfg.pool][:, start:stop])
+                if not inputs:
+                    inputs.append(BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)[cfg.pool])
+                pooled = torch.from_numpy(inputs[0][:, start:stop])
                 with torch.no_grad():
                     emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
                 return {"emb": emb.float().cpu().numpy()}
-            if not pixels:
-                pixels.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir))
-            return forward_pooled(model.backbone, pixels[0][start:stop], data_cfg, _device(), cfg.eval_batch_size,
+            if not inputs:
+                inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir))
+            return forward_pooled(model.backbone, inputs[0][start:stop], data_cfg, _device(), cfg.eval_batch_size,
                                   cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
                                   cfg.pool)
 

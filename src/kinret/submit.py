@@ -32,7 +32,7 @@ from .metrics import chance_level
 from .pipeline import submit
 from .runs import run_status
 from .synth import SynthConfig, generate
-from .workflow import add_ensemble_args, plan, prepare, run_ensemble, summary
+from .workflow import add_ensemble_args, experiment_jobs, plan, prepare, run_ensemble, summary
 
 log = logging.getLogger("kinret.submit")
 DEFAULT_SYNTH_ROOT = Path("data") / "synthetic"
@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_missing(args: argparse.Namespace, root: Path, jobs: list) -> None:
+def train_missing(args: argparse.Namespace, root: Path) -> None:
+    """Run the grid of every experiment with a run not finished (the grid skips the finished ones)."""
     for exp in args.experiments:
-        if any(run_status(c, f)[0] != "finished" for c, f, _ in jobs if c.name.split("/")[0] == Path(exp).stem):
+        if any(run_status(c, f)[0] != "finished" for c, f, _ in experiment_jobs(exp, root, args.runs)):
             code = grid_main(["-C", exp, "--set", f"data_root={root}", "--set", f"out_root={args.runs}", "--jobs",
                               str(args.jobs)] + (["--quiet"] if args.quiet else []))
             if code != 0:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n".join(plan(groups, splits, args.ensemble_dir / "scores", jobs)))
         return 0
-    train_missing(args, root, jobs)
+    train_missing(args, root)
     result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
                           args.normalise, args.max_steps)
     sel = result.selection

@@ -73,13 +73,11 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
         if cfg.mode == "head" and (cfg.backbone, cfg.weights) not in seen_backbones:
             seen_backbones.add((cfg.backbone, cfg.weights))
             src = BackboneSource(cfg, cache_dir, backbones)
-            pools = list(POOLS) + (["native"] if cfg.backbone == "sface" else [])
-            groups.append(Group(src.name, similarities(pools, False), {None: src}))
+            groups.append(Group(src.name, similarities(_pools(cfg), False), {None: src}))
         if cfg.name not in by_variant:
             embs = ["emb"]
-            if cfg.mode == "e2e":
-                embs += [p for p in list(POOLS) + (["native"] if cfg.backbone == "sface" else [])
-                         if not (p == cfg.pool and cfg.neck == "none")]  # that one equals the embedding
+            if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding
+                embs += [p for p in _pools(cfg) if not (p == cfg.pool and cfg.neck == "none")]
             by_variant[cfg.name] = Group(cfg.name, similarities(embs, loss_kind(cfg.loss) == "pair", top_n))
             groups.append(by_variant[cfg.name])
         by_variant[cfg.name].sources[fold] = CheckpointSource(cfg.run_dir(fold), cache_dir, backbones)
@@ -100,6 +98,11 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
                 raise KinretInputError(where, f"variant {v!r} is named twice: rename one of them")
             seen.add(v)
     return groups
+
+
+def _pools(cfg: TrainConfig) -> list[str]:
+    """The poolings `kinret.embed.forward_pooled` gives for this backbone (SFace adds its own embedding layer)."""
+    return list(POOLS) + (["native"] if cfg.backbone == "sface" else [])
 
 
 def _external(external_dir: Path | None) -> set[str]:
