@@ -208,3 +208,32 @@ def test_the_ensemble_script_runs_from_its_folder():
     proc = subprocess.run([sys.executable, "ensemble/choose.py", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "--choose" in proc.stdout and "--normalise" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_shares_the_embedding_and_gives_the_same_scores(tiny_data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m kinret.ensemble`: two gloo processes split each cache's chunks; the
+    matrices equal the single-process ones."""
+    import os
+    import subprocess
+    import sys
+
+    assert submit.main(args(tiny_data, tmp_path)) == 0  # trained, embedded and scored by one process
+    runs = tmp_path / "runs"
+    for cache in [*runs.rglob("embeddings"), runs / "_cache"]:
+        shutil.rmtree(cache)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kinret.ensemble",
+           "--data-root", str(tiny_data), "--experiments", "tiny", "--runs", str(runs), "--ensemble-dir",
+           str(tmp_path / "ens2"), "--quiet"]
+    env = {**os.environ, "KINRET_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "KINRET_EMBED_CHUNK": "16"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| variant |" in proc.stdout
+    splits = build_splits(tiny_data, 2)
+    for variant in ("tiny_base_cos-emb-meanemb", "tiny_base_fc-mean", "raw_pixels_cos-pixels-max"):
+        for name, sd in splits.items():
+            one = load_scores(tmp_path / "ens" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)
+            two = load_scores(tmp_path / "ens2" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)
+            assert np.allclose(one, two, atol=1e-5), (variant, name)
+    assert not list(runs.rglob("*.parts"))  # every part joined and removed
+    assert len(list(runs.rglob("embeddings/*.npz"))) == 6  # 2 folds x (own out-of-fold set, val, test)

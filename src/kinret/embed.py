@@ -3,8 +3,9 @@
 
 Two caches live here: the pooled features of a frozen backbone (`cached_features`, keyed by the backbone's weight
 digest, shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
-(`checkpoint_embeddings`, keyed by the checkpoint file's content). Both are computed in chunks of images, each
-chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not saved.
+(`kinret.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in chunks of
+images, each chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not saved;
+under torchrun the processes split the chunks between them (`build_in_chunks`).
 """
 
 from __future__ import annotations
@@ -12,22 +13,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 
-from .data import file_list_digest, normalize, to_float
+from .data import decode_pixels, file_list_digest, normalize, to_float
 from .io import atomic_path
 from .log import progress
 from .models import POOLS
 
 log = logging.getLogger(__name__)
 FEATURE_CODE_VERSION = 2  # bump when the feature path (preprocessing, pooling, flip, neck) changes
-CHUNK = 1024  # images per saved part of a cache being built
+CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part of a cache being built
 
 
 def pool_names(backbone: nn.Module) -> list[str]:
@@ -89,37 +92,58 @@ def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files if k != "ids"}
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group when one is running (under torchrun), else (0, 1)."""
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
-                    chunk: int = CHUNK) -> dict[str, np.ndarray]:
+                    chunk: int = CHUNK, shard: bool = False) -> dict[str, np.ndarray]:
     """`compute(start, stop)` -> arrays of shape (2, stop - start, ...) for every chunk of rows, each chunk saved
     under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
-    parts removed. A chunk already saved by a killed run is read, not recomputed."""
+    parts removed. A chunk already saved by a killed run is read, not recomputed.
+
+    With `shard`, under torchrun, every process must call this in the same order: process r computes chunks r,
+    r + world, ...; after a barrier rank 0 joins the parts into the cache and the others read it after a second
+    barrier. (The trainer instead lets rank 0 fill its caches alone, so it does not shard.)"""
     if cache.is_file():
         return read_cache(cache, ids)
+    rank, world = dist_rank_world() if shard else (0, 1)
     parts_dir = cache.with_name(cache.name + ".parts")
-    pieces = []
-    for start in range(0, max(len(ids), 1), chunk):
-        stop = min(start + chunk, len(ids))
+    bounds = [(a, min(a + chunk, len(ids))) for a in range(0, max(len(ids), 1), chunk)]
+    pieces: dict[int, dict[str, np.ndarray]] = {}
+    for i, (start, stop) in enumerate(bounds):
         part = parts_dir / f"rows{start:09d}-{stop:09d}.npz"
-        if part.is_file():
-            pieces.append(read_cache(part, ids[start:stop]))
+        if i % world != rank or part.is_file():
             continue
-        arrays = compute(start, stop)
+        pieces[i] = compute(start, stop)
         with atomic_path(part, suffix=".npz") as tmp:
-            np.savez(tmp, ids=ids[start:stop], **arrays)
-        pieces.append(arrays)
-    whole = {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}
-    with atomic_path(cache, suffix=".npz") as tmp:
-        np.savez(tmp, ids=ids, **whole)
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    return whole
+            np.savez(tmp, ids=ids[start:stop], **pieces[i])
+    if world > 1:
+        tdist.barrier()
+    if rank == 0:
+        for i, (start, stop) in enumerate(bounds):
+            if i not in pieces:
+                pieces[i] = read_cache(parts_dir / f"rows{start:09d}-{stop:09d}.npz", ids[start:stop])
+        whole = {k: np.concatenate([pieces[i][k] for i in range(len(bounds))], axis=1) for k in pieces[0]}
+        with atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, ids=ids, **whole)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    if world > 1:
+        tdist.barrier()
+    return whole if rank == 0 else read_cache(cache, ids)
 
 
 def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, paths: Sequence[Path],
                     pixels: Callable[[], np.ndarray], cache_dir: Path, label: str, device: torch.device,
-                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True) -> dict[str, np.ndarray]:
+                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True, shard: bool = False
+                    ) -> dict[str, np.ndarray]:
     """`forward_pooled` of `paths` (pooling -> (2, N, D)), read from `cache_dir` when the key matches, else computed
-    in saved chunks and written atomically. `pixels` is only called on a cache miss."""
+    in saved chunks and written atomically. `pixels` is only called on a cache miss; with `shard` under torchrun,
+    each process computes (and decodes) only its share of the chunks."""
+    sharded = shard and dist_rank_world()[1] > 1
     key = feature_key(backbone_digest, data_cfg, paths, gem_p, channels_last)
     cache = Path(cache_dir) / f"features_{label}_{key}.npz"
     ids = np.array([str(p) for p in paths])
@@ -128,11 +152,15 @@ def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, p
     source: list[np.ndarray] = []
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        if not source:
-            source.append(pixels())
-        feats = forward_pooled(backbone, source[0][start:stop], data_cfg, device, batch, gem_p,
+        if sharded:  # a process decodes only its own chunks
+            chunk_pixels = decode_pixels(paths[start:stop], data_cfg["input_size"][-1], None)
+        else:
+            if not source:
+                source.append(pixels())
+            chunk_pixels = source[0][start:stop]
+        feats = forward_pooled(backbone, chunk_pixels, data_cfg, device, batch, gem_p,
                                f"features {label} {start}-{stop}", channels_last)
         return {f"pool_{k}": v for k, v in feats.items()}
 
-    found = build_in_chunks(cache, ids, compute)
+    found = build_in_chunks(cache, ids, compute, shard=shard)
     return {k.removeprefix("pool_"): v for k, v in found.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,14 @@ import torch
 from .checkpoint import load_model, shared_backbone
 from .config import TrainConfig, config_from_dict
 from .data import decode_pixels, file_list_digest
-from .embed import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
+from .embed import (
+    FEATURE_CODE_VERSION,
+    build_in_chunks,
+    cached_features,
+    dist_rank_world,
+    file_digest,
+    forward_pooled,
+)
 from .errors import KinretInputError
 from .features import RawPixels
 from .losses import loss_kind
@@ -50,7 +58,10 @@ def _views_mean(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its GPU under torchrun (LOCAL_RANK), else the first GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 @dataclass
@@ -67,7 +78,7 @@ class RawPixelSource:
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
         found = build_in_chunks(cache, np.asarray(images.ids),
-                                lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]})
+                                lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True)
         return _views_mean(found)
 
 
@@ -103,7 +114,7 @@ class BackboneSource:
         return cached_features(backbone, digest, data_cfg, images.paths,
                                lambda: decode_pixels(images.paths, size, self.cache_dir), self.cache_dir,
                                self.cfg.backbone, _device(), self.cfg.eval_batch_size, self.cfg.gem_p,
-                               self.cfg.channels_last)
+                               self.cfg.channels_last, shard=True)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))
@@ -166,13 +177,18 @@ class CheckpointSource:
                 with torch.no_grad():
                     emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
                 return {"emb": emb.float().cpu().numpy()}
-            if not inputs:
-                inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir))
-            return forward_pooled(model.backbone, inputs[0][start:stop], data_cfg, _device(), cfg.eval_batch_size,
+            if not inputs:  # under torchrun a process decodes only its chunks
+                inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir)
+                              if dist_rank_world()[1] == 1 else None)
+            pixels = (inputs[0][start:stop] if inputs[0] is not None
+                      else decode_pixels(images.paths[start:stop], data_cfg["input_size"][-1], None))
+            return forward_pooled(model.backbone, pixels, data_cfg, _device(), cfg.eval_batch_size,
                                   cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
                                   cfg.pool)
 
-        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute))
+        if cfg.mode == "head" and not cache.is_file():  # every process reaches the backbone cache together
+            BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)
+        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True))
 
     @property
     def pair_fn(self) -> PairFn | None:

@@ -2,18 +2,23 @@
 stages still to build, and the ensemble run that scores everything, evaluates it and chooses.
 
 The command-line entry of this stage is ``python -m kinret.ensemble`` (training nothing); ``make_submission.py``
-trains what is missing first and writes the submission after.
+trains what is missing first and writes the submission after. ``torchrun --nproc_per_node N -m kinret.ensemble``
+shares the embedding of every missing cache between N processes (one GPU each, or gloo on CPU); rank 0 then scores
+and chooses, and make_submission.py reuses the caches.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as tdist
 
 from .config import TrainConfig, apply_overrides, load_experiment
 from .ensemble import (
@@ -159,6 +164,16 @@ def score_everything(groups: list[Group], splits: dict[str, SplitData], scores_d
     return out
 
 
+def embed_missing(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> None:
+    """Compute the embeddings behind every missing score matrix, source by source in one fixed order: run by every
+    process under torchrun, each computing its share of each cache's chunks."""
+    for g in groups:
+        for sd in splits.values():
+            if missing_scores(g, sd, scores_dir):
+                for source in g.sources_for(sd):
+                    source.embeddings(sd.images)
+
+
 def run_ensemble(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, out_dir: Path | None,
                  how: str = "auto", normalisation: str = "z", max_steps: int = 10) -> EnsembleResult:
     """Score every variant on every split, evaluate, choose; then (all inputs checked) write the table."""
@@ -270,18 +285,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ensemble_args(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    setup_logging(quiet=args.quiet)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    setup_logging(quiet=args.quiet or rank > 0)
+    if world > 1 and not tdist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        tdist.init_process_group("nccl" if cuda else "gloo")
     try:
         jobs, splits, groups = prepare(args, args.data_root)
         untrained = [c.run_dir(f) for c, f, _ in jobs if run_status(c, f)[0] != "finished"]
         if untrained:
             raise FileNotFoundError(f"{len(untrained)} run(s) are not trained, e.g. {untrained[0]}: run "
                                     "make_submission.py (or python -m kinret.grid) first")
+        if world > 1:  # the processes share the embedding; rank 0 alone scores and chooses
+            embed_missing(groups, splits, args.ensemble_dir / "scores")
+            if rank > 0:
+                return 0
         result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
                               args.normalise, args.max_steps)
     except (KinretInputError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
+    finally:
+        if world > 1 and tdist.is_initialized():
+            tdist.destroy_process_group()
     print(result.table_md)
     print(summary(result))
     print(f"table: {args.ensemble_dir / 'variants.csv'}, {args.ensemble_dir / 'variants.md'}")
