@@ -171,8 +171,6 @@ class CheckpointSource:
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
             model, _, data_cfg = self._loaded
             if cfg.mode == "head":
-                if not inputs:
-                    inputs.append(BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)[cfg.pool])
                 pooled = torch.from_numpy(inputs[0][:, start:stop])
                 with torch.no_grad():
                     emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
@@ -186,8 +184,8 @@ class CheckpointSource:
                                   cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
                                   cfg.pool)
 
-        if cfg.mode == "head" and not cache.is_file():  # every process reaches the backbone cache together
-            BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)
+        if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
+            inputs.append(BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)[cfg.pool])
         return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True))
 
     @property
