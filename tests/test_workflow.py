@@ -93,7 +93,7 @@ def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tm
     assert len(list((run / "embeddings").glob("test_*.npz"))) == 2
 
 
-def external_matrices(done, tiny_data, folder, fill=None):
+def external_matrices(done, tiny_data, folder):
     splits = build_splits(tiny_data, 2)
     for name, sd in splits.items():
         base = load_scores(done / "ens" / "scores" / "tiny_base_cos-emb-max" / f"{name}.npy", sd.probe_ids,
@@ -108,8 +108,9 @@ def test_external_scores_and_embeddings_join_the_table(done, tiny_data, tmp_path
     splits = external_matrices(done, tiny_data, ens / "external" / "team_scores")
     ids = sorted({i for sd in splits.values() for i in sd.images.ids})
     rng = np.random.default_rng(0)
-    np.savez(ens / "external" / "team_feats" / "embeddings.npz" if (ens / "external" / "team_feats").mkdir() is None
-             else None, image_ids=np.array(ids), embeddings=rng.normal(size=(len(ids), 8)).astype(np.float32))
+    (ens / "external" / "team_feats").mkdir()
+    np.savez(ens / "external" / "team_feats" / "embeddings.npz", image_ids=np.array(ids),
+             embeddings=rng.normal(size=(len(ids), 8)).astype(np.float32))
     out = tmp_path / "sub"
     argv = args(tiny_data, done, "--ensemble-dir", str(ens), "--out", str(out))
     assert submit.main(argv) == 0

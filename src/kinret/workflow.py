@@ -222,10 +222,10 @@ def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path,
          jobs: Sequence[tuple[TrainConfig, int, list[str]]]) -> list[str]:
     """The stages a run would build, one line each (what `--dry-run` prints)."""
     lines = []
-    todo = [(c, f) for c, f, _ in jobs if run_status(c, f)[0] != "finished"]
-    for c, f in todo:
-        lines.append(f"train  {c.run_dir(f)} ({run_status(c, f)[0]})")
-    untrained = {c.name for c, _ in todo}
+    todo = [(c, f, state) for c, f, _ in jobs if (state := run_status(c, f)[0]) != "finished"]
+    for c, f, state in todo:
+        lines.append(f"train  {c.run_dir(f)} ({state})")
+    untrained = {c.name for c, _, _ in todo}
     for g in groups:
         if g.name in untrained:
             lines.append(f"score  {g.name}: {len(g.variants)} variant(s) x {len(splits)} split(s), after training")
