@@ -30,6 +30,7 @@ from .io import write_text_atomic
 from .log import setup_logging
 from .metrics import chance_level
 from .pipeline import submit
+from .report import write_report
 from .runs import run_status
 from .synth import SynthConfig, generate
 from .workflow import add_ensemble_args, experiment_jobs, plan, prepare, run_ensemble, summary
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     sub = submit(result.chosen["test"], test.split, args.out, test.labels, args.zip_name or f"{sel.name}.zip")
     write_text_atomic(args.out / "variants.md", result.table_md)
     write_text_atomic(args.out / "selection.json", sel.to_json())
+    report = write_report(result, args.out / "report")
     print(f"\n{result.table_md}")
     print(summary(result))
     if len(sel.weights) > 1:
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"best single variant {sel.best_single}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in single.items() if k.endswith("_average")))
     print(f"wrote {sub.csv_path} and {sub.zip_path} ({sel.name}); table in {args.out / 'variants.md'}")
+    print(f"report: {', '.join(str(p) for p in report)}")
     if sub.scores:
         for ap, scores in sub.scores.items():
             print(f"\nlocal test score, {ap} AP:\n{scores.table()}")

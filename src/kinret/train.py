@@ -25,7 +25,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .config import TrainConfig, apply_overrides, load_experiment, save_config, seed_of
+from .config import TrainConfig, apply_overrides, config_from_dict, load_experiment, save_config, seed_of
 from .data import ImageTable, augment, decode_pixels, family_batches, gather, normalize, sample_pairs, to_float
 from .embed import cached_features
 from .errors import KinretInputError
@@ -277,14 +277,30 @@ class Trainer:
         ok_p, ok_g = np.ones(len(prow), dtype=bool), np.ones(len(grow), dtype=bool)
         scores = probe_scores(take(prow), ok_p, owner, len(split.probes), take(grow), ok_g, "mean")
         res = evaluate_ranking(rank_gallery(scores), split.probe_fids, split.gallery_fids, "standard")
-        ea, eb = take(a), take(b)
-        cos = (l2_normalize(ea) * l2_normalize(eb)).sum(1)
-        fc = nan
+        pairs = self.pair_scores(take(a), take(b), y)
+        return {"pair_auc_cos": roc_auc(pairs["cosine"], y),
+                "pair_auc_fc": roc_auc(pairs["fc"], y) if "fc" in pairs else nan,
+                "mAP": res.mAP, "rank1": res.rank[1], "rank5": res.rank[5], "average": res.average}
+
+    @torch.no_grad()
+    def pair_scores(self, ea: np.ndarray, eb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of embedded pairs: "cosine" always, "fc" (the head's kin logit) when a pair loss trained it;
+        "label" is y (1 = kin)."""
+        out = {"cosine": (l2_normalize(ea) * l2_normalize(eb)).sum(1), "label": np.asarray(y)}
         if self.loss.kind == "pair":
-            fc = roc_auc(self.model.pair_logits(torch.from_numpy(ea).to(self.device),
-                                                torch.from_numpy(eb).to(self.device)).float().cpu().numpy(), y)
-        return {"pair_auc_cos": roc_auc(cos, y), "pair_auc_fc": fc, "mAP": res.mAP, "rank1": res.rank[1],
-                "rank5": res.rank[5], "average": res.average}
+            self.model.eval()
+            out["fc"] = self.model.pair_logits(torch.from_numpy(ea).to(self.device),
+                                               torch.from_numpy(eb).to(self.device)).float().cpu().numpy()
+        return out
+
+    def held_out_pairs(self) -> dict[str, np.ndarray]:
+        """`pair_scores` of the fold's held-out kin/non-kin pairs (the pairs behind the summary's pair AUC)."""
+        if self.eval_split is None:
+            raise ValueError(f"{self.run_dir}: trained on every family, so it has no held-out pairs")
+        a, b, y = self.eval_pairs
+        rows = np.unique(np.concatenate([a, b]))
+        emb = self.embed_rows(rows)
+        return self.pair_scores(emb[np.searchsorted(rows, a)], emb[np.searchsorted(rows, b)], y)
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.amp:
@@ -363,6 +379,18 @@ class Trainer:
             if self.world > 1:
                 tdist.barrier()
         return self.rows
+
+
+def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """Cosine (and FC head) scores of a finished or interrupted run's held-out kin/non-kin pairs, from its last
+    checkpoint: "cosine", "fc" (pair losses only) and "label" (1 = kin)."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train this run first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    trainer = Trainer(config_from_dict(ckpt["config"]), int(ckpt["fold"]))
+    trainer.model.load_state_dict(ckpt["model"])
+    return trainer.held_out_pairs()
 
 
 def build_parser() -> argparse.ArgumentParser:
