@@ -50,6 +50,10 @@ def test_experiment_files_by_path_and_errors(tmp_path):
     assert (cfg.name, cfg.epochs) == ("mine", 2)
     jobs = expand(cfg, grid)
     assert [(c.name, c.loss, f) for c, f, _ in jobs] == [("mine/bce", "bce", 0), ("mine/focal", "focal", 0)]
+    single = tmp_path / "single.py"  # no GRID: the grid trains the folders `kinret.train -C single` writes
+    single.write_text("from kinret.config import TrainConfig\ncfg = TrainConfig(n_folds=2)\n")
+    cfg, grid = load_experiment(str(single))
+    assert [(c.run_dir(f), sets) for c, f, sets in expand(cfg, grid)] == [(cfg.run_dir(0), []), (cfg.run_dir(1), [])]
     (tmp_path / "nocfg.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="must define `cfg"):
         load_experiment(str(tmp_path / "nocfg.py"))

@@ -38,9 +38,9 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
     ranking = read_predictions(zips[0], len(test.probes), len(test.gallery))
     assert np.array_equal(ranking, read_predictions(done / "sub" / "predictions.csv", *ranking.shape))
     table = (done / "sub" / "variants.md").read_text()
-    for variant in ("raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max", "tiny/base:cos-emb-meanemb",
-                    "tiny/base:cos-emb-max", "tiny/base:cos-gem-meanemb", "tiny/base:fc-mean", "tiny/base:fc-max",
-                    "tiny/base:fc-meanemb", "tiny/base:rerank100-emb", "best single (cross-fitted out-of-fold)"):
+    for variant in ("raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max", "tiny:cos-emb-meanemb",
+                    "tiny:cos-emb-max", "tiny:cos-gem-meanemb", "tiny:fc-mean", "tiny:fc-max",
+                    "tiny:fc-meanemb", "tiny:rerank100-emb", "best single (cross-fitted out-of-fold)"):
         assert f"| {variant} |" in table
     assert "oof_average" in table and "val_average" in table and "test_average" in table
     csv = (done / "ens" / "variants.csv").read_text().splitlines()
@@ -52,16 +52,16 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
 def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data):
     splits = build_splits(tiny_data, 2)
     sd = splits["test"]
-    stored = load_scores(done / "ens" / "scores" / "tiny_base_cos-emb-meanemb" / "test.npy", sd.probe_ids,
+    stored = load_scores(done / "ens" / "scores" / "tiny_cos-emb-meanemb" / "test.npy", sd.probe_ids,
                          sd.gallery_ids)
     fold_scores = []
     for k in (0, 1):
-        src = CheckpointSource(done / "runs" / "tiny" / "base" / f"fold{k}", done / "runs" / "_cache")
+        src = CheckpointSource(done / "runs" / "tiny" / f"fold{k}", done / "runs" / "_cache")
         from kinret.scores import cosine_variant
         emb = src.embeddings(sd.images)["emb"]
         fold_scores.append(cosine_variant(emb[sd.probe_rows], sd.owner, len(sd.split.probes), emb[sd.gallery_rows]))
     assert np.allclose(stored, (fold_scores[0] + fold_scores[1]) / 2, atol=1e-6)
-    assert len(list((done / "runs" / "tiny" / "base" / "fold0" / "embeddings").glob("*.npz"))) == 3  # train/val/test
+    assert len(list((done / "runs" / "tiny" / "fold0" / "embeddings").glob("*.npz"))) == 3  # train/val/test
 
 
 def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
@@ -79,7 +79,7 @@ def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
 
 def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tmp_path):
     run = tmp_path / "fold0"
-    shutil.copytree(done / "runs" / "tiny" / "base" / "fold0", run)
+    shutil.copytree(done / "runs" / "tiny" / "fold0", run)
     images = build_splits(tiny_data, 2)["test"].images
     before = CheckpointSource(run, tmp_path / "cache")
     emb = before.embeddings(images)["emb"]
@@ -96,7 +96,7 @@ def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tm
 def external_matrices(done, tiny_data, folder):
     splits = build_splits(tiny_data, 2)
     for name, sd in splits.items():
-        base = load_scores(done / "ens" / "scores" / "tiny_base_cos-emb-max" / f"{name}.npy", sd.probe_ids,
+        base = load_scores(done / "ens" / "scores" / "tiny_cos-emb-max" / f"{name}.npy", sd.probe_ids,
                            sd.gallery_ids)
         save_scores(folder / f"{name}.npy", -base, sd.probe_ids, sd.gallery_ids)
     return splits
@@ -158,8 +158,8 @@ def test_empty_and_duplicate_variant_lists_are_refused(done, tiny_data, tmp_path
 
 def test_only_named_variants(done, tiny_data, tmp_path):
     out = tmp_path / "sub"
-    assert submit.main(args(tiny_data, done, "--out", str(out), "--variants", "tiny/base:fc-mean")) == 0
-    assert json.loads((out / "selection.json").read_text())["weights"] == {"tiny/base:fc-mean": 1.0}
+    assert submit.main(args(tiny_data, done, "--out", str(out), "--variants", "tiny:fc-mean")) == 0
+    assert json.loads((out / "selection.json").read_text())["weights"] == {"tiny:fc-mean": 1.0}
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_torchrun_shares_the_embedding_and_gives_the_same_scores(tiny_data, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| variant |" in proc.stdout
     splits = build_splits(tiny_data, 2)
-    for variant in ("tiny_base_cos-emb-meanemb", "tiny_base_fc-mean", "raw_pixels_cos-pixels-max"):
+    for variant in ("tiny_cos-emb-meanemb", "tiny_fc-mean", "raw_pixels_cos-pixels-max"):
         for name, sd in splits.items():
             one = load_scores(tmp_path / "ens" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)
             two = load_scores(tmp_path / "ens2" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)

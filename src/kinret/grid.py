@@ -2,7 +2,8 @@
 
 The experiment's ``GRID = {"backbone": [...], "loss": [...], "combination": [...], "fold": [...]}`` is expanded
 as a product (a list of such dicts: the union of their products); each variant trains into
-``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid values, e.g. ``bce-comb1``). Finished
+``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid values, e.g. ``bce-comb1``; an experiment
+without a GRID trains ``runs/{experiment}/fold{k}/``, the folder ``python -m kinret.train -C`` uses). Finished
 runs are skipped, interrupted ones resumed; runs go to joblib worker processes with the cores shared between them.
 Head-only variants of one backbone share one feature cache, built once before the parallel part so that workers
 never race to compute it.
@@ -39,8 +40,10 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainCon
         folds = list(block.get("fold", range(cfg.n_folds)))
         keys = [k for k in block if k != "fold"]
         for values in itertools.product(*(block[k] for k in keys)):
-            variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values) or "base"
-            sets = [f"name={cfg.name}/{variant}"] + [f"{k}={_text(v)}" for k, v in zip(keys, values, strict=True)]
+            variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values)
+            # no GRID: the experiment's single run is runs/{experiment}/fold{k}, as `kinret.train -C` writes it
+            sets = ([f"name={cfg.name}/{variant}"] if variant else []) + [f"{k}={_text(v)}"
+                                                                        for k, v in zip(keys, values, strict=True)]
             vcfg = apply_overrides(cfg, sets)
             for fold in folds:
                 if (vcfg.name, fold) not in seen:
@@ -75,13 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-C", "--config", required=True, help="experiment name or .py file defining cfg and GRID")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes (default 1)")
+    p.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
+                   help="only these folds of every variant (default: the grid's folds)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     setup_logging(quiet=args.quiet)
     cfg, grid = load_experiment(args.config)
     cfg = apply_overrides(cfg, args.set)
-    jobs = expand(cfg, grid)
+    all_jobs = expand(cfg, grid)
+    jobs = [j for j in all_jobs if args.folds is None or j[1] in args.folds]
+    if not jobs:
+        log.error("no run of %s has fold %s (its folds: %s)", args.config, args.folds,
+                  sorted({f for _, f, _ in all_jobs}))
+        return 2
     found = [run_status(c, f) for c, f, _ in jobs]
     states = [s for s, _ in found]
     for (c, f, _), s in zip(jobs, states, strict=True):
@@ -120,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         codes.update({i: _train(argv(i, cores)) for i in rest})
     failed = [todo[i][0].run_dir(todo[i][1]) for i, code in codes.items() if code != 0]
-    table = summary_table(jobs)
+    table = summary_table(all_jobs)
     write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
     print(table, end="")
     if failed:
