@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in notebooks
 
 T = TypeVar("T")
 _QUIET = False
@@ -24,6 +24,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    """Wrap a long loop in a tqdm bar, shown only on a terminal, unless quiet or `KINRET_NO_PROGRESS` is set."""
-    disable = _QUIET or bool(os.environ.get("KINRET_NO_PROGRESS")) or not sys.stderr.isatty()
+    """Wrap a long loop in a tqdm bar, shown on a terminal or in a notebook, unless quiet or `KINRET_NO_PROGRESS`
+    is set (no bar in a log file or CI output)."""
+    shown = sys.stderr.isatty() or "ipykernel" in sys.modules
+    disable = _QUIET or bool(os.environ.get("KINRET_NO_PROGRESS")) or not shown
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
 from .errors import KinretInputError
@@ -118,6 +119,7 @@ def learning_curves(summaries: Mapping[str, str | Path]) -> Figure:
     for ax, title in ((ax_loss, "train loss"), (ax_auc, "held-out pair AUC"), (ax_t3, "held-out Track-3 scores")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return fig
 
@@ -170,6 +172,8 @@ def cmc_figure(curves: Mapping[str, np.ndarray], max_rank: int = 50, chance: np.
         k = min(max_rank, len(chance))
         ax.plot(np.arange(1, k + 1), chance[:k], color="grey", ls=":", label="random ranking")
     ax.set_xscale("log")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= max_rank]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlim(1, max_rank)
     ax.set_ylim(0, 1)
     ax.set_xlabel("rank k")
@@ -279,6 +283,21 @@ def png_bytes(fig: Figure, budget: int = PNG_BUDGET) -> bytes:
     return data
 
 
+class PNG(bytes):
+    """PNG bytes that a notebook displays as the image (photo grids inline far larger as matplotlib's own PNG)."""
+
+    def _repr_png_(self) -> bytes:
+        return bytes(self)
+
+    def __repr__(self) -> str:  # the text a notebook stores beside the image, not the bytes themselves
+        return f"<PNG image, {len(self) / 1024:.0f} KiB>"
+
+
+def png(fig: Figure) -> PNG:
+    """`fig` as a compact PNG for display: `report.png(report.family_montage(family))`."""
+    return PNG(png_bytes(fig))
+
+
 def save_png(fig: Figure, path: str | Path) -> Path:
     """Render `fig` to PNG in memory (see `png_bytes`), then write it atomically."""
     data = png_bytes(fig)
@@ -304,12 +323,7 @@ def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure]
     else:
         pf, gf = where.labels.probe_fids, where.labels.gallery_fids
         chosen = result.chosen[where.name]
-        shown = set(sel.weights) if len(sel.weights) == 1 else set()  # a single chosen variant is drawn once
-        variants = [v for v in map(str, (r["variant"] for r in result.rows))
-                    if v in result.scores[where.name] and v not in shown][:top]
-        curves = {f"chosen: {sel.name}": cmc_curve(hits_in_rank_order(rank_gallery(chosen), relevance(pf, gf)))}
-        for v in variants:
-            curves[v] = cmc_curve(hits_in_rank_order(rank_gallery(result.scores[where.name][v]), relevance(pf, gf)))
+        curves = cmc_curves(result, where.name, top)
         figs["cmc.png"] = cmc_figure(curves, chance=chance_cmc(pf, gf),
                                      title=f"CMC on {where.name} ({len(pf)} probes, {len(gf)} gallery faces)")
         kin, non = kin_split(chosen, pf, gf)
@@ -319,11 +333,26 @@ def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure]
                                                     titles=[t for _, t in picks])
         lines += ["", f"Figures drawn on the **{where.name}** split ({len(pf)} probes, {len(gf)} gallery faces"
                       f"{'; never used to choose' if where.name == 'test' else ''}): `cmc.png` (the chosen scores and "
-                      f"the {len(variants)} next best variants out of fold), `score_histogram.png` (kin vs non-kin "
+                      f"the {len(curves) - 1} next best variants out of fold), `score_histogram.png` (kin vs non-kin "
                       "scores of the chosen variant), `retrieval_grid.png` (the best, median and worst probe by AP).",
                   ""]
     lines += ["## Every variant", "", result.table_md]
     return figs, "\n".join(lines)
+
+
+def cmc_curves(result, split: str, top: int = 5) -> dict[str, np.ndarray]:
+    """CMC curves on a labelled split of an `EnsembleResult`: the chosen scores, then the `top` best variants out
+    of fold (a single chosen variant is not drawn twice)."""
+    labels = result.splits[split].labels
+    if labels is None:
+        raise ValueError(f"split {split!r} is not labelled: no CMC curve")
+    rel = relevance(labels.probe_fids, labels.gallery_fids)
+    sel = result.selection
+    shown = set(sel.weights) if len(sel.weights) == 1 else set()
+    variants = [v for v in (str(r["variant"]) for r in result.rows)
+                if v in result.scores[split] and v not in shown][:top]
+    matrices = {f"chosen: {sel.name}": result.chosen[split]} | {v: result.scores[split][v] for v in variants}
+    return {k: cmc_curve(hits_in_rank_order(rank_gallery(m), rel)) for k, m in matrices.items()}
 
 
 def write_report(result, out_dir: str | Path, top: int = 5, k: int = 10) -> list[Path]:

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KinretInputError
@@ -29,11 +30,11 @@ from .grid import main as grid_main
 from .io import write_text_atomic
 from .log import setup_logging
 from .metrics import chance_level
-from .pipeline import submit
+from .pipeline import SubmissionResult, submit
 from .report import write_report
 from .runs import run_status
 from .synth import SynthConfig, generate
-from .workflow import add_ensemble_args, experiment_jobs, plan, prepare, run_ensemble, summary
+from .workflow import EnsembleResult, add_ensemble_args, experiment_jobs, plan, prepare, run_ensemble, summary
 
 log = logging.getLogger("kinret.submit")
 DEFAULT_SYNTH_ROOT = Path("data") / "synthetic"
@@ -68,7 +69,18 @@ def train_missing(args: argparse.Namespace, root: Path) -> None:
                 raise RuntimeError(f"training the {exp} grid failed (exit code {code}); see the log above")
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Outcome:
+    """What a run built: the data folder used, the ensemble's scores and choice, the submission, the report files."""
+
+    root: Path
+    result: EnsembleResult
+    submission: SubmissionResult
+    report: list[Path]
+
+
+def run(args: argparse.Namespace) -> Outcome | None:
+    """The stages, printing as they go; None after a dry run. Bad input raises."""
     t0 = time.perf_counter()
     root = args.data_root
     if root is None:
@@ -80,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"data: {root}")
     if args.dry_run and not (root / "test").is_dir():
         print(f"data   generate the synthetic dataset in {root}\n(then train, score, select and submit)")
-        return 0
+        return None
     jobs, splits, groups = prepare(args, root)
     for sd in splits.values():
         print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"))
     if args.dry_run:
         print("\n".join(plan(groups, splits, args.ensemble_dir / "scores", jobs)))
-        return 0
+        return None
     train_missing(args, root)
     result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
                           args.normalise, args.max_steps)
@@ -113,14 +125,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"no test labels in {root / 'test_truth'}: local test score skipped")
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return Outcome(root, result, sub, report)
+
+
+def make(argv: Sequence[str] | None = None) -> Outcome | None:
+    """`make_submission.py` as a function, for notebooks: the same options, stages and printout; returns what was
+    built (None after --dry-run); bad input raises instead of exiting."""
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
     try:
-        return run(args)
+        run(args)
+        return 0
     except (KinretInputError, ValueError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
