@@ -1,0 +1,83 @@
+"""Run the notebooks top to bottom, headless, in order (each may use what the one before built).
+
+    python notebooks/execute.py              # run all, save their outputs in place (what is committed)
+    python notebooks/execute.py --check      # run all without saving; fail on an error or an oversized plot
+
+The working folder is the repository root (the notebooks' default); `KINRET_WORKDIR` / `--workdir` runs them
+elsewhere, as the test suite does. Needs the dev requirements (nbclient, nbformat, ipykernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+PLOT_LIMIT = 200 * 1024  # bytes per image output
+
+
+def notebooks() -> list[Path]:
+    return sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
+
+
+def image_sizes(nb: nbformat.NotebookNode) -> list[int]:
+    """Decoded byte sizes of every image output."""
+    return [len(base64.b64decode(data)) for cell in nb.cells if cell.cell_type == "code"
+            for out in cell.get("outputs", []) for mime, data in out.get("data", {}).items()
+            if mime.startswith("image/")]
+
+
+def execute(path: Path, workdir: Path | None = None, timeout: int = 900) -> tuple[nbformat.NotebookNode, float]:
+    """Execute `path` in a fresh kernel (this interpreter's), with KINRET_WORKDIR set when `workdir` is given;
+    returns the notebook with its outputs and the seconds it took. A failing cell raises (nbclient's
+    CellExecutionError names the cell and the traceback)."""
+    nb = nbformat.read(path, as_version=4)
+    env_before = os.environ.get("KINRET_WORKDIR")
+    if workdir is not None:
+        os.environ["KINRET_WORKDIR"] = str(workdir)
+    os.environ.setdefault("KINRET_NO_PROGRESS", "1")
+    try:
+        t0 = time.perf_counter()
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        return nb, time.perf_counter() - t0
+    finally:
+        if workdir is not None:
+            if env_before is None:
+                os.environ.pop("KINRET_WORKDIR", None)
+            else:
+                os.environ["KINRET_WORKDIR"] = env_before
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="do not save the outputs")
+    p.add_argument("--workdir", type=Path, default=None, help="run in this folder instead of the repository root")
+    p.add_argument("names", nargs="*", help="only these notebooks (file names)")
+    args = p.parse_args(argv)
+    for path in notebooks():
+        if args.names and path.name not in args.names:
+            continue
+        nb, seconds = execute(path, args.workdir)
+        big = [s for s in image_sizes(nb) if s > PLOT_LIMIT]
+        print(f"{path.name}: {seconds:.0f} s, {len(image_sizes(nb))} plots, largest "
+              f"{max(image_sizes(nb), default=0) / 1024:.0f} KiB")
+        if big:
+            print(f"{path.name}: {len(big)} plot(s) over {PLOT_LIMIT // 1024} KiB", file=sys.stderr)
+            return 1
+        if not args.check:
+            tmp = path.with_name(f".{path.name}.tmp")
+            nbformat.write(nb, tmp)
+            os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
