@@ -96,3 +96,12 @@ def test_report_without_labels_says_so_and_drops_old_figures(tiny_data, tmp_path
     assert submit.main(fast(data, out, "--quiet")) == 0
     assert sorted(p.name for p in (out / "report").iterdir()) == ["variants.md"]
     assert "Nothing is labelled" in (out / "report" / "variants.md").read_text()
+
+
+def test_histogram_of_one_class_draws_it_alone_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = report.score_histogram(np.array([0.1, 0.5, 0.7]), np.array([]), "one family")
+    assert "AUC nan" in fig.axes[0].get_title() and len(fig.axes[0].patches) == 50

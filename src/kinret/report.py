@@ -135,8 +135,9 @@ def score_histogram(kin: np.ndarray, non_kin: np.ndarray, title: str = "", ax=No
     both = both[np.isfinite(both)]
     edges = np.linspace(both.min(), both.max(), bins + 1) if len(both) and both.min() < both.max() else bins
     auc = roc_auc(np.concatenate([kin, non_kin]), np.r_[np.ones(len(kin)), np.zeros(len(non_kin))])
-    ax.hist(non_kin, bins=edges, density=True, alpha=0.55, color=NON_KIN, label=f"non-kin ({len(non_kin):,})")
-    ax.hist(kin, bins=edges, density=True, alpha=0.55, color=KIN, label=f"kin ({len(kin):,})")
+    for values, colour, name in ((non_kin, NON_KIN, "non-kin"), (kin, KIN, "kin")):
+        if len(values):  # a one-family protocol has no non-kin pair: nothing to draw, AUC undefined
+            ax.hist(values, bins=edges, density=True, alpha=0.55, color=colour, label=f"{name} ({len(values):,})")
     ax.set_xlabel("score")
     ax.set_ylabel("density")
     ax.set_title(f"{title}{chr(10) if title else ''}kin vs non-kin AUC {auc:.3f}", fontsize=9)
