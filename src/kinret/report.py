@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -254,20 +253,12 @@ def per_probe_ap(scores: np.ndarray, probe_fids: Sequence, gallery_fids: Sequenc
 
 
 # ---- the submission report ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReportSplit:
-    name: str
-    split: Track3Split
-    labels: Track3Split
-
-
-def report_split(splits: Mapping) -> ReportSplit | None:
-    """The labelled split the report is drawn on: test when its truth is known, else val, else the first
+def report_split(splits: Mapping):
+    """The labelled `SplitData` the report is drawn on: test when its truth is known, else val, else the first
     out-of-fold protocol; None when nothing is labelled."""
     for name in ["test", "val"] + sorted(n for n in splits if n.startswith("oof")):
-        sd = splits.get(name)
-        if sd is not None and sd.labels is not None:
-            return ReportSplit(name, sd.split, sd.labels)
+        if name in splits and splits[name].labels is not None:
+            return splits[name]
     return None
 
 
