@@ -142,6 +142,9 @@ def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
     assert grid.main(["-C", str(exp), "--dry-run"]) == 0
     assert "8 runs: 8 finished, 0 to train" in capsys.readouterr().out
     assert grid.main(["-C", str(exp), "--set", "lr=0.3", "--dry-run"]) == 2  # folders of another config
+    assert grid.main(["-C", str(exp), "--folds", "1", "--dry-run"]) == 0
+    assert "4 runs: 4 finished, 0 to train" in capsys.readouterr().out
+    assert grid.main(["-C", str(exp), "--folds", "7", "--dry-run"]) == 2  # no such fold
 
 
 def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):

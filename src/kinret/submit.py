@@ -137,10 +137,8 @@ def make(argv: Sequence[str] | None = None) -> Outcome | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=args.verbose, quiet=args.quiet)
     try:
-        run(args)
+        make(argv)
         return 0
     except (KinretInputError, ValueError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc)
