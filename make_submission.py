@@ -2,7 +2,7 @@
 
 import sys
 
-from kinret.submit import main
+from kinret.submission.make import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Embedding throughput of the kit's cached path against a bare forward loop of the same model on preloaded
 tensors, side by side in one run (interleaved, median of repeats). Target: ratio >= 0.9.
 
-The kit's path (`kinret.embed.cached_features`) reads the decoded pixels, converts and normalises each batch, runs
+The kit's path (`kinret.features.cache.cached_features`) reads the decoded pixels, converts and normalises each batch, runs
 the image and its mirror, reads every pooling off the feature map, and saves each chunk and the final `.npz`. The
 bare loop runs the same two views of the same batches through the same model, from float tensors made beforehand,
 pooling once. The ratio is what the cache, the conversion and the extra poolings cost.
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kinret.config import TrainConfig
-from kinret.data import normalize, to_float
-from kinret.embed import cached_features
+from kinret.data.pixels import normalize, to_float
+from kinret.features.cache import cached_features
 from kinret.log import setup_logging
-from kinret.models import build_backbone, state_digest
+from kinret.models.config import TrainConfig
+from kinret.models.networks import build_backbone, state_digest
 
 
 @torch.no_grad()

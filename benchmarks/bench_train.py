@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from kinret.config import TrainConfig
+from kinret.data.synth import SynthConfig, generate
 from kinret.log import setup_logging
-from kinret.synth import SynthConfig, generate
-from kinret.train import Trainer
+from kinret.models.config import TrainConfig
+from kinret.train.trainer import Trainer
 
 
 def bare_loop(trainer: Trainer, steps: int) -> float:

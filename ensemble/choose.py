@@ -8,7 +8,7 @@ the submission. Drop a team's own variants into ``ensemble/external/NAME/`` (see
 
 import sys
 
-from kinret.workflow import main
+from kinret.ensemble.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,7 +41,7 @@ def fiw_root(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic FIW dataset (12 train, 4 val, 4 test families at 48 px), generated once per session."""
-    from kinret.synth import SynthConfig, generate
+    from kinret.data.synth import SynthConfig, generate
 
     return generate(tmp_path_factory.mktemp("tiny") / "synthetic",
                     SynthConfig(seed=3, n_train=12, n_val=4, n_test=4, size=48))
@@ -50,6 +50,6 @@ def tiny_data(tmp_path_factory) -> Path:
 def write_experiment(path: Path, **fields) -> Path:
     """An experiment file deriving from the `tiny` experiment, with these fields replaced."""
     body = ", ".join(f"{k}={v!r}" for k, v in fields.items())
-    path.write_text("from dataclasses import replace\n\nfrom kinret.config import load_experiment\n\n"
+    path.write_text("from dataclasses import replace\n\nfrom kinret.train.experiments import load_experiment\n\n"
                     f"cfg = replace(load_experiment('tiny')[0], name={path.stem!r}, {body})\n")
     return path

@@ -1,5 +1,5 @@
-"""benchmarks/bench_ranking.py at a tiny scale: the kit path and the naive loop give the same ranking, CSV and AP,
-and the agreement check it relies on fails on a wrong ranking. No timing is asserted."""
+"""benchmarks/bench_ranking.py at a tiny scale: the kit's submission path and the reference loops give the same
+ranking, CSV and AP, and the agreement check it relies on fails on a wrong ranking or CSV. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from kinret.ranking import probe_score_rows
-from kinret.submission import CSV_NAME, read_predictions
+from kinret.scoring.similarity import probe_scores
+from kinret.submission.predictions import CSV_NAME, read_predictions
 
 
 @pytest.fixture(scope="module")
@@ -24,54 +24,69 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def _rows(x, how):
+def _scores(x, how):
     ok_p, ok_g = np.ones(len(x.owner), bool), np.ones(len(x.gallery_feats), bool)
-    return probe_score_rows(x.probe_feats, ok_p, x.owner, x.n_probes, x.gallery_feats, ok_g, how)(0, x.n_probes)
+    return probe_scores(x.probe_feats, ok_p, x.owner, x.n_probes, x.gallery_feats, ok_g, how)
 
 
 def _tie_free_inputs(bench, how):
-    """The first seeded tiny input whose scores have no two values of a row within 1e-5 (the two paths fuse in a
+    """The first seeded tiny input whose scores have no two values of a row within 1e-5 (the paths fuse in a
     different float order, ~1e-7 apart, so only such near-ties could swap) and a probe without a relative."""
     for seed in range(100):
         x = bench.make_inputs(8, 24, 40, dim=16, seed=seed)
-        if np.diff(np.sort(_rows(x, how), axis=1), axis=1).min() > 1e-5 and not set(x.probe_fids) <= set(
+        if np.diff(np.sort(_scores(x, how), axis=1), axis=1).min() > 1e-5 and not set(x.probe_fids) <= set(
                 x.gallery_fids):
             return x
     raise AssertionError("no tie-free seed")
 
 
-@pytest.mark.parametrize("how", ["mean", "max"])
-def test_kit_and_naive_paths_agree_exactly(bench, tmp_path, how):
+@pytest.mark.parametrize("how", ["meanemb", "max"])
+def test_kit_and_reference_paths_agree_exactly(bench, tmp_path, how):
     x = _tie_free_inputs(bench, how)
-    (tmp_path / "kit").mkdir()
-    (tmp_path / "naive").mkdir()
-    kit = bench.kit_path(x, tmp_path / "kit", how, threads=3, chunk_rows=3)
-    naive = bench.naive_path(x, tmp_path / "naive", how)
-    (tmp_path / "public").mkdir()
-    public = bench.public_path(x, tmp_path / "public", how, batch=7)
-    for ref in (naive, public):
-        np.testing.assert_array_equal(kit.ranking, ref.ranking)
+    results = {}
+    for name, run in (("kit", bench.kit_path), ("naive", bench.naive_path),
+                      ("public", lambda x, out, how: bench.public_path(x, out, how, batch=7))):
+        (tmp_path / name).mkdir()
+        results[name] = run(x, tmp_path / name, how)
+    kit = results["kit"]
+    assert set(kit.times) == set(bench.STAGES)
+    for ref in ("naive", "public"):
+        np.testing.assert_array_equal(kit.ranking, results[ref].ranking)
         for ap in ("standard", "trapezoid"):
-            np.testing.assert_allclose(kit.ap[ap], ref.ap[ap], rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(kit.ap[ap], results[ref].ap[ap], rtol=1e-12, atol=1e-15)
     assert 0 < kit.ap["standard"].mean() < 1 and (kit.ap["standard"] == 0).any()  # a probe without a relative
-    assert (tmp_path / "kit" / CSV_NAME).read_bytes() == (tmp_path / "naive" / CSV_NAME).read_bytes()
-    for side in ("kit", "naive"):
+    kit_csv = (tmp_path / "kit" / CSV_NAME).read_bytes()
+    assert kit_csv == (tmp_path / "naive" / CSV_NAME).read_bytes()
+    assert kit_csv == (tmp_path / "public" / CSV_NAME).read_bytes().replace(b"\r\n", b"\n")  # csv.writer: CRLF
+    for side in ("kit", "naive", "public"):
         np.testing.assert_array_equal(read_predictions(tmp_path / side / "submission.zip", 8, 40), kit.ranking)
-    same, diff = bench.check_agreement(x, how, kit.ranking, naive.ranking, kit.ap, naive.ap)
-    assert same == 8 and max(diff.values()) < 1e-12
+    lines = {side: bench.csv_line_digests(tmp_path / side / CSV_NAME) for side in results}
+    assert len(lines["kit"]) == 8 and len(set(lines["kit"].tolist())) == 8
+    for ref in ("naive", "public"):
+        np.testing.assert_array_equal(lines["kit"], lines[ref])
+        same, diff = bench.check_agreement(x, how, kit.ranking, results[ref].ranking, kit.ap, results[ref].ap,
+                                           lines["kit"], lines[ref])
+        assert same == 8 and max(diff.values()) < 1e-12
 
 
-def test_agreement_check_fails_on_a_wrong_ranking(bench):
+def test_agreement_check_fails_on_a_wrong_ranking_or_csv(bench):
     x = bench.make_inputs(6, 15, 40, dim=16, seed=2)
-    ranking = np.argsort(-_rows(x, "mean"), axis=1, kind="stable")
+    ranking = np.argsort(-_scores(x, "meanemb"), axis=1, kind="stable")
     wrong = ranking.copy()
     wrong[2, [0, -1]] = wrong[2, [-1, 0]]  # best and worst swapped: far beyond any float tie
     ap = {"standard": np.zeros(6)}
-    assert bench.check_agreement(x, "mean", ranking, ranking, ap, ap)[0] == 6
+    lines = np.arange(6, dtype=np.uint64)
+    assert bench.check_agreement(x, "meanemb", ranking, ranking, ap, ap, lines, lines)[0] == 6
     with pytest.raises(AssertionError, match="breaks the kit's score order"):
-        bench.check_agreement(x, "mean", ranking, wrong, ap, ap)
+        bench.check_agreement(x, "meanemb", ranking, wrong, ap, ap)
     with pytest.raises(AssertionError, match="mAP differs"):
-        bench.check_agreement(x, "mean", ranking, ranking, ap, {"standard": np.full(6, 0.5)})
+        bench.check_agreement(x, "meanemb", ranking, ranking, ap, {"standard": np.full(6, 0.5)})
+    other = lines.copy()
+    other[4] = 99  # same rankings, one CSV line not byte-identical
+    with pytest.raises(AssertionError, match="CSV line 4 is not byte-identical"):
+        bench.check_agreement(x, "meanemb", ranking, ranking, ap, ap, lines, other)
+    with pytest.raises(AssertionError, match="reference CSV has 5 lines"):
+        bench.check_agreement(x, "meanemb", ranking, ranking, ap, ap, lines, lines[:5])
 
 
 def test_make_inputs_is_deterministic_and_sized(bench):
@@ -84,10 +99,12 @@ def test_make_inputs_is_deterministic_and_sized(bench):
 
 def test_harness_prints_verdicts_and_flags_extrapolation(bench, monkeypatch, capsys):
     monkeypatch.setattr(bench, "TEST_SCALE", (10, 25, 60))
-    rows = bench.bench_scale(1, ["mean"], threads=2, naive_probes=4, repeats=1, isolate=False)
+    rows = bench.bench_scale(1, ["meanemb"], threads=2, naive_probes=4, repeats=1, isolate=False)
     check = rows[0]["naive_check"]
     assert check["extrapolated"] and rows[0]["naive"]["n_timed"] == 4 and check["same"] <= 4
     assert not rows[0]["public_check"]["extrapolated"]  # at 1x the public loop runs every probe
+    assert set(rows[0]["kit"]["times"]) == set(bench.STAGES)
     verdicts = bench.print_table(rows, threads=2)
     out = capsys.readouterr().out
     assert "EXTRAPOLATED from 4 probes" in out and "naive/kit" in verdicts[0] and "public/kit" in verdicts[1]
+    assert "naive agrees:" in out and "public agrees:" in out and " kit " in out

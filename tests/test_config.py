@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from kinret.config import EXPERIMENTS_DIR, TrainConfig, apply_overrides, config_from_dict, load_experiment
-from kinret.grid import expand
+from kinret.errors import KinretInputError
+from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
+from kinret.train.experiments import EXPERIMENTS_DIR, load_experiment
+from kinret.train.grid import expand
 
 
 def test_overrides_are_typed_and_checked():
@@ -44,22 +46,22 @@ def test_every_shipped_experiment_loads_and_expands(path):
 
 def test_experiment_files_by_path_and_errors(tmp_path):
     good = tmp_path / "mine.py"
-    good.write_text("from dataclasses import replace\nfrom kinret.config import TrainConfig\n"
+    good.write_text("from dataclasses import replace\nfrom kinret.models.config import TrainConfig\n"
                     "cfg = replace(TrainConfig(), epochs=2)\nGRID = {'loss': ['bce', 'focal'], 'fold': [0]}\n")
     cfg, grid = load_experiment(str(good))
     assert (cfg.name, cfg.epochs) == ("mine", 2)
     jobs = expand(cfg, grid)
     assert [(c.name, c.loss, f) for c, f, _ in jobs] == [("mine/bce", "bce", 0), ("mine/focal", "focal", 0)]
     single = tmp_path / "single.py"  # no GRID: the grid trains the folders `kinret.train -C single` writes
-    single.write_text("from kinret.config import TrainConfig\ncfg = TrainConfig(n_folds=2)\n")
+    single.write_text("from kinret.models.config import TrainConfig\ncfg = TrainConfig(n_folds=2)\n")
     cfg, grid = load_experiment(str(single))
     assert [(c.run_dir(f), sets) for c, f, sets in expand(cfg, grid)] == [(cfg.run_dir(0), []), (cfg.run_dir(1), [])]
     (tmp_path / "nocfg.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="must define `cfg"):
         load_experiment(str(tmp_path / "nocfg.py"))
-    (tmp_path / "badgrid.py").write_text("from kinret.config import TrainConfig\ncfg = TrainConfig()\n"
+    (tmp_path / "badgrid.py").write_text("from kinret.models.config import TrainConfig\ncfg = TrainConfig()\n"
                                          "GRID = {'colour': ['red']}\n")
     with pytest.raises(ValueError, match="'colour' is not a config field"):
         load_experiment(str(tmp_path / "badgrid.py"))
-    with pytest.raises(FileNotFoundError, match="known: .*tiny"):
+    with pytest.raises(KinretInputError, match="known: .*tiny"):
         load_experiment("no_such_experiment")

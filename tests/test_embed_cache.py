@@ -9,8 +9,8 @@ import timm
 import torch
 from conftest import write_image
 
-from kinret.embed import build_in_chunks, cached_features, forward_pooled, read_cache
-from kinret.models import POOLS, ResidualNeck, state_digest
+from kinret.features.cache import build_in_chunks, cached_features, forward_pooled, read_cache
+from kinret.models.networks import POOLS, ResidualNeck, state_digest
 
 
 def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
@@ -70,7 +70,7 @@ def test_feature_cache_is_keyed_by_images_and_weights(backbone, tmp_path):
 
     def pixels():
         calls.append(1)
-        from kinret.data import decode_pixels
+        from kinret.data.pixels import decode_pixels
         return decode_pixels(paths, 32, None)
 
     def feats(model):

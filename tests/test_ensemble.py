@@ -4,17 +4,19 @@ choice between the best single variant and a blend."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from kinret.ensemble import Scorer, combine, greedy_weights, pooled, safe_name, select
+from kinret.ensemble.blend import normalise
+from kinret.ensemble.selection import Scorer, combine, greedy_weights, pooled, select
 from kinret.metrics import evaluate_ranking
-from kinret.ranking import rank_gallery
-from kinret.scores import normalise
+from kinret.scoring.ranking import rank_gallery
+from kinret.scoring.store import safe_name
 
 
 def test_pooled_counts_every_probe_of_every_split_once():
-    a = {"ap": np.array([1.0, 0.5]), "first": np.array([0, 7]), "ap_trapezoid": np.array([1.0, 0.25])}
-    b = {"ap": np.array([1 / 3]), "first": np.array([3]), "ap_trapezoid": np.array([0.2])}
+    a = pd.DataFrame({"ap": [1.0, 0.5], "first": [0.0, 7.0], "ap_trapezoid": [1.0, 0.25]})
+    b = pd.DataFrame({"ap": [1 / 3], "first": [3.0], "ap_trapezoid": [0.2]})
     got = pooled([a, b])
     assert got["mAP"] == pytest.approx((1 + 0.5 + 1 / 3) / 3)
     assert got["mAP_trapezoid"] == pytest.approx((1 + 0.25 + 0.2) / 3)

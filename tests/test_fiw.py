@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import make_fiw
 
+from kinret.data.fiw import family_folds, read_fiw, read_mid_csv
 from kinret.errors import KinretInputError
-from kinret.fiw import family_folds, read_fiw, read_mid_csv
 
 
 def test_read_fiw_counts_and_natural_order(tmp_path):

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from conftest import write_image
 
+from kinret.data.images import load_image, load_images
 from kinret.errors import KinretInputError
-from kinret.images import load_image, load_images
 
 
 def test_bad_images_are_named(tmp_path):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import FIXTURES
 
-from kinret.errors import KinretInputError
-from kinret.lists import (
+from kinret.data.lists import (
     GalleryRow,
     ProbeRow,
     read_gallery_list,
@@ -16,6 +15,7 @@ from kinret.lists import (
     write_index_list,
     write_probe_list,
 )
+from kinret.errors import KinretInputError
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared fixtures not present")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from kinret import submit
-from kinret.split import read_labelled
-from kinret.submission import read_predictions
-from kinret.synth import SynthConfig, generate
+from kinret.data.split import read_labelled
+from kinret.data.synth import SynthConfig, generate
+from kinret.submission import make as submit
+from kinret.submission.predictions import read_predictions
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,10 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "make_submission.py", "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0
     for opt in ("--data-root", "--out", "--zip-name", "--experiments", "--runs", "--ensemble-dir", "--variants",
-                "--no-raw-pixels", "--choose", "--normalise", "--max-steps", "--top-n", "--jobs", "--dry-run", "--seed",
-                "--regenerate", "--quiet"):
+                "--no-raw-pixels", "--choose", "--normalise", "--max-steps", "--top-n", "--jobs", "--dry-run",
+                "--data-seed", "--protocol-seed", "--regenerate", "--quiet", "--verbose"):
         assert opt in proc.stdout
+    assert "(default: z)" in proc.stdout and "(default: 0)" in proc.stdout  # defaults shown
 
 
 def test_default_dry_run_in_a_fresh_folder_lists_the_stages(tmp_path):

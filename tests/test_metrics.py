@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from kinret.metrics import (
-    average_precision,
-    cmc_curve,
-    evaluate_ranking,
-    hits_in_rank_order,
-    rank_at_k,
-    relevance,
-)
-from kinret.ranking import rank_gallery
+from kinret.metrics import average_precision, cmc_curve, evaluate_ranking, hits_in_rank_order, rank_at_k, relevance
+from kinret.scoring.ranking import rank_gallery
 
 
 def hits_at(ranks: list[int], n: int) -> np.ndarray:
@@ -155,35 +149,33 @@ def test_chance_level_matches_monte_carlo():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_block_metrics_match_evaluate_ranking_with_ties_and_empty_probes(seed):
-    from kinret.metrics import family_codes, ranked_block_metrics, track3_scores
+def test_pooled_per_probe_results_match_evaluate_ranking_with_ties_and_empty_probes(seed):
+    """Per-probe results of two blocks of probes, pooled, give evaluate_ranking's numbers on the whole split."""
+    from kinret.metrics import per_probe_results, relevance, summarise
 
     rng = np.random.default_rng(200 + seed)
     p, n = 9, 30
     scores = rng.integers(0, 4, (p, n)).astype(np.float32)  # ties on purpose
-    scores[2] = -np.inf
-    pf = [f"F{i}" for i in rng.integers(0, 8, p)] + ["F99"]  # the last probe has no relative
-    scores = np.vstack([scores, rng.normal(size=(1, n)).astype(np.float32)])
+    pf = [f"F{i}" for i in rng.integers(0, 8, p - 1)] + ["F99"]  # the last probe has no relative
     gf = [f"F{i}" for i in rng.integers(0, 8, n)]
     ranking = rank_gallery(scores)
-    pc, gc = family_codes(pf, gf)
-    parts = [ranked_block_metrics(ranking[a:a + 4], pc[a:a + 4], gc) for a in range(0, p + 1, 4)]
-    first = np.concatenate([f for _, f in parts])
-    assert first[-1] == n
-    for ap in ("standard", "trapezoid"):
-        want = evaluate_ranking(ranking, pf, gf, ap, ks=(1, 5, 10, 50))
-        got = track3_scores(np.concatenate([a[ap] for a, _ in parts]), first, n, ap, ks=(1, 5, 10, 50))
-        np.testing.assert_allclose(got.per_probe_ap, want.per_probe_ap, rtol=1e-12, atol=0)
-        assert got.mAP == pytest.approx(want.mAP, rel=1e-12) and got.rank == want.rank
-        assert (got.n_probes, got.n_gallery) == (p + 1, n) and got.per_probe_ap[-1] == 0.0
+    rel = relevance(pf, gf)
+    parts = [per_probe_results(ranking[a:a + 4], rel[a:a + 4]) for a in range(0, p, 4)]
+    got = summarise(pd.concat(parts, ignore_index=True))
+    assert np.isnan(parts[-1]["first"].iloc[-1]) and parts[-1]["ap"].iloc[-1] == 0.0
+    for ap, key in (("standard", "mAP"), ("trapezoid", "mAP_trapezoid")):
+        want = evaluate_ranking(ranking, pf, gf, ap, ks=(1, 5, 10))
+        assert got[key] == pytest.approx(want.mAP, rel=1e-12)
+        assert [got[f"rank{k}"] for k in (1, 5, 10)] == [want.rank[k] for k in (1, 5, 10)]
+    assert got["average"] == pytest.approx((got["mAP"] + got["rank5"]) / 2)
 
 
-def test_ap_from_hit_ranks_hand_computed():
-    from kinret.metrics import ap_from_hit_ranks
+def test_summarise_hand_computed():
+    from kinret.metrics import summarise
 
-    rows, ranks = np.array([0, 0, 0, 2]), np.array([0, 2, 5, 3])  # row 1 has no hit
-    np.testing.assert_allclose(ap_from_hit_ranks(rows, ranks, 3), [(1 + 2 / 3 + 3 / 6) / 3, 0, 1 / 4])
-    np.testing.assert_allclose(ap_from_hit_ranks(rows, ranks, 3, "trapezoid"),
-                               [((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 5 + 3 / 6) / 2) / 3, 0, (0 / 3 + 1 / 4) / 2])
-    with pytest.raises(ValueError, match="unknown AP variant"):
-        ap_from_hit_ranks(rows, ranks, 3, "voc")
+    results = pd.DataFrame({"ap": [1.0, 0.5, 0.0], "first": [0.0, 3.0, np.nan]})
+    got = summarise(results)
+    assert got["mAP"] == pytest.approx(1.5 / 3) and got["rank1"] == pytest.approx(1 / 3)
+    assert got["rank5"] == pytest.approx(2 / 3) and got["average"] == pytest.approx((1.5 / 3 + 2 / 3) / 2)
+    assert "mAP_trapezoid" not in got
+

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from kinret.config import TrainConfig, apply_overrides
-from kinret.losses import LOSSES, CosFaceFamilyLoss, FocalPairLoss, SupConFamilyLoss, build_loss
-from kinret.models import COMBINATIONS, POOLS, KinNet, PairHead, ResidualNeck, build_backbone, gem
+from kinret.errors import KinretInputError
+from kinret.models.config import TrainConfig, apply_overrides
+from kinret.models.losses import LOSSES, CosFaceFamilyLoss, FocalPairLoss, SupConFamilyLoss, build_loss
+from kinret.models.networks import COMBINATIONS, POOLS, KinNet, PairHead, ResidualNeck, build_backbone, gem
 
 
 def test_combinations_by_hand():
@@ -94,16 +95,16 @@ def test_local_weights_file(tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
     assert data["input_size"] == (3, 160, 160)  # from timm's data config
     torch.save({"other.weight": torch.zeros(3)}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="bad.pth: no tensor matches"):
+    with pytest.raises(ValueError, match="bad.pth: weights file: no tensor matches"):
         build_backbone(apply_overrides(cfg, [f"weights={tmp_path / 'bad.pth'}"]))
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(KinretInputError, match="missing.pth"):
         build_backbone(apply_overrides(cfg, [f"weights={tmp_path / 'missing.pth'}"]))
 
 
 def test_pretrained_offline_fails_at_once_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
-    with pytest.raises(RuntimeError, match="offline .* --set weights=FILE"):
+    with pytest.raises(KinretInputError, match="offline .* --set weights=FILE"):
         build_backbone(apply_overrides(TrainConfig(), ["backbone=resnet18", "pretrained=true"]))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import time
 
 import nbformat
 import pytest
@@ -50,13 +49,11 @@ def workdir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_top_to_bottom_on_the_default(path, workdir, capsys):
-    t0 = time.perf_counter()
     nb, seconds = nb_execute.execute(path, workdir)
     with capsys.disabled():
-        print(f"\n{path.name}: {seconds:.0f} s")
+        print(f"\n{path.name}: {seconds:.0f} s")  # printed, never asserted: the machine may be busy
     sizes = nb_execute.image_sizes(nb)
     assert sizes and max(sizes) < nb_execute.PLOT_LIMIT
-    assert time.perf_counter() - t0 < 600
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if path.name.startswith("01"):
         assert (workdir / "data" / "synthetic" / "test_truth" / "probe_list.csv").is_file()

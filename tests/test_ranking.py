@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kinret.pipeline import probe_scores
-from kinret.ranking import (
-    aggregate,
-    cosine_scores,
-    first_non_permutation,
-    mean_embedding,
-    probe_score_rows,
-    rank_gallery,
-)
+from kinret.scoring.ranking import first_non_permutation, rank_gallery
+from kinret.scoring.similarity import aggregate, cosine_scores, mean_embedding, probe_scores
 
 
 def test_aggregate_matches_naive_loop():
@@ -91,23 +84,3 @@ def test_rank_gallery_dtype_must_hold_every_index():
     with pytest.raises(ValueError, match="cannot hold"):
         rank_gallery(np.zeros((1, 3), np.float32), dtype=np.float32)
     assert rank_gallery(np.zeros((1, 3), np.float16), dtype=np.uint8).tolist() == [[0, 1, 2]]
-
-
-@pytest.mark.parametrize("how", ["mean", "max"])
-def test_probe_score_rows_are_blocks_of_probe_scores(how):
-    rng = np.random.default_rng(4)
-    pf, gf = rng.normal(size=(14, 6)), rng.normal(size=(9, 6))
-    owner = np.array([3, 0, 0, 1, 4, 4, 4, 0, 3, 1, 1, 4, 0, 3])  # probe 2 has no image, probe 1 none readable
-    pok = np.ones(14, bool)
-    pok[[3, 9, 10]] = False
-    gok = np.ones(9, bool)
-    gok[[1, 7]] = False
-    want = probe_scores(pf, pok, owner, 5, gf, gok, how)
-    rows = probe_score_rows(pf, pok, owner, 5, gf, gok, how)
-    for step in (1, 2, 5):
-        got = np.vstack([rows(a, min(a + step, 5)) for a in range(0, 5, step)])
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert np.all(rows(1, 3)[:, gok] == 0) and np.all(np.isneginf(rows(0, 5)[:, [1, 7]]))
-    with pytest.raises(ValueError, match="unknown aggregation"):
-        probe_score_rows(pf, pok, owner, 5, gf, gok, "median")

@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from kinret.config import load_experiment
+from kinret.train.experiments import load_experiment
 
 README = (REPO / "README.md").read_text()
 FENCE = re.compile(r"(<!-- runnable -->\n)?```(bash|python)\n(.*?)```", flags=re.S)
@@ -43,8 +43,8 @@ def test_readme_main_command_runs_make_submission():
 
 
 # ---- every kinret command line of the README, runnable or not, uses options that exist ----------------------------
-ENTRY = {"make_submission.py": "kinret.submit", "ensemble/choose.py": "kinret.workflow",
-         "kinret.ensemble": "kinret.workflow"}
+ENTRY = {"make_submission.py": "kinret.submission.make", "ensemble/choose.py": "kinret.ensemble.cli",
+         "kinret.ensemble": "kinret.ensemble.cli", "kinret.train": "kinret.train.cli"}
 
 
 def command_lines() -> list[list[str]]:
@@ -64,8 +64,8 @@ def command_lines() -> list[list[str]]:
 
 def test_readme_mentions_every_entry_point():
     used = {cmd[0] for cmd in command_lines()}
-    assert {"kinret.submit", "kinret.workflow", "kinret.train", "kinret.grid", "kinret.evaluate", "kinret.protocol",
-            "kinret.synth"} <= used
+    assert {"kinret.submission.make", "kinret.ensemble.cli", "kinret.train.cli", "kinret.grid", "kinret.evaluate",
+            "kinret.protocol", "kinret.synth"} <= used
 
 
 @pytest.mark.parametrize("cmd", command_lines(), ids=lambda c: " ".join(c)[:60])

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kinret import report, submit
-from kinret.fiw import read_fiw
+from kinret.data.fiw import read_fiw
+from kinret.data.split import read_codalab, read_labelled
 from kinret.metrics import cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
-from kinret.ranking import rank_gallery
-from kinret.split import read_codalab, read_labelled
+from kinret.scoring.ranking import rank_gallery
+from kinret.submission import make as submit
+from kinret.submission import report
 
 LIMIT = 200 * 1024
 

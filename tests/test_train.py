@@ -15,7 +15,10 @@ import pytest
 import torch
 from conftest import write_experiment
 
-from kinret import embed, grid, train
+from kinret.errors import KinretInputError
+from kinret.features import cache as embed
+from kinret.train import cli as train
+from kinret.train import grid
 
 
 def run(exp, data, out, *extra) -> int:
@@ -129,7 +132,7 @@ def test_head_only_features_are_computed_once(tmp_path, tiny_data, monkeypatch):
 
 def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
     exp = tmp_path / "g.py"
-    exp.write_text("from dataclasses import replace\nfrom kinret.config import load_experiment\n"
+    exp.write_text("from dataclasses import replace\nfrom kinret.train.experiments import load_experiment\n"
                    f"cfg = replace(load_experiment('tiny')[0], name='g', mode='head', epochs=1, "
                    f"data_root={str(tiny_data)!r}, out_root={str(tmp_path / 'runs')!r})\n"
                    "GRID = {'loss': ['bce', 'focal'], 'combination': ['comb1', 'comb2'], 'fold': [0, 1]}\n")
@@ -148,7 +151,7 @@ def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
 
 
 def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
-    from kinret.checkpoint import load_model
+    from kinret.models.checkpoint import load_model
 
     out = tmp_path / "runs"
     for name, extra in (("e", []), ("h", ["--set", "mode=head", "--set", "neck=residual"])):
@@ -164,5 +167,5 @@ def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
                out / "h" / "fold0" / "checkpoint.pt")
     with pytest.raises(ValueError, match="other weights"):
         load_model(out / "h" / "fold0")
-    with pytest.raises(FileNotFoundError, match="train this run first"):
+    with pytest.raises(KinretInputError, match="train this run first"):
         load_model(out / "nothing" / "fold0")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import write_image
 
-from kinret.config import TrainConfig
-from kinret.data import ImageTable, augment, decode_pixels, family_batches, gather, sample_pairs
-from kinret.fiw import read_fiw
-from kinret.train import lr_factor
+from kinret.data.fiw import read_fiw
+from kinret.data.pixels import ImageTable, decode_pixels, gather
+from kinret.models.config import TrainConfig
+from kinret.train.sampling import augment, family_batches, sample_pairs
+from kinret.train.trainer import lr_factor
 
 
 @pytest.fixture

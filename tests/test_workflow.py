@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from kinret import submit
-from kinret.scores import load_scores, save_scores
-from kinret.sources import CheckpointSource
-from kinret.submission import read_predictions
-from kinret.variants import build_splits
+from kinret.features.sources import CheckpointSource
+from kinret.scoring.splits import build_splits
+from kinret.scoring.store import load_scores, save_scores
+from kinret.submission import make as submit
+from kinret.submission.predictions import read_predictions
 
 
 def args(data, work, *extra):
@@ -47,6 +47,10 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
     assert csv[0].startswith("variant,") and "oof_mAP_trapezoid" in csv[0] and "oof_rank10" in csv[0]
     for name in ("oof0", "oof1", "val"):  # the ids a team's external matrices must carry
         assert (done / "ens" / "protocols" / name / "probe_list.csv").is_file()
+    settings = sel["settings"]  # what the choice was made with, saved beside the submission
+    assert settings["experiments"] == ["tiny"] and settings["normalise"] == "z" and settings["max_steps"] == 10
+    assert settings["top_n"] == 100 and settings["protocol_seed"] == 0 and settings["data_root"] == str(tiny_data)
+    assert json.loads((done / "ens" / "selection.json").read_text())["settings"] == settings
 
 
 def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data):
@@ -57,7 +61,7 @@ def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data
     fold_scores = []
     for k in (0, 1):
         src = CheckpointSource(done / "runs" / "tiny" / f"fold{k}", done / "runs" / "_cache")
-        from kinret.scores import cosine_variant
+        from kinret.scoring.similarity import cosine_variant
         emb = src.embeddings(sd.images)["emb"]
         fold_scores.append(cosine_variant(emb[sd.probe_rows], sd.owner, len(sd.split.probes), emb[sd.gallery_rows]))
     assert np.allclose(stored, (fold_scores[0] + fold_scores[1]) / 2, atol=1e-6)
@@ -72,8 +76,8 @@ def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr("kinret.variants._score_one", fail)
-    monkeypatch.setattr("kinret.submit.grid_main", fail)
+    monkeypatch.setattr("kinret.scoring.variants._score_one", fail)
+    monkeypatch.setattr("kinret.submission.make.grid_main", fail)
     assert submit.main(args(tiny_data, done)) == 0
 
 
@@ -167,7 +171,7 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
     """The default experiment's path, made small: SFace features computed once and shared by the frozen-backbone
     variants (every pooling, zero-shot) and the trained heads (cosine on the residual neck, FC, re-rank)."""
     exp = tmp_path / "small_heads.py"
-    exp.write_text("from dataclasses import replace\n\nfrom kinret.config import load_experiment\n\n"
+    exp.write_text("from dataclasses import replace\n\nfrom kinret.train.experiments import load_experiment\n\n"
                    "cfg = replace(load_experiment('sface_heads')[0], name='small_heads', n_folds=2, epochs=1, "
                    "pairs_per_epoch=256, batch_size=64, eval_pairs=50)\n"
                    "GRID = [{'loss': ['bce', 'cosface']}]\n")
@@ -183,9 +187,9 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
 
 
 def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_path, capsys, monkeypatch):
-    from kinret.workflow import main as ensemble_main
+    from kinret.ensemble.cli import main as ensemble_main
 
-    monkeypatch.setattr("kinret.variants._score_one", lambda *a: pytest.fail("recomputed a cached matrix"))
+    monkeypatch.setattr("kinret.scoring.variants._score_one", lambda *a: pytest.fail("recomputed a cached matrix"))
     base = ["--data-root", str(tiny_data), "--experiments", "tiny", "--runs", str(done / "runs"), "--quiet"]
     ens = tmp_path / "ens"
     shutil.copytree(done / "ens", ens)

@@ -6,12 +6,13 @@ import os
 
 
 class KinretInputError(ValueError):
-    """Bad input data: a malformed list, a missing or corrupt image, a wrong row count, an unknown family."""
+    """Bad input: a malformed list, a missing or corrupt image, a wrong row count, an unknown family, a bad option
+    or config value. Command-line entry points turn it (and only it) into one line and exit code 2."""
 
     def __init__(self, path: str | os.PathLike | None, message: str, line: int | None = None):
         self.path = None if path is None else str(path)
         self.line = line
-        where = self.path or "<input>"
+        where = self.path or ""
         if line is not None:
-            where += f", line {line}"
-        super().__init__(f"{where}: {message}")
+            where += f", line {line}" if where else f"line {line}"
+        super().__init__(f"{where}: {message}" if where else message)

@@ -13,33 +13,32 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import KinretInputError
-from .metrics import AP_VARIANTS, evaluate_ranking
-from .split import read_labelled
-from .submission import read_predictions
+from kinret.cli import parser, run_command
+from kinret.data.split import read_labelled
+from kinret.metrics import AP_VARIANTS, evaluate_ranking
+from kinret.submission.predictions import read_predictions
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kinret.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m kinret.evaluate", __doc__.split("\n\n")[0])
     p.add_argument("--predictions", required=True, help="predictions.csv, or a submission zip holding it")
     p.add_argument("--probes", required=True, help="labelled probe list (RFIW2021 probe_list.csv)")
     p.add_argument("--gallery", required=True, help="labelled gallery list (RFIW2021 gallery_list.csv)")
     p.add_argument("--ap", choices=AP_VARIANTS, default="standard",
                    help="AP definition: 'standard' (precision at each hit) or 'trapezoid' (the organisers' "
-                        "published code); the official scorer's choice is unknown (default: standard)")
+                        "published code); the official scorer's choice is unknown")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        truth = read_labelled(args.probes, args.gallery, image_root=None, name="truth")
-        ranking = read_predictions(args.predictions, len(truth.probes), len(truth.gallery))
-    except KinretInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), args)
+
+
+def run(args: argparse.Namespace) -> int:
+    truth = read_labelled(args.probes, args.gallery, image_root=None, name="truth")
+    ranking = read_predictions(args.predictions, len(truth.probes), len(truth.gallery))
     scores = evaluate_ranking(ranking, truth.probe_fids, truth.gallery_fids, ap=args.ap)
     gallery_families = set(truth.gallery_fids)  # built once: per probe it would cost P x N at 10x scale
     lonely = [i for i, f in enumerate(truth.probe_fids) if f not in gallery_families]

@@ -3,7 +3,7 @@
 Conventions shared by every function here:
 - a *ranking* is a (P, N) integer array; row i lists all N gallery indices for probe i, best first;
 - *relevant* means same family id as the probe;
-- ties in scores are broken by lower gallery index first (see `kinret.ranking.rank_gallery`);
+- ties in scores are broken by lower gallery index first (see `kinret.scoring.ranking.rank_gallery`);
 - a probe with no relative in the gallery has AP 0 and never a Rank@K hit, but still counts in every mean.
 
 >>> hits = np.array([[1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]], dtype=bool)
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
 
 RANK_KS = (1, 5, 10, 20, 50)
 AP_VARIANTS = ("standard", "trapezoid")
@@ -102,30 +104,29 @@ def rank_at_k(hits: np.ndarray, ks: Sequence[int] = RANK_KS) -> dict[int, float]
     return _rank_from_first(first_hit_rank(hits), hits.shape[1], ks)
 
 
-def ap_from_hit_ranks(rows: np.ndarray, ranks: np.ndarray, n_rows: int, variant: str = "standard") -> np.ndarray:
-    """`average_precision` from the hits' positions alone, as `np.nonzero(hits)` gives them (row by row, ranks
-    ascending within a row): O(hits) work instead of O(P * N). A row without a hit gets 0."""
-    if variant not in _AP:
-        raise ValueError(f"unknown AP variant {variant!r}; choose one of {AP_VARIANTS}")
-    counts = np.bincount(rows, minlength=n_rows)
-    c = np.arange(1, len(rows) + 1, dtype=np.float64) - np.repeat(np.cumsum(counts) - counts, counts)  # 1-based
-    r = np.asarray(ranks, dtype=np.float64)
-    terms = c / (r + 1.0)
-    if variant == "trapezoid":
-        terms = (np.divide(c - 1.0, r, out=np.ones_like(r), where=r > 0) + terms) / 2.0
-    total = np.bincount(rows, weights=terms, minlength=n_rows)
-    return np.divide(total, counts, out=np.zeros(n_rows), where=counts > 0)
+def per_probe_results(ranking: np.ndarray, relevant: np.ndarray, trapezoid: bool = True) -> pd.DataFrame:
+    """One row per probe of a ranking: `ap` (standard AP), `first` (0-based rank of its first relative, NaN when it
+    has none) and, with `trapezoid`, `ap_trapezoid`. Tables of several splits concatenate into one pool."""
+    hits = hits_in_rank_order(ranking, relevant)
+    first = first_hit_rank(hits).astype(np.float64)
+    first[~hits.any(axis=1)] = np.nan
+    out = pd.DataFrame({"ap": average_precision(hits, "standard"), "first": first})
+    if trapezoid:
+        out["ap_trapezoid"] = average_precision(hits, "trapezoid")
+    return out
 
 
-def ranked_block_metrics(ranking: np.ndarray, probe_codes: np.ndarray, gallery_codes: np.ndarray,
-                         variants: Sequence[str] = AP_VARIANTS) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per-probe AP (by variant) and first-hit rank (N when none) of a block of ranking rows, from `family_codes`."""
-    hits = gallery_codes[ranking] == np.asarray(probe_codes)[:, None]
-    rows, ranks = np.nonzero(hits)  # row by row, ranks ascending
-    counts = np.bincount(rows, minlength=len(ranking))
-    first = np.full(len(ranking), ranking.shape[1], dtype=np.int64)
-    first[counts > 0] = ranks[(np.cumsum(counts) - counts)[counts > 0]]
-    return {v: ap_from_hit_ranks(rows, ranks, len(ranking), v) for v in variants}, first
+def summarise(results: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Metrics of a pool of per-probe results (each probe counts once, whatever split it came from): mAP,
+    rank{k} for each k, mAP_trapezoid when present, and Average = (mAP + Rank@5) / 2."""
+    first = results["first"].to_numpy()
+    out = {"mAP": float(results["ap"].to_numpy().mean())}
+    with np.errstate(invalid="ignore"):  # NaN (no relative) is never a hit
+        out.update({f"rank{k}": float(np.mean(first < k)) for k in sorted(set(ks) | {5})})
+    if "ap_trapezoid" in results:
+        out["mAP_trapezoid"] = float(results["ap_trapezoid"].to_numpy().mean())
+    out["average"] = (out["mAP"] + out["rank5"]) / 2
+    return out
 
 
 @dataclass(frozen=True)
@@ -173,16 +174,6 @@ def evaluate_ranking(ranking: np.ndarray, probe_fids: Sequence, gallery_fids: Se
                         per_probe)
 
 
-def track3_scores(per_probe_ap: np.ndarray, first_hit: np.ndarray, n_gallery: int, ap: str = "standard",
-                  ks: Sequence[int] = RANK_KS) -> Track3Scores:
-    """Track3Scores from per-probe AP and first-hit ranks (N = no relative), as `ranked_block_metrics` gives them."""
-    if 5 not in ks:
-        ks = tuple(sorted(set(ks) | {5}))
-    per_probe_ap = np.asarray(per_probe_ap, dtype=np.float64)
-    return Track3Scores(ap, float(per_probe_ap.mean()), _rank_from_first(np.asarray(first_hit), n_gallery, ks),
-                        len(per_probe_ap), n_gallery, per_probe_ap)
-
-
 def chance_level(probe_fids: Sequence, gallery_fids: Sequence, ks: Sequence[int] = RANK_KS) -> dict[str, float]:
     """Expected standard mAP, Rank@K and Average of a uniformly random ranking, in closed form.
 
@@ -217,12 +208,7 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    mid = first + (counts + 1) / 2.0  # 1-based mid-rank of each tie group
-    ranks[order] = np.repeat(mid, counts)
+    ranks = rankdata(scores)  # 1-based mid-ranks: ties share their mean rank
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

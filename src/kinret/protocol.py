@@ -16,11 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import KinretInputError
-from .fiw import family_folds, read_fiw
-from .io import write_text_atomic
-from .log import setup_logging
-from .split import build_protocol, write_codalab, write_labelled
+from kinret.cli import parser, run_command
+from kinret.data.fiw import family_folds, read_fiw
+from kinret.data.split import build_protocol, write_codalab, write_labelled
+from kinret.io import write_text_atomic
 
 
 def write_folds(folds: dict[str, int], target: Path) -> Path:
@@ -32,29 +31,27 @@ def write_folds(folds: dict[str, int], target: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kinret.protocol", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m kinret.protocol", __doc__)
     p.add_argument("--fiw", type=Path, required=True, help="labelled FIW folder (F*/MID*/*.jpg)")
     p.add_argument("--out", type=Path, required=True, help="where the labelled lists (and folds.csv) go")
     p.add_argument("--codalab", type=Path, help="also write an unlabelled Codalab-style copy here")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe-member draw and gallery order")
     p.add_argument("--folds", type=int, default=0, help="also write folds.csv with this many family folds")
     args = p.parse_args(argv)
-    setup_logging()
-    try:
-        families = read_fiw(args.fiw)
-        split, skipped = build_protocol(families, args.fiw, seed=args.seed, name=args.fiw.name)
-        write_labelled(split, args.out)
-        print(f"{split.describe()}; {skipped} single-member famil{'y' if skipped == 1 else 'ies'} skipped")
-        print(f"wrote {args.out / 'probe_list.csv'} and {args.out / 'gallery_list.csv'}")
-        if args.codalab:
-            write_codalab(split, args.codalab, args.out)
-            print(f"wrote the unlabelled copy {args.codalab} (truth stays in {args.out})")
-        if args.folds:
-            print(f"wrote {write_folds(family_folds(families, args.folds, args.seed), args.out / 'folds.csv')}")
-    except (KinretInputError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), args)
+
+
+def run(args: argparse.Namespace) -> int:
+    families = read_fiw(args.fiw)
+    split, skipped = build_protocol(families, args.fiw, seed=args.seed, name=args.fiw.name)
+    write_labelled(split, args.out)
+    print(f"{split.describe()}; {skipped} single-member famil{'y' if skipped == 1 else 'ies'} skipped")
+    print(f"wrote {args.out / 'probe_list.csv'} and {args.out / 'gallery_list.csv'}")
+    if args.codalab:
+        write_codalab(split, args.codalab, args.out)
+        print(f"wrote the unlabelled copy {args.codalab} (truth stays in {args.out})")
+    if args.folds:
+        print(f"wrote {write_folds(family_folds(families, args.folds, args.seed), args.out / 'folds.csv')}")
     return 0
 
 

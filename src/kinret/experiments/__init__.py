@@ -1,1 +1,0 @@
-"""Experiment files: each defines `cfg` (and optionally `GRID`) from `kinret.config.TrainConfig`."""

@@ -1,0 +1,156 @@
+"""Per-image features of many images, every pooling from one forward pass, with the horizontal flip, cached as
+`.npz` (ids + arrays) under a key that covers everything that changes the numbers.
+
+Two caches live here: the pooled features of a frozen backbone (`cached_features`, keyed by the backbone's weight
+digest, shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
+(`kinret.features.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in chunks of
+images, each chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not saved;
+under torchrun the processes split the chunks between them (`build_in_chunks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from kinret.data.pixels import decode_pixels, file_list_digest, normalize, to_float
+from kinret.dist import dist_rank_world
+from kinret.io import atomic_path
+from kinret.log import progress
+from kinret.models.networks import POOLS, pool_names
+
+log = logging.getLogger(__name__)
+FEATURE_CODE_VERSION = 2  # bump when the feature path (preprocessing, pooling, flip, neck) changes
+CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part of a cache being built
+
+
+@torch.no_grad()
+def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, device: torch.device, batch: int = 128,
+                   gem_p: float = 3.0, desc: str = "features", channels_last: bool = True,
+                   neck: nn.Module | None = None, neck_pool: str = "avg") -> dict[str, np.ndarray]:
+    """For each pooling, float32 (2, N, D): row 0 the image, row 1 its mirror image. The backbone runs in eval mode
+    once per batch and view; every pooling is read off the same feature map. With a `neck`, the key "emb" holds
+    neck(`neck_pool` features): a trained model's embedding, from the same pass."""
+    backbone.eval()
+    if neck is not None:
+        neck.eval()
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    names = pool_names(backbone)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])}
+    for start in progress(range(0, len(pixels), batch), desc=desc, total=math.ceil(len(pixels) / batch)):
+        x = normalize(to_float(np.asarray(pixels[start:start + batch]), device), data_cfg["mean"], data_cfg["std"])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = []
+        for view in (x, x.flip(3)):
+            fmap = backbone.forward_features(view)
+            pooled = {k: (backbone.forward_native(fmap) if k == "native" else POOLS[k](fmap, gem_p)) for k in names}
+            if neck is not None:
+                pooled["emb"] = neck(pooled[neck_pool])
+            views.append(pooled)
+        for k in out:
+            out[k].append(torch.stack([views[0][k], views[1][k]]).float().cpu().numpy())
+    return {k: np.concatenate(v, axis=1) for k, v in out.items()}
+
+
+def feature_key(backbone_digest: str, data_cfg: dict, paths: Sequence[Path], gem_p: float, channels_last: bool
+                ) -> str:
+    parts = [backbone_digest, str(tuple(data_cfg["input_size"])), str(tuple(data_cfg["mean"])),
+             str(tuple(data_cfg["std"])), f"gem{gem_p}", f"cl{int(channels_last)}", f"v{FEATURE_CODE_VERSION}",
+             file_list_digest(paths)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file (a checkpoint): a retrained or resumed checkpoint gets a new key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` cache whose stored `ids` must equal `ids`, row for row."""
+    with np.load(cache) as data:
+        if "ids" not in data.files or data["ids"].shape != ids.shape or not (data["ids"] == ids).all():
+            raise ValueError(f"feature cache {cache}: stored image ids do not match the requested images")
+        return {k: data[k] for k in data.files if k != "ids"}
+
+
+def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
+                    chunk: int = CHUNK, shard: bool = False) -> dict[str, np.ndarray]:
+    """`compute(start, stop)` -> arrays of shape (2, stop - start, ...) for every chunk of rows, each chunk saved
+    under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
+    parts removed. A chunk already saved by a killed run is read, not recomputed.
+
+    With `shard`, under torchrun, every process must call this in the same order: process r computes chunks r,
+    r + world, ...; after a barrier rank 0 joins the parts into the cache and the others read it after a second
+    barrier. (The trainer instead lets rank 0 fill its caches alone, so it does not shard.)"""
+    if cache.is_file():
+        return read_cache(cache, ids)
+    rank, world = dist_rank_world() if shard else (0, 1)
+    parts_dir = cache.with_name(cache.name + ".parts")
+    bounds = [(a, min(a + chunk, len(ids))) for a in range(0, max(len(ids), 1), chunk)]
+    pieces: dict[int, dict[str, np.ndarray]] = {}
+    for i, (start, stop) in enumerate(bounds):
+        part = parts_dir / f"rows{start:09d}-{stop:09d}.npz"
+        if i % world != rank or part.is_file():
+            continue
+        pieces[i] = compute(start, stop)
+        with atomic_path(part, suffix=".npz") as tmp:
+            np.savez(tmp, ids=ids[start:stop], **pieces[i])
+    if world > 1:
+        tdist.barrier()
+    if rank == 0:
+        for i, (start, stop) in enumerate(bounds):
+            if i not in pieces:
+                pieces[i] = read_cache(parts_dir / f"rows{start:09d}-{stop:09d}.npz", ids[start:stop])
+        whole = {k: np.concatenate([pieces[i][k] for i in range(len(bounds))], axis=1) for k in pieces[0]}
+        with atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, ids=ids, **whole)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    if world > 1:
+        tdist.barrier()
+    return whole if rank == 0 else read_cache(cache, ids)
+
+
+def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, paths: Sequence[Path],
+                    pixels: Callable[[], np.ndarray], cache_dir: Path, label: str, device: torch.device,
+                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True, shard: bool = False
+                    ) -> dict[str, np.ndarray]:
+    """`forward_pooled` of `paths` (pooling -> (2, N, D)), read from `cache_dir` when the key matches, else computed
+    in saved chunks and written atomically. `pixels` is only called on a cache miss; with `shard` under torchrun,
+    each process computes (and decodes) only its share of the chunks."""
+    sharded = shard and dist_rank_world()[1] > 1
+    key = feature_key(backbone_digest, data_cfg, paths, gem_p, channels_last)
+    cache = Path(cache_dir) / f"features_{label}_{key}.npz"
+    ids = np.array([str(p) for p in paths])
+    if not cache.is_file():
+        log.info("computing %s features of %d images into %s", label, len(paths), cache)
+    source: list[np.ndarray] = []
+
+    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+        if sharded:  # a process decodes only its own chunks
+            chunk_pixels = decode_pixels(paths[start:stop], data_cfg["input_size"][-1], None)
+        else:
+            if not source:
+                source.append(pixels())
+            chunk_pixels = source[0][start:stop]
+        feats = forward_pooled(backbone, chunk_pixels, data_cfg, device, batch, gem_p,
+                               f"features {label} {start}-{stop}", channels_last)
+        return {f"pool_{k}": v for k, v in feats.items()}
+
+    found = build_in_chunks(cache, ids, compute, shard=shard)
+    return {k.removeprefix("pool_"): v for k, v in found.items()}

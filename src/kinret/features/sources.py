@@ -1,0 +1,235 @@
+"""Where per-image embeddings come from: raw pixels, a frozen backbone, a trained checkpoint, or a file of
+embeddings a team computed elsewhere. Each source maps an image set to {embedding name: (N, D) float32}, the
+image and its mirror image averaged (flip test-time augmentation), and names its own content in `key`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kinret.data.pixels import decode_pixels, file_list_digest
+from kinret.dist import dist_rank_world
+from kinret.errors import KinretInputError
+from kinret.features.cache import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
+from kinret.features.raw_pixels import RawPixels
+from kinret.models.checkpoint import load_model, shared_backbone
+from kinret.models.config import TrainConfig, config_from_dict
+from kinret.models.losses import loss_kind
+from kinret.models.networks import PairFn, state_digest
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The images one split needs ("oof0", "val", "test", ...). `ids` are the paths relative to the data root, as
+    external files name images. An out-of-fold set is `rows` of its `parent`, every training image in the
+    trainer's order, so a frozen backbone's features come from the one cache the trainer filled."""
+
+    label: str
+    paths: tuple[Path, ...]
+    ids: tuple[str, ...]
+    parent: ImageSet | None = None
+    rows: tuple[int, ...] = ()
+
+    @cached_property
+    def digest(self) -> str:
+        return file_list_digest(self.paths)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _views_mean(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.mean(axis=0) for k, v in feats.items()}
+
+
+def _device() -> torch.device:
+    """This process's device: its GPU under torchrun (LOCAL_RANK), else the first GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+@dataclass
+class RawPixelSource:
+    """The training-free baseline: a 32 px thumbnail, centred, unit norm. No flip (a baseline, kept plain)."""
+
+    cache_dir: Path
+    name: str = "raw_pixels"
+    pair_fn: PairFn | None = None
+
+    def key(self, images: ImageSet) -> str:
+        return _key("raw32", FEATURE_CODE_VERSION, images.digest)
+
+    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+        cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
+        found = build_in_chunks(cache, np.asarray(images.ids),
+                                lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True)
+        return _views_mean(found)
+
+
+@dataclass
+class BackboneSource:
+    """A frozen backbone's pooled features (every pooling), shared by the head-only checkpoints trained on it."""
+
+    cfg: TrainConfig
+    cache_dir: Path
+    backbones: dict = field(default_factory=dict)
+    pair_fn: PairFn | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.backbone + (f"-{Path(self.cfg.weights).stem}" if self.cfg.weights else "")
+
+    @cached_property
+    def _model(self) -> tuple[torch.nn.Module, dict, str]:
+        backbone, data_cfg = shared_backbone(self.cfg, self.backbones)
+        return backbone, data_cfg, state_digest(backbone)
+
+    def key(self, images: ImageSet) -> str:
+        _, data_cfg, digest = self._model
+        return _key(digest, sorted(data_cfg.items()), self.cfg.gem_p, self.cfg.channels_last, FEATURE_CODE_VERSION,
+                    images.digest)
+
+    def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
+        """pooling -> (2, N, D) features of the image and its mirror image."""
+        if images.parent is not None:
+            return {k: v[:, list(images.rows)] for k, v in self.raw(images.parent).items()}
+        backbone, data_cfg, digest = self._model
+        size = data_cfg["input_size"][-1]
+        return cached_features(backbone, digest, data_cfg, images.paths,
+                               lambda: decode_pixels(images.paths, size, self.cache_dir), self.cache_dir,
+                               self.cfg.backbone, _device(), self.cfg.eval_batch_size, self.cfg.gem_p,
+                               self.cfg.channels_last, shard=True)
+
+    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+        return _views_mean(self.raw(images))
+
+
+def run_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise KinretInputError(None, f"{path} does not exist: train this run first")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+@dataclass
+class CheckpointSource:
+    """One trained checkpoint: its embedding ("emb", what its cosine compares), for end-to-end checkpoints also every
+    pooling of its fine-tuned backbone, and its FC pair head when a pair loss trained it. Embeddings are cached in
+    ``{run_dir}/embeddings/{set}_{key}.npz``; the key covers the checkpoint file's content."""
+
+    run_dir: Path
+    cache_dir: Path
+    backbones: dict = field(default_factory=dict)
+
+    @cached_property
+    def cfg(self) -> TrainConfig:
+        return run_config(self.run_dir)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def has_fc(self) -> bool:
+        return loss_kind(self.cfg.loss) == "pair"
+
+    @cached_property
+    def digest(self) -> str:
+        path = self.run_dir / "checkpoint.pt"
+        if not path.is_file():
+            raise KinretInputError(None, f"{path} does not exist: train this run first")
+        return file_digest(path)
+
+    @cached_property
+    def _loaded(self):
+        return load_model(self.run_dir, _device(), self.backbones)
+
+    def key(self, images: ImageSet) -> str:
+        return _key(self.digest, FEATURE_CODE_VERSION, images.digest)
+
+    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+        cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
+        cfg = self.cfg
+        inputs: list[np.ndarray] = []  # the decoded pixels, or the frozen backbone's features: read on first need
+
+        def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+            model, _, data_cfg = self._loaded
+            if cfg.mode == "head":
+                pooled = torch.from_numpy(inputs[0][:, start:stop])
+                with torch.no_grad():
+                    emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
+                return {"emb": emb.float().cpu().numpy()}
+            if not inputs:  # under torchrun a process decodes only its chunks
+                inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir)
+                              if dist_rank_world()[1] == 1 else None)
+            pixels = (inputs[0][start:stop] if inputs[0] is not None
+                      else decode_pixels(images.paths[start:stop], data_cfg["input_size"][-1], None))
+            return forward_pooled(model.backbone, pixels, data_cfg, _device(), cfg.eval_batch_size,
+                                  cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
+                                  cfg.pool)
+
+        if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
+            inputs.append(BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)[cfg.pool])
+        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True))
+
+    @property
+    def pair_fn(self) -> PairFn | None:
+        if not self.has_fc:
+            return None
+        model = self._loaded[0]
+
+        @torch.no_grad()
+        def logits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return model.pair_logits(torch.from_numpy(a).to(_device()),
+                                     torch.from_numpy(b).to(_device())).float().cpu().numpy()
+
+        return logits
+
+
+@dataclass
+class ExternalEmbeddings:
+    """``embeddings.npz`` with `image_ids` (paths relative to the data root) and `embeddings` (M, D): features a
+    team computed elsewhere, one row per image, covering every image of the splits it is scored on."""
+
+    path: Path
+    name: str
+    pair_fn: PairFn | None = None
+
+    @cached_property
+    def _table(self) -> tuple[dict[str, int], np.ndarray]:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                ids, emb = data["image_ids"].astype(str), np.asarray(data["embeddings"], dtype=np.float32)
+        except (KeyError, ValueError, OSError) as exc:
+            raise KinretInputError(self.path, f"expected arrays image_ids and embeddings ({exc})") from None
+        if emb.ndim != 2 or len(emb) != len(ids):
+            raise KinretInputError(self.path, f"embeddings have shape {emb.shape} for {len(ids)} image_ids")
+        if not np.isfinite(emb).all():
+            row = int(np.argwhere(~np.isfinite(emb))[0, 0])
+            raise KinretInputError(self.path, f"non-finite embedding at row {row} ({ids[row]})")
+        index = {}
+        for i, k in enumerate(ids):
+            if k in index:
+                raise KinretInputError(self.path, f"image id {k!r} appears twice (rows {index[k]} and {i})")
+            index[k] = i
+        return index, emb
+
+    def key(self, images: ImageSet) -> str:
+        return _key(file_digest(self.path), images.digest)
+
+    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+        index, emb = self._table
+        missing = [i for i in images.ids if i not in index]
+        if missing:
+            raise KinretInputError(self.path, f"no embedding for {len(missing)} image(s) of the {images.label} set, "
+                                              f"e.g. {missing[0]!r}")
+        return {"emb": emb[[index[i] for i in images.ids]]}

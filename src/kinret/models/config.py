@@ -1,0 +1,145 @@
+"""What a run is: one frozen dataclass of defaults (the model, its loss and training, its folds), typed
+``--set key=value`` overrides checked against the fields, the seeds a run derives, and its saved form.
+
+Experiment files derive from it (see `kinret.train.experiments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kinret.errors import KinretInputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults after the seed paper (SGD, lr 1e-2, momentum 0.9, 5,000 + 5,000 pairs an epoch, comb1, BCE)."""
+
+    name: str = "default"
+    data_root: str = "data/synthetic"   # holds train/ (FIW folders) and optionally val/
+    out_root: str = "runs"
+    # model
+    backbone: str = "resnet18"          # any timm name, or "sface" (the bundled pretrained face network)
+    pretrained: bool = False            # timm hub weights (needs the network)
+    weights: str = ""                   # a local state dict for the backbone (overrides `pretrained`)
+    input_size: int = 0                 # 0: from timm's resolve_model_data_config
+    pool: str = "avg"                   # avg | max | gem | native (sface's own embedding layer)
+    gem_p: float = 3.0
+    neck: str = "none"                  # none | residual (identity-initialised linear) | linear
+    embed_dim: int = 0                  # width of a "linear" neck; 0 = backbone width
+    combination: str = "comb1"          # see kinret.models.networks.COMBINATIONS
+    head_widths: tuple[int, ...] = (128,)
+    dropout: float = 0.1
+    # training
+    mode: str = "e2e"                   # e2e (fine-tune the backbone) | head (frozen backbone, cached features)
+    freeze: tuple[str, ...] = ()        # backbone parameter-name prefixes kept frozen in e2e mode
+    loss: str = "bce"                   # see kinret.models.losses.LOSSES
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    margin: float = 0.35                # cosface
+    scale: float = 30.0                 # cosface
+    temperature: float = 0.1            # supcon
+    pairs_per_epoch: int = 5000         # kin pairs; as many non-kin pairs are drawn (pair losses)
+    images_per_family: int = 4          # family losses: batches of families x this many images
+    epochs: int = 5
+    batch_size: int = 64                # global batch (split over DDP processes)
+    optimizer: str = "sgd"              # sgd | adamw
+    lr: float = 1e-2
+    backbone_lr_mult: float = 1.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    augment: bool = True
+    flip_p: float = 0.5
+    color_jitter: float = 0.2
+    affine_degrees: float = 5.0
+    affine_translate: float = 0.05
+    affine_scale: float = 0.05
+    # folds, evaluation, run control
+    n_folds: int = 5
+    fold_seed: int = 0
+    seed: int = 0
+    eval_pairs: int = 1000              # held-out kin pairs for the pair AUC (as many non-kin)
+    eval_batch_size: int = 128
+    device: str = "auto"                # auto | cpu | cuda
+    amp: bool = True                    # CUDA only
+    channels_last: bool = True          # memory format for convolutions (CPU and CUDA)
+    threads: int = 0                    # torch threads on CPU; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("e2e", "head"), "neck": ("none", "residual", "linear"), "optimizer": ("sgd", "adamw"),
+                   "pool": ("avg", "max", "gem", "native"), "device": ("auto", "cpu", "cuda")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise KinretInputError(None, f"config {self.name!r}: {key}={getattr(self, key)!r} is not one of "
+                                             f"{allowed}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise KinretInputError(None, f"config {self.name!r}: need epochs >= 1 and batch_size >= 2")
+
+    def run_dir(self, fold: int) -> Path:
+        """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide."""
+        return Path(self.out_root) / self.name / (f"fold{fold}" if self.seed == 0 else f"fold{fold}_seed{self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert(field: dataclasses.Field, text: str) -> Any:
+    kind = typing.get_type_hints(TrainConfig)[field.name]
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise KinretInputError(None, f"--set {field.name}: expected a boolean, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise KinretInputError(None, f"--set {field.name}: expected {kind.__name__}, got {text!r}") from None
+    item = typing.get_args(kind)[0]  # tuple[X, ...]
+    parts = [t for t in text.split(",") if t.strip()]
+    try:
+        return tuple(item(t.strip()) for t in parts)
+    except ValueError:
+        raise KinretInputError(None, f"--set {field.name}: expected comma-separated {item.__name__}s, "
+                                     f"got {text!r}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply ``key=value`` strings, converted to each field's declared type; unknown keys raise."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise KinretInputError(None, f"--set expects key=value, got {item!r}")
+        if key not in by_name:
+            raise KinretInputError(None, f"--set {key}: no such config field; known: {', '.join(sorted(by_name))}")
+        changes[key] = _convert(by_name[key], value.strip())
+    return replace(cfg, **changes)
+
+
+def seed_of(*parts: int) -> int:
+    """One 32-bit seed from several integers (seed, fold, epoch, ...), well mixed, negative parts allowed."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from kinret.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    kwargs = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in data.items() if k in names}
+    return TrainConfig(**kwargs)

@@ -1,0 +1,242 @@
+"""The Siamese kinship network: a shared backbone, a pooling of its last feature map, an optional neck, and an FC
+head over a pair combination (the seed paper's comb1 ``(x²−y²) ⊕ (x−y)²`` and friends) giving one kin logit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kinret.errors import KinretInputError
+from kinret.models.config import TrainConfig
+
+log = logging.getLogger(__name__)
+PairFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # a trained FC head: (K, D), (K, D) -> (K,) kin logits
+
+
+# ---- pooling of a (N, C, H, W) feature map -------------------------------------------------------------------------
+def gem(fmap: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised mean pooling: (mean over positions of x^p)^(1/p); p=1 is average, p→∞ approaches max."""
+    return fmap.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+POOLS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "avg": lambda f, p: f.mean(dim=(2, 3)),
+    "max": lambda f, p: f.amax(dim=(2, 3)),
+    "gem": lambda f, p: gem(f, p),
+}
+
+
+
+def pool_names(backbone: str | nn.Module) -> list[str]:
+    """The poolings `kinret.features.cache.forward_pooled` reads off one feature map of `backbone` (a built module or
+    a config's backbone name): avg, max, gem, and "native" for a network with its own embedding layer (SFace)."""
+    native = hasattr(backbone, "forward_native") if isinstance(backbone, nn.Module) else backbone == "sface"
+    return list(POOLS) + (["native"] if native else [])
+
+# ---- pair combinations: (x, y) -> one vector per pair ---------------------------------------------------------------
+COMBINATIONS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int]] = {
+    # name: (function, output width as a multiple of the embedding width)
+    "comb1": (lambda x, y: torch.cat([x * x - y * y, (x - y) ** 2], dim=1), 2),
+    "comb2": (lambda x, y: torch.cat([x * x - y * y, (x - y) ** 2, x * y], dim=1), 3),
+    "concat": (lambda x, y: torch.cat([x, y], dim=1), 2),
+    "absdiff": (lambda x, y: (x - y).abs(), 1),
+    "prod": (lambda x, y: x * y, 1),
+}
+
+
+class PairHead(nn.Module):
+    """FC layers over a pair combination of L2-normalised embeddings (scaled by sqrt(dim)), ending in one logit
+    (sigmoid = kin probability)."""
+
+    def __init__(self, dim: int, combination: str, widths: tuple[int, ...], dropout: float):
+        super().__init__()
+        if combination not in COMBINATIONS:
+            raise KinretInputError(None, f"unknown combination {combination!r}; choose one of {sorted(COMBINATIONS)}")
+        self.combine, mult = COMBINATIONS[combination]
+        layers: list[nn.Module] = []
+        width = dim * mult
+        for w in widths:
+            layers += [nn.Linear(width, w), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = w
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # unit vectors scaled by sqrt(dim) have O(1) components: squares and products of plain unit vectors are
+        # O(1/dim) and leave the FC layers stuck at chance (measured: BCE stayed at ln 2 on 128-d SFace features)
+        scale = math.sqrt(x.shape[1])
+        return self.mlp(self.combine(F.normalize(x, dim=1) * scale, F.normalize(y, dim=1) * scale)).squeeze(1)
+
+
+class ResidualNeck(nn.Module):
+    """x + A x with A zero-initialised: starts as the identity, so training begins at the pretrained features (heads
+    on frozen face features that did not start at the identity fell below zero-shot; see DEVELOPERS.md)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+def build_neck(kind: str, dim: int, embed_dim: int) -> tuple[nn.Module, int]:
+    if kind == "none":
+        return nn.Identity(), dim
+    if kind == "residual":
+        return ResidualNeck(dim), dim
+    out = embed_dim or dim
+    return nn.Linear(dim, out), out
+
+
+# ---- backbones ------------------------------------------------------------------------------------------------------
+class SFaceBackbone(nn.Module):
+    """The bundled SFace network behind the kit's input convention (RGB scaled to 0–255 by the data config)."""
+
+    def __init__(self, freeze_bn: bool = True):
+        super().__init__()
+        from kinret.models.sface import build_sface
+
+        self.net = build_sface(freeze_bn=freeze_bn)
+        self.num_features = self.net.feature_channels
+        self.native_features = self.net.num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x.flip(1))  # RGB -> BGR, as the network was trained
+
+    def forward_native(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(fmap)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # use a local hub cache if there is one, never retry the network
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:  # timm raises several types (OSError, LocalEntryNotFoundError, RuntimeError)
+        where = "offline (no network or HF_HUB_OFFLINE=1) and not in the local cache" if offline else "download failed"
+        raise KinretInputError(None,
+            f"pretrained weights for {name!r} are unavailable: {where} ({exc.__class__.__name__}). Pass a local "
+            f"state dict with --set weights=FILE, train from scratch with --set pretrained=false, or use the bundled "
+            f"face network with --set backbone=sface") from None
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a local backbone state dict (as teams keep VGGFace2/ArcFace weights): unwraps `state_dict`/`model`
+    containers and `module.`/`backbone.` prefixes; classifier layers that do not fit are dropped; raises when the
+    file matches nothing or leaves backbone weights unset."""
+    path = Path(path)
+    if not path.is_file():
+        raise KinretInputError(None, f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    own = model.state_dict()
+    clean = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone.", "model."):
+            k = k.removeprefix(prefix)
+        if k in own and own[k].shape == v.shape:
+            clean[k] = v
+    missing = [k for k in own if k not in clean]
+    if not clean:
+        raise KinretInputError(path, "weights file: no tensor matches the backbone's parameter names and shapes")
+    if missing:
+        raise KinretInputError(path, f"weights file: {len(missing)} backbone tensors missing or of another shape, "
+                                     f"e.g. {missing[:3]}")
+    model.load_state_dict(clean)
+    log.info("loaded %d tensors from %s (%d ignored)", len(clean), path, len(state) - len(clean))
+
+
+def build_backbone(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """The backbone (with `forward_features` and `num_features`) and its data config (input size, mean, std)."""
+    if cfg.backbone == "sface":
+        model = SFaceBackbone()
+        if cfg.weights:
+            load_weights_file(model.net, cfg.weights)
+        data = {"input_size": (3, 112, 112), "mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}
+    else:
+        import timm
+
+        model = _create_timm(cfg.backbone, cfg.pretrained and not cfg.weights)
+        if cfg.weights:
+            load_weights_file(model, cfg.weights)
+        data = dict(timm.data.resolve_model_data_config(model))
+    if cfg.input_size:
+        data["input_size"] = (3, cfg.input_size, cfg.input_size)
+    if cfg.pool == "native" and not hasattr(model, "forward_native"):
+        raise KinretInputError(None, "pool 'native' needs a backbone with its own embedding layer (sface), not "
+                                     f"{cfg.backbone!r}")
+    return model, data
+
+
+def state_digest(module: nn.Module) -> str:
+    """A content hash of a module's weights: names a frozen backbone in checkpoints and feature caches."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class KinNet(nn.Module):
+    """backbone → pool → neck = the embedding compared by cosine; head(comb(a, b)) = the FC kin logit.
+
+    `backbone` is None in head-only mode, where `embed_pooled` is fed cached pooled features instead of images.
+    """
+
+    def __init__(self, backbone: nn.Module | None, pooled_dim: int, cfg: TrainConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.pool_name, self.gem_p = cfg.pool, cfg.gem_p
+        self.neck, dim = build_neck(cfg.neck, pooled_dim, cfg.embed_dim)
+        self.head = PairHead(dim, cfg.combination, cfg.head_widths, cfg.dropout)
+        self.embed_dim = dim
+
+    def pool(self, fmap: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        kind = kind or self.pool_name
+        if kind == "native":
+            return self.backbone.forward_native(fmap)
+        return POOLS[kind](fmap, self.gem_p)
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone.forward_features(images))
+
+    def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.neck(pooled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_pooled(self.pooled(images))
+
+    def pair_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.head(a, b)
+
+
+def pooled_dim(backbone: nn.Module, pool: str) -> int:
+    return backbone.native_features if pool == "native" else backbone.num_features

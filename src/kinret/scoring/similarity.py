@@ -1,0 +1,148 @@
+"""Similarities as pure functions of per-image embeddings: cosine and the trained FC pair head, fused over each
+probe's images, and the FC re-rank of a cosine shortlist. Arrays in, (P, N) float32 scores out; no I/O.
+
+For a probe with images e_1..e_m and a gallery face g:
+  cosine, "meanemb": cos(mean of the unit e_i, g) -- the same order as the mean of the cosines (the mean of unit
+                     vectors dotted with g is that mean, and renormalising divides a whole row by one positive
+                     number), at a fraction of the cost, so the mean of cosines is not computed separately;
+          "max":     max_i cos(e_i, g)
+  fc (the trained pair head h), "mean": mean_i h(e_i, g);  "max": max_i h(e_i, g);  "meanemb": h(mean embedding, g)
+  rerank: the cosine (meanemb) top-N of each probe re-ordered by fc "mean", kept above the rest of the gallery.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy.special import expit
+
+from kinret.models.networks import PairFn
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "max")  # late fusion of per-image score rows
+COSINE_AGGREGATIONS = ("meanemb", "max")
+FC_AGGREGATIONS = ("mean", "max", "meanemb")
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def cosine_scores(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """(Q, N) float32 cosine similarity between every query row and every gallery row."""
+    return l2_normalize(queries) @ l2_normalize(gallery).T
+
+
+def _check_owner(owner: np.ndarray, n_rows: int, n_probes: int) -> np.ndarray:
+    owner = np.asarray(owner)
+    if owner.shape != (n_rows,):
+        raise ValueError(f"owner has shape {owner.shape}, expected ({n_rows},)")
+    if n_rows and (owner.min() < 0 or owner.max() >= n_probes):
+        raise ValueError(f"owner indices must lie in 0..{n_probes - 1}")
+    if np.any(np.bincount(owner, minlength=n_probes) == 0):
+        raise ValueError(f"probe {int(np.argmin(np.bincount(owner, minlength=n_probes)))} has no image")
+    return owner
+
+
+def mean_embedding(features: np.ndarray, owner: np.ndarray, n_probes: int) -> np.ndarray:
+    """Early fusion: per probe, the mean of its L2-normalised image features, normalised again. (n_probes, D)."""
+    feats = l2_normalize(features)
+    owner = _check_owner(owner, len(feats), n_probes)
+    sums = np.zeros((n_probes, feats.shape[1]), dtype=np.float64)
+    np.add.at(sums, owner, feats)
+    return l2_normalize(sums.astype(np.float32))
+
+
+def aggregate(image_scores: np.ndarray, owner: np.ndarray, n_probes: int, how: str = "mean") -> np.ndarray:
+    """Late fusion: combine per-image score rows (M, N) into per-probe rows (n_probes, N) by `how` (mean, max).
+
+    `owner[m]` is the probe that image row m belongs to; rows need not be grouped. -inf scores (an unreadable
+    gallery face) stay -inf under both.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
+    scores = np.asarray(image_scores, dtype=np.float32)
+    owner = _check_owner(owner, scores.shape[0], n_probes)
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=n_probes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    grouped = scores[order]
+    if how == "max":
+        return np.maximum.reduceat(grouped, starts, axis=0)
+    with np.errstate(invalid="ignore"):
+        return (np.add.reduceat(grouped, starts, axis=0) / counts[:, None]).astype(np.float32)
+
+
+def cosine_variant(probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gallery_emb: np.ndarray,
+                   how: str = "meanemb") -> np.ndarray:
+    """(n_probes, N) cosine scores fused over each probe's images by `how` (see the module docstring)."""
+    if how == "meanemb":
+        return cosine_scores(mean_embedding(probe_emb, owner, n_probes), gallery_emb)
+    if how == "max":
+        return aggregate(cosine_scores(probe_emb, gallery_emb), owner, n_probes, "max")
+    raise ValueError(f"unknown cosine aggregation {how!r}; choose one of {COSINE_AGGREGATIONS}")
+
+
+def fc_matrix(pair_fn: PairFn, rows: np.ndarray, gallery_emb: np.ndarray, max_pairs: int = 1 << 18) -> np.ndarray:
+    """(R, N) pair-head logits of every row against every gallery face, `max_pairs` pairs per call so memory stays
+    bounded (a call holds max_pairs x D floats per input) whatever R x N is."""
+    n, dim = gallery_emb.shape
+    out = np.empty((len(rows), n), dtype=np.float32)
+    per = max(1, max_pairs // max(n, 1))  # rows per call
+    for start in range(0, len(rows), per):
+        block = rows[start:start + per]
+        a = np.repeat(block, n, axis=0)
+        b = np.tile(gallery_emb, (len(block), 1))
+        out[start:start + len(block)] = np.asarray(pair_fn(a, b), dtype=np.float32).reshape(len(block), n)
+    return out
+
+
+def fc_variant(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gallery_emb: np.ndarray,
+               how: str = "mean", max_pairs: int = 1 << 18) -> np.ndarray:
+    """(n_probes, N) FC similarity fused over each probe's images by `how` (see the module docstring)."""
+    if how == "meanemb":
+        return fc_matrix(pair_fn, mean_embedding(probe_emb, owner, n_probes), gallery_emb, max_pairs)
+    if how in ("mean", "max"):
+        return aggregate(fc_matrix(pair_fn, probe_emb, gallery_emb, max_pairs), owner, n_probes, how)
+    raise ValueError(f"unknown FC aggregation {how!r}; choose one of {FC_AGGREGATIONS}")
+
+
+def rerank(shortlist: np.ndarray, fine: np.ndarray, top_n: int) -> np.ndarray:
+    """Each row's `top_n` highest `shortlist` scores re-ordered by `fine`, above every other face (which keep their
+    `shortlist` order): shortlisted faces score max(row) + 1 + sigmoid(fine), the rest keep their shortlist score.
+
+    Only the shortlist's finite range matters, so cosines (in [-1, 1]) or any other bounded score work."""
+    shortlist = np.asarray(shortlist, dtype=np.float32)
+    out = shortlist.copy()
+    k = min(top_n, shortlist.shape[1])
+    top = np.argpartition(-shortlist, k - 1, axis=1)[:, :k]
+    rows = np.arange(len(shortlist))[:, None]
+    lift = shortlist.max(axis=1, keepdims=True) + 1.0
+    out[rows, top] = lift + expit(np.asarray(fine, dtype=np.float64)[rows, top])
+    return out
+
+
+def probe_scores(probe_feats: np.ndarray, probe_ok: np.ndarray, owner: np.ndarray, n_probes: int,
+                 gallery_feats: np.ndarray, gallery_ok: np.ndarray, how: str = "meanemb") -> np.ndarray:
+    """`cosine_variant` of a split whose images may be unreadable: probe images with `probe_ok` False are left out
+    (a probe left with none scores 0 everywhere, so its ranking is gallery order), and gallery faces with
+    `gallery_ok` False score -inf and rank last."""
+    if how not in COSINE_AGGREGATIONS:
+        raise ValueError(f"unknown cosine aggregation {how!r}; choose one of {COSINE_AGGREGATIONS}")
+    keep = np.asarray(probe_ok, dtype=bool)
+    owner = np.asarray(owner)
+    has_image = np.bincount(owner[keep], minlength=n_probes) > 0
+    scores = np.zeros((n_probes, len(gallery_feats)), dtype=np.float32)
+    if has_image.any():
+        remap = np.cumsum(has_image) - 1  # probes with images, renumbered 0..K-1
+        scores[has_image] = cosine_variant(probe_feats[keep], remap[owner[keep]], int(has_image.sum()),
+                                           gallery_feats, how)
+    if not has_image.all():
+        log.warning("%d probe(s) have no readable image and are ranked in gallery order: %s",
+                    int((~has_image).sum()), np.flatnonzero(~has_image)[:10].tolist())
+    scores[:, ~np.asarray(gallery_ok, dtype=bool)] = -np.inf
+    return scores

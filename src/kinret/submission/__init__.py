@@ -1,0 +1,6 @@
+"""The submission stage: the Codalab `predictions.csv` and its zip, written and read back (`predictions`), the
+report beside it (`report`: CMC curves, score histogram, retrieval grid, the variant table), and
+``make_submission.py`` itself (`make`: train what is missing, run the ensemble, submit, report).
+
+May import every other stage.
+"""

@@ -1,0 +1,56 @@
+"""A run's files in ``runs/{experiment}/fold{k}/``: ``checkpoint.pt`` (weights, optimizer and progress, enough to
+resume or to score the run), ``summary.csv`` (one row per finished epoch, columns `SUMMARY_FIELDS`) and
+``state.json`` (how far the run got). Each is written to a temporary name and renamed, so a run killed mid-write
+leaves the previous complete file, never half of one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kinret.io import atomic_path, write_text_atomic
+
+SUMMARY_FIELDS = ("epoch", "lr", "train_loss", "images_per_s", "seconds", "pair_auc_cos", "pair_auc_fc", "mAP",
+                  "rank1", "rank5", "average")
+
+
+def save_checkpoint(run_dir: Path, ckpt: dict) -> None:
+    with atomic_path(Path(run_dir) / "checkpoint.pt", suffix=".pt") as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu") -> dict:
+    # weights_only=False: the checkpoint holds plain Python metadata (config, summary rows) next to the tensors
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location=device, weights_only=False)
+
+
+def write_summary(run_dir: Path, rows: Sequence[dict]) -> None:
+    """One line per epoch row; NaN (no held-out families, or no FC score) is written "nan", as a reader expects."""
+    frame = pd.DataFrame(list(rows), columns=list(SUMMARY_FIELDS))
+    write_text_atomic(Path(run_dir) / "summary.csv", frame.to_csv(index=False, lineterminator="\n", na_rep="nan"))
+
+
+def read_summary(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / "summary.csv")
+
+
+def write_state(run_dir: Path, epoch: int, epochs: int, rows: Sequence[dict]) -> None:
+    """The run's progress; `finished` is what decides that a later command has nothing left to train."""
+    state = {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs, "last": rows[-1] if rows else None}
+    write_text_atomic(Path(run_dir) / "state.json", json.dumps(state, indent=2) + "\n")
+
+
+def read_state(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_run(run_dir: Path, ckpt: dict, rows: Sequence[dict], epoch: int, epochs: int) -> None:
+    """Checkpoint, then summary, then state: a state that says finished always has its checkpoint beside it."""
+    save_checkpoint(run_dir, ckpt)
+    write_summary(run_dir, rows)
+    write_state(run_dir, epoch, epochs, rows)

@@ -1,0 +1,99 @@
+"""``python -m kinret.train -C <experiment> --fold k [--set key=value ...]``: train one variant on one fold.
+
+--fold -1 trains on every training family (evaluated on DATA/val when present). Outputs go to
+runs/{experiment}/fold{k}/ (a grid's variants to runs/{experiment}/{variant}/fold{k}/, see python -m kinret.grid):
+checkpoint.pt (written to a temporary name, then renamed, after every epoch), config.json (the resolved config),
+summary.csv (one row per epoch) and state.json. --resume continues an interrupted run from its last finished epoch,
+with the same result as an uninterrupted run. Under torchrun --nproc_per_node N -m kinret.train ... the global
+batch is split over N DDP processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as tdist
+
+from kinret.cli import parser, run_command
+from kinret.dist import env_rank_world, process_group
+from kinret.errors import KinretInputError
+from kinret.models.config import TrainConfig, apply_overrides, save_config
+from kinret.train.evaluation import resolve_device
+from kinret.train.experiments import load_experiment
+from kinret.train.runs import prepare_run_dir
+from kinret.train.trainer import Trainer
+
+log = logging.getLogger("kinret.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("python -m kinret.train", __doc__)
+    p.add_argument("-C", "--config", required=True,
+                   help="experiment name (src/kinret/train/experiments/) or a .py file")
+    p.add_argument("--fold", type=int, default=0, help="held-out fold; -1 trains on every training family")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="typed config override")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    p.add_argument("--restart", action="store_true", help="delete this run's outputs and start again")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (fields changed from the defaults marked *) and exit")
+    return p
+
+
+def show_config(cfg: TrainConfig) -> None:
+    defaults = TrainConfig().to_dict()
+    for key, value in cfg.to_dict().items():
+        print(f"{'*' if defaults[key] != value else ' '} {key} = {value!r}")
+
+
+def run_status_everywhere(cfg: TrainConfig, args: argparse.Namespace, rank: int, world: int) -> str:
+    """'fresh', 'resume' or 'finished', decided by rank 0 and shared with every process."""
+    status = prepare_run_dir(cfg, args.fold, args.resume, args.restart) if rank == 0 else None
+    if world > 1:
+        box = [status]
+        tdist.broadcast_object_list(box, src=0)
+        status = box[0]
+    return status
+
+
+def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with process_group(resolve_device(cfg).type == "cuda") as (rank, world):
+        if cfg.batch_size % world:
+            raise KinretInputError(None, f"batch_size {cfg.batch_size} must divide evenly over {world} processes")
+        status = run_status_everywhere(cfg, args, rank, world)
+        if status == "finished":
+            log.info("%s is finished; nothing to do (--restart to train again)", cfg.run_dir(args.fold))
+            return 0
+        defaults = TrainConfig().to_dict()
+        log.info("%s fold %d: %s", cfg.name, args.fold,
+                 ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if defaults[k] != v) or "all defaults")
+        trainer = Trainer(cfg, args.fold, rank, world)
+        if rank == 0:
+            save_config(cfg, trainer.run_dir / "config.json")
+        if status == "resume":
+            trainer.load()
+        rows = trainer.fit()
+        if rank == 0 and rows:
+            last = rows[-1]
+            print(f"{cfg.name} fold {args.fold}: held-out Average {last['average']:.4f} (mAP {last['mAP']:.4f}, "
+                  f"Rank@5 {last['rank5']:.3f}), pair AUC cos {last['pair_auc_cos']:.3f} -> {trainer.run_dir}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = apply_overrides(load_experiment(args.config)[0], args.set)
+    if args.show_config:
+        show_config(cfg)
+        return 0
+    return train(cfg, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if env_rank_world()[0] > 0:
+        args.quiet = True
+    return run_command(lambda: run(args), args)

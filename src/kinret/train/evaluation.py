@@ -1,0 +1,241 @@
+"""Evaluation on a fold's held-out families, and the run inputs the trainer and a later scorer both rebuild.
+
+The inputs: which families a fold trains and holds out (`training_families`), the image table over both in
+family-id order (`family_table`), the device, and the cached frozen features of head-only runs. The evaluation:
+the held-out Track-3 protocol and the seeded kin/non-kin pairs (`HeldOut`), embeddings of table rows with flip
+test-time augmentation (`RowEmbedder`), the per-epoch held-out metrics (`held_out_metrics`) and the pair scores of a
+saved run, rebuilt from its folder without a trainer (`held_out_pair_scores`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kinret.data.fiw import family_folds, read_fiw
+from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_float
+from kinret.data.split import Track3Split, build_protocol, read_labelled
+from kinret.data.synth import SynthConfig, generate
+from kinret.errors import KinretInputError
+from kinret.features.cache import cached_features
+from kinret.metrics import chance_level, evaluate_ranking, roc_auc
+from kinret.models.checkpoint import load_model
+from kinret.models.config import TrainConfig, seed_of
+from kinret.models.losses import loss_kind
+from kinret.models.networks import KinNet
+from kinret.scoring.ranking import rank_gallery
+from kinret.scoring.similarity import l2_normalize, probe_scores
+from kinret.train.sampling import sample_pairs
+
+log = logging.getLogger("kinret.train")
+SYNTH_ROOT = Path("data") / "synthetic"
+METRICS = ("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average")
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # table rows a, b and the label (1 = kin)
+
+
+# ---- a run's inputs -------------------------------------------------------------------------------------------------
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise KinretInputError(None, "device=cuda requested but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, Path]:
+    """(families to train on, families to evaluate on, the data root)."""
+    root = Path(cfg.data_root)
+    if not (root / "train").is_dir():
+        if root != SYNTH_ROOT:
+            raise KinretInputError(root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
+        generate(root, SynthConfig())
+    families = read_fiw(root / "train")
+    if fold < 0:
+        val = read_fiw(root / "val") if (root / "val").is_dir() else []
+        return families, val, root
+    if fold >= cfg.n_folds:
+        raise KinretInputError(None, f"--fold {fold} is out of range for n_folds={cfg.n_folds}")
+    folds = family_folds(families, cfg.n_folds, cfg.fold_seed)
+    return ([f for f in families if folds[f.fid] != fold], [f for f in families if folds[f.fid] == fold], root)
+
+
+def family_table(train_fams: list, eval_fams: list) -> ImageTable:
+    # in family-id order whatever the fold, so every fold shares one pixel and one feature cache
+    return ImageTable.from_families(sorted(train_fams + eval_fams, key=lambda f: f.fid))
+
+
+def cache_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_root) / "_cache"
+
+
+def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: ImageTable, cfg: TrainConfig,
+                    device: torch.device) -> torch.Tensor:
+    """(2, N, D) pooled features of the table's images and their mirror images, from the shared feature cache."""
+    cache = cache_dir(cfg)
+    feats = cached_features(backbone, digest, data_cfg, table.paths,
+                            lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache,
+                            cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p, cfg.channels_last)
+    return torch.from_numpy(feats[cfg.pool])
+
+
+def autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---- embeddings -----------------------------------------------------------------------------------------------------
+@dataclass
+class RowEmbedder:
+    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (2, N, D)) or
+    from decoded images (end to end: `pixels`)."""
+
+    model: KinNet
+    cfg: TrainConfig
+    device: torch.device
+    data_cfg: dict
+    fc_trained: bool  # a pair loss trained the FC head, so its kin logit is a score too
+    features: torch.Tensor | None = None
+    pixels: np.ndarray | None = None
+
+    @torch.no_grad()
+    def embed(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of table rows with flip test-time augmentation (mean of the image's and its mirror's)."""
+        self.model.eval()
+        if self.features is not None:
+            pooled = self.features[:, torch.as_tensor(rows)].mean(0).to(self.device)
+            return self.model.embed_pooled(pooled).float().cpu().numpy()
+        out = []
+        for i in range(0, len(rows), self.cfg.eval_batch_size):
+            chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
+            x = normalize(to_float(gather(self.pixels, chunk), self.device),
+                          self.data_cfg["mean"], self.data_cfg["std"])
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.cfg.amp):
+                e = (self.model(x).float() + self.model(x.flip(3)).float()) / 2
+            out.append(e.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
+
+    @torch.no_grad()
+    def pair_scores(self, ea: np.ndarray, eb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores of embedded pairs: "cosine" always, "fc" (the head's kin logit) when a pair loss trained it;
+        "label" is y (1 = kin)."""
+        out = {"cosine": (l2_normalize(ea) * l2_normalize(eb)).sum(1), "label": np.asarray(y)}
+        if self.fc_trained:
+            self.model.eval()
+            out["fc"] = self.model.pair_logits(torch.from_numpy(ea).to(self.device),
+                                               torch.from_numpy(eb).to(self.device)).float().cpu().numpy()
+        return out
+
+    def score_pairs(self, pairs: Pairs) -> dict[str, np.ndarray]:
+        """`pair_scores` of table-row pairs, each distinct row embedded once."""
+        a, b, y = pairs
+        rows = np.unique(np.concatenate([a, b]))
+        emb = self.embed(rows)
+        return self.pair_scores(emb[np.searchsorted(rows, a)], emb[np.searchsorted(rows, b)], y)
+
+
+# ---- the held-out protocol and its metrics --------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """What a fold is evaluated on: the Track-3 protocol of its held-out families and seeded kin/non-kin pairs among
+    their images; `row_of` maps an image path (resolved) to its table row."""
+
+    split: Track3Split
+    pairs: Pairs
+    row_of: dict[Path, int]
+
+
+def row_index(table: ImageTable) -> dict[Path, int]:
+    return {p.resolve(): i for i, p in enumerate(table.paths)}  # lists may name paths another way
+
+
+def held_out_pairs(cfg: TrainConfig, table: ImageTable, eval_fams: list) -> Pairs:
+    """The held-out kin/non-kin pairs behind the summary's pair AUC, the same in every epoch and every rebuild."""
+    held = table.subset({f.fid for f in eval_fams})
+    return sample_pairs(table.family, table.member, held, cfg.eval_pairs, np.random.default_rng(seed_of(cfg.seed, 7)))
+
+
+def held_out_protocol(families: list, root: Path, fold: int, seed: int, row_of: dict[Path, int]) -> Track3Split:
+    """A fold's protocol is drawn from its held-out families; with --fold -1 the val split's own labelled lists
+    (DATA/val/probe_list.csv, gallery_list.csv) are used when present, so scores match the official val."""
+    val = root / "val"
+    if fold < 0 and (val / "probe_list.csv").is_file() and (val / "gallery_list.csv").is_file():
+        split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
+        missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery]
+                   if p.resolve() not in row_of]
+        if missing:
+            raise KinretInputError(missing[0], "listed in the val lists but not in the val family folders")
+        return split
+    ref_root = val if fold < 0 else root / "train"
+    return build_protocol(families, ref_root, seed=seed, name=f"fold{fold} held-out")[0]
+
+
+def held_out_setup(cfg: TrainConfig, fold: int, table: ImageTable, eval_fams: list, root: Path,
+                   row_of: dict[Path, int]) -> HeldOut | None:
+    """The fold's `HeldOut`, or None when it trains on every family and has nothing to evaluate on."""
+    if not eval_fams:
+        return None
+    split = held_out_protocol(eval_fams, root, fold, cfg.seed, row_of)
+    held = HeldOut(split, held_out_pairs(cfg, table, eval_fams), row_of)
+    chance = chance_level(split.probe_fids, split.gallery_fids)
+    log.info("%s; a random ranking expects Average %.4f (mAP %.4f, Rank@5 %.4f)", split.describe(),
+             chance["average"], chance["mAP"], chance["rank@5"])
+    return held
+
+
+def held_out_metrics(held: HeldOut | None, embedder: RowEmbedder) -> dict[str, float]:
+    """Pair AUCs (cosine, FC) and Track-3 mAP, Rank@1, Rank@5 and Average on the held-out families (NaN without)."""
+    nan = float("nan")
+    if held is None:
+        return dict.fromkeys(METRICS, nan)
+    split, row_of = held.split, held.row_of
+    paths, owner = split.probe_image_table()
+    prow = np.array([row_of[p.resolve()] for p in paths])
+    grow = np.array([row_of[g.path.resolve()] for g in split.gallery])
+    a, b, y = held.pairs
+    rows = np.unique(np.concatenate([prow, grow, a, b]))  # every distinct row embedded once
+    emb = embedder.embed(rows)
+    at = {r: i for i, r in enumerate(rows)}
+
+    def take(r: np.ndarray) -> np.ndarray:
+        return emb[[at[i] for i in r]]
+
+    ok_p, ok_g = np.ones(len(prow), dtype=bool), np.ones(len(grow), dtype=bool)
+    scores = probe_scores(take(prow), ok_p, owner, len(split.probes), take(grow), ok_g, "meanemb")
+    res = evaluate_ranking(rank_gallery(scores), split.probe_fids, split.gallery_fids, "standard")
+    pairs = embedder.pair_scores(take(a), take(b), y)
+    return {"pair_auc_cos": roc_auc(pairs["cosine"], y),
+            "pair_auc_fc": roc_auc(pairs["fc"], y) if "fc" in pairs else nan,
+            "mAP": res.mAP, "rank1": res.rank[1], "rank5": res.rank[5], "average": res.average}
+
+
+def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """Cosine (and FC head) scores of a finished or interrupted run's held-out kin/non-kin pairs, from its last
+    checkpoint: "cosine", "fc" (pair losses only) and "label" (1 = kin). The model, the image table and the pairs
+    are rebuilt from the run folder as the trainer built them, so the scores are the ones behind its pair AUC."""
+    model, cfg, data_cfg = load_model(run_dir)
+    # mmap: only the fold and the frozen backbone's digest are read, not the tensors load_model already has
+    meta = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    fold = int(meta["fold"])
+    device = resolve_device(cfg)
+    model.to(device)
+    if cfg.channels_last:  # as the trainer embedded: the same kernels, so the same numbers
+        model.to(memory_format=torch.channels_last)
+    train_fams, eval_fams, _ = training_families(cfg, fold)
+    if not eval_fams:
+        raise KinretInputError(None, f"{run_dir}: trained on every family, so it has no held-out pairs")
+    table = family_table(train_fams, eval_fams)
+    embedder = RowEmbedder(model, cfg, device, data_cfg, fc_trained=loss_kind(cfg.loss) == "pair")
+    if cfg.mode == "head":
+        embedder.features = frozen_features(model.backbone, meta["backbone_digest"], data_cfg, table, cfg, device)
+    else:
+        embedder.pixels = decode_pixels(table.paths, data_cfg["input_size"][-1], cache_dir(cfg))
+    return embedder.score_pairs(held_out_pairs(cfg, table, eval_fams))
