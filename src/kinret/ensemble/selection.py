@@ -1,9 +1,5 @@
-"""Evaluate every variant out of fold, then pick the best or blend: ``python -m kinret.ensemble`` (or
-``python ensemble/choose.py``).
-
-Every variant is scored on the out-of-fold protocols (each fold's held-out families, scored by the model that did
-not see them) and, when present, on the labelled val split (and the test split when its truth is known; never used
-to choose). The table holds mAP (both AP variants), Rank@1/5/10 and Average per variant.
+"""The choice: per-probe results of score matrices on labelled splits (`Scorer`), pooled over splits, and the pick
+of the best single variant or a blend by their out-of-fold Average (`select`), with the reason recorded.
 
 Blending: each variant's scores are normalised per probe (z-score or rank) and summed with weights found by greedy
 forward selection with replacement (Caruana et al. 2004) on the out-of-fold Average. So that the reported gain is

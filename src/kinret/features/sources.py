@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from kinret.data.pixels import decode_pixels, file_list_digest
-from kinret.dist import dist_rank_world
+from kinret.dist import dist_rank_world, local_device
 from kinret.errors import KinretInputError
 from kinret.features.cache import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
 from kinret.features.raw_pixels import RawPixels
@@ -52,9 +51,7 @@ def _views_mean(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _device() -> torch.device:
     """This process's device: its GPU under torchrun (LOCAL_RANK), else the first GPU, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return local_device(torch.cuda.is_available())
 
 
 @dataclass

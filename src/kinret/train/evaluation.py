@@ -10,7 +10,6 @@ saved run, rebuilt from its folder without a trainer (`held_out_pair_scores`).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from kinret.data.fiw import family_folds, read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_float
 from kinret.data.split import Track3Split, build_protocol, read_labelled
 from kinret.data.synth import SynthConfig, generate
+from kinret.dist import local_device
 from kinret.errors import KinretInputError
 from kinret.features.cache import cached_features
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
@@ -44,8 +44,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise KinretInputError(None, "device=cuda requested but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        return local_device(True)
+    return local_device(False)
 
 
 def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, Path]:
