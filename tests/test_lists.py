@@ -44,8 +44,18 @@ def test_index_list_round_trip_in_organiser_form(tmp_path):
 
 @pytest.mark.parametrize(("text", "line", "message"), [
     ("0 a.jpg\n0 b.jpg", 2, "duplicate index 0"),
-    ("0 a.jpg\n2 b.jpg", 2, "outside 0..1"),
+    ("0 a.jpg\n2 b.jpg", 2, "index 1 is missing: line 2 jumps from index 0 to 2"),
+    ("0 a.jpg\n1 b.jpg\n3 c.jpg\n4 d.jpg", 3, "index 2 is missing: line 3 jumps from index 1 to 3"),
+    ("0 a.jpg\n1 b.jpg\n\n3 c.jpg\n4 d.jpg", 4, "index 2 is missing: line 4 jumps from index 1 to 3"),
+    ("1 a.jpg\n2 b.jpg", 1, "index 0 is missing: the list starts at index 1"),
+    ("3 c.jpg\n0 a.jpg\n1 b.jpg\n4 d.jpg", 1,
+     r"index 2 is missing: the next index after 1 \(line 3\) is 3"),
+    ("0 a.jpg\n-1 b.jpg", 2, "index -1 is negative"),
     ("0 a.jpg\nx b.jpg", 2, "not an integer"),
+    ("0 a.jpg\n--1 b.jpg", 2, "not an integer"),
+    ("0 a.jpg\n\u00b2 b.jpg", 2, "not an integer"),  # str.isdigit() says yes, int() says no
+    # int() itself refuses more than 4300 digits
+    ("0 a.jpg\n" + "9" * 5000 + " b.jpg", 2, r"index 9{20}\.\.\. \(5000 digits\) is too large"),
     ("0 a.jpg\n1", 2, "expected 'index path'"),
 ])
 def test_malformed_index_list_names_file_and_line(tmp_path, text, line, message):
@@ -54,6 +64,22 @@ def test_malformed_index_list_names_file_and_line(tmp_path, text, line, message)
     with pytest.raises(KinretInputError, match=message) as info:
         read_index_list(path)
     assert info.value.line == line and str(path) in str(info.value)
+
+
+def test_index_list_gap_is_reported_where_it_is_not_at_the_end(tmp_path):
+    # 0,1,3,...,99: the gap is at line 3, not at the last line with an index "outside 0..98"
+    path = tmp_path / "gallery.txt"
+    path.write_text("\n".join(f"{i} face{i}.jpg" for i in range(100) if i != 2))
+    with pytest.raises(KinretInputError) as info:
+        read_index_list(path)
+    assert str(info.value) == f"{path}, line 3: index 2 is missing: line 3 jumps from index 1 to 3"
+
+
+def test_index_list_that_is_not_text_is_an_input_error(tmp_path):
+    (tmp_path / "probe.txt").write_bytes(b"0 a\n1 b\xff\xfe\n")
+    with pytest.raises(KinretInputError, match="not UTF-8 text") as info:
+        read_index_list(tmp_path / "probe.txt")
+    assert info.value.line == 2
 
 
 def test_missing_list_file_is_named(tmp_path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_fiw, write_image
+from conftest import FIXTURES, make_fiw, write_image
 from PIL import Image
 
 from kinret.data.fiw import read_fiw
+from kinret.data.lists import write_index_list
 from kinret.data.split import build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
 from kinret.errors import KinretInputError
 
@@ -48,6 +49,117 @@ def test_codalab_gap_and_missing_entries_are_named(tmp_path):
     with pytest.raises(KinretInputError, match="face1.jpg' does not exist") as info:
         read_codalab(root)
     assert info.value.line == 2
+
+
+def write_lists(root, n_probes, n_gallery):
+    """The organisers' index lists for a `make_codalab` folder (CRLF, no trailing newline)."""
+    write_index_list([f"./probes/probe_subjects/s{i}" for i in range(n_probes)], root / "probe.txt")
+    write_index_list([f"./gallery/gallery_faces/face{j}.jpg" for j in range(n_gallery)], root / "gallery.txt")
+    return root
+
+
+def drop_last_line(path):
+    path.write_bytes(path.read_bytes().rsplit(b"\r\n", 1)[0])
+
+
+def test_truncated_gallery_list_names_the_unlisted_image_and_where_the_list_ends(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 3, 5), 3, 5)
+    assert len(read_codalab(root).gallery) == 5
+    drop_last_line(root / "gallery.txt")  # face4.jpg stays on disk: a submission would be one column short
+    with pytest.raises(KinretInputError) as info:
+        read_codalab(root)
+    assert str(info.value) == (f"{root / 'gallery.txt'}, line 4: the list ends here with 4 entries, but "
+                               "gallery/gallery_faces holds 5 images; not listed: face4.jpg")
+    assert info.value.line == 4 and info.value.path == str(root / "gallery.txt")
+
+
+def test_truncated_probe_list_names_the_unlisted_probe_folder(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 3, 5), 3, 5)
+    drop_last_line(root / "probe.txt")
+    with pytest.raises(KinretInputError) as info:
+        read_codalab(root)
+    assert str(info.value) == (f"{root / 'probe.txt'}, line 2: the list ends here with 2 entries, but "
+                               "probes/probe_subjects holds 3 probe folders; not listed: s2")
+
+
+def test_unlisted_images_are_named_first_few_in_natural_order(tmp_path):
+    root = make_codalab(tmp_path, 2, 12)
+    write_lists(root, 2, 3)
+    with pytest.raises(KinretInputError, match=r"line 3: the list ends here with 3 entries, but gallery/gallery_faces "
+                                               r"holds 12 images; not listed: face3.jpg, face4.jpg, face5.jpg, "
+                                               r"face6.jpg, face7.jpg and 4 more$"):
+        read_codalab(root)
+
+
+def test_list_as_long_as_the_folder_can_still_leave_an_image_unlisted(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 2, 3), 2, 3)
+    write_image(root / "elsewhere" / "x.jpg", 1)
+    write_index_list(["./gallery/gallery_faces/face0.jpg", "./elsewhere/x.jpg", "./gallery/gallery_faces/face2.jpg"],
+                     root / "gallery.txt")
+    with pytest.raises(KinretInputError) as info:
+        read_codalab(root)
+    assert str(info.value) == f"{root / 'gallery.txt'}: gallery/gallery_faces holds 1 image the list does not name: " \
+                              "face1.jpg"
+
+
+def test_list_naming_one_image_twice_is_refused_at_the_second_line(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 2, 3), 2, 3)
+    write_index_list(["./gallery/gallery_faces/face0.jpg", "./gallery/gallery_faces/face1.jpg",
+                      "gallery/gallery_faces/face0.jpg"], root / "gallery.txt")
+    with pytest.raises(KinretInputError, match="names 'gallery/gallery_faces/face0.jpg' again \\(line 1 names "
+                                               "it too\\)") as info:
+        read_codalab(root)
+    assert info.value.line == 3
+
+
+def test_nul_byte_in_a_listed_path_is_an_input_error(tmp_path):
+    # os.path.realpath raises ValueError ("embedded null byte") on such a path: it must never get that far
+    root = write_lists(make_codalab(tmp_path, 2, 3), 2, 3)
+    (root / "gallery.txt").write_bytes(b"0 ./gallery/gallery_faces/face0.jpg\r\n1 ./gallery/gallery_faces/face1\0.jpg")
+    with pytest.raises(KinretInputError, match="holds a NUL byte") as info:
+        read_codalab(root)
+    assert info.value.line == 2
+
+
+def test_cross_check_ignores_hidden_and_non_image_files(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 2, 3), 2, 3)
+    for name in (".DS_Store", "._face0.jpg", "notes.txt"):
+        (root / "gallery" / "gallery_faces" / name).write_bytes(b"x")
+    (root / "probes" / "probe_subjects" / ".ipynb_checkpoints").mkdir()
+    (root / "probes" / "probe_subjects" / "readme.txt").write_text("x")
+    split = read_codalab(root)
+    assert (len(split.probes), len(split.gallery)) == (2, 3)
+
+
+def test_gallery_listed_row_line_is_the_file_line_not_the_index(tmp_path):
+    root = write_lists(make_codalab(tmp_path, 2, 3), 2, 3)
+    (root / "gallery.txt").write_text("index,path\n1,./gallery/gallery_faces/face1.jpg\n"
+                                      "0,./gallery/gallery_faces/nope.jpg\n2,./gallery/gallery_faces/face2.jpg\n")
+    with pytest.raises(KinretInputError, match="nope.jpg' does not exist") as info:
+        read_codalab(root)
+    assert info.value.line == 3  # index 0 sits on line 3 of this CSV list (line 1 is its header)
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared fixtures not present")
+def test_real_organiser_lists_cross_check_against_their_folders(tmp_path):
+    # the real lists name every s{i} and face{j}: reading them against a full folder must keep working
+    root = tmp_path / "test"
+    for i in range(190):
+        (root / "probes" / "probe_subjects" / f"s{i}").mkdir(parents=True)
+        (root / "probes" / "probe_subjects" / f"s{i}" / "0.jpg").write_bytes(b"")
+    (root / "gallery" / "gallery_faces").mkdir(parents=True)
+    for j in range(3897):
+        (root / "gallery" / "gallery_faces" / f"face{j}.jpg").write_bytes(b"")
+    for name in ("probe.txt", "gallery.txt"):
+        (root / name).write_bytes((FIXTURES / name).read_bytes())
+    split = read_codalab(root)
+    assert (len(split.probes), len(split.gallery)) == (190, 3897)
+    assert split.gallery[3896].path.name == "face3896.jpg"
+    drop_last_line(root / "gallery.txt")
+    with pytest.raises(KinretInputError) as info:
+        read_codalab(root)
+    assert str(info.value).endswith("gallery.txt, line 3896: the list ends here with 3896 entries, but "
+                                    "gallery/gallery_faces holds 3897 images; not listed: face3896.jpg")
 
 
 def test_protocol_one_probe_per_family_gallery_is_the_rest(fiw_root):

@@ -4,6 +4,9 @@
         [--ap standard|trapezoid] [--json]
 
 Exit codes: 0 scored; 2 invalid predictions or malformed lists (the message names the file and first bad row).
+Any file at all gets exit code 2 and one line, never a traceback: a corrupt, truncated, encrypted or bzip2/lzma zip,
+binary data, an empty file, a cell of 25 digits, or a file (or zip member) larger than the ranking can be, which is
+refused before it is read, so a zip bomb never fills memory.
 """
 
 from __future__ import annotations

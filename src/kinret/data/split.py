@@ -18,7 +18,7 @@ from kinret.data.lists import (
     GalleryRow,
     ProbeRow,
     read_gallery_list,
-    read_index_list,
+    read_index_entries,
     read_probe_list,
     write_gallery_list,
     write_index_list,
@@ -111,13 +111,53 @@ def _numbered_entries(folder: Path, prefix: str, want_dirs: bool) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
-def _resolve(root: Path, rel: str, list_path: Path, row: int, want_dir: bool) -> Path:
+def _resolve(root: Path, rel: str, list_path: Path, line: int, want_dir: bool) -> Path:
     p = (root / rel).resolve()
     if want_dir and not p.is_dir():
-        raise KinretInputError(list_path, f"probe folder {rel!r} does not exist under {root}", line=row + 1)
+        raise KinretInputError(list_path, f"probe folder {rel!r} does not exist under {root}", line=line)
     if not want_dir and not p.is_file():
-        raise KinretInputError(list_path, f"gallery image {rel!r} does not exist under {root}", line=row + 1)
+        raise KinretInputError(list_path, f"gallery image {rel!r} does not exist under {root}", line=line)
     return p
+
+
+def _is_entry(p: Path, want_dirs: bool) -> bool:
+    # hidden names (.DS_Store, ._face0.jpg, .ipynb_checkpoints) are left behind by tools, never data
+    return not p.name.startswith(".") and (p.is_dir() if want_dirs else is_image_file(p))
+
+
+def _listed(root: Path, list_path: Path, folder: Path, want_dirs: bool) -> list[Path]:
+    """The paths an index list names, in index order, checked against the Codalab folder they belong in.
+
+    Refused (KinretInputError naming the list): a listed path that does not exist, a path listed twice (one image
+    would fill two gallery columns), and an entry of `folder` that the list does not name. The organisers' lists
+    carry no count and no end marker, so a list cut short would otherwise be read silently and every submission
+    made from it come out a gallery column (or a probe row) short. The error names the first unlisted entries and,
+    when the list is shorter than the folder, the line where it ends.
+    """
+    entries = read_index_entries(list_path)
+    paths = [_resolve(root, e.path, list_path, e.line, want_dirs) for e in entries]
+    first_line: dict[Path, int] = {}
+    for e, p in zip(entries, paths, strict=True):
+        if p in first_line:
+            raise KinretInputError(list_path, f"names {e.path!r} again (line {first_line[p]} names it too)",
+                                   line=e.line)
+        first_line[p] = e.line
+    if not folder.is_dir():  # the list points elsewhere: there is no Codalab folder to hold it to
+        return paths
+    on_disk = [q for q in folder.iterdir() if _is_entry(q, want_dirs)]
+    unlisted = sorted((q for q in on_disk if q.resolve() not in first_line), key=lambda q: natural_key(q.name))
+    if unlisted:
+        kind = "probe folder" if want_dirs else "image"
+        names = ", ".join(q.name for q in unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5
+                                                           else "")
+        where = folder.relative_to(root).as_posix()
+        if len(entries) < len(on_disk):
+            raise KinretInputError(list_path, f"the list ends here with {len(entries)} entries, but {where} holds "
+                                              f"{len(on_disk)} {kind}s; not listed: {names}",
+                                   line=max(e.line for e in entries))
+        raise KinretInputError(list_path, f"{where} holds {len(unlisted)} {kind}{'s' if len(unlisted) > 1 else ''} "
+                                          f"the list does not name: {names}")
+    return paths
 
 
 def _probe_images(folder: Path) -> tuple[Path, ...]:
@@ -131,19 +171,18 @@ def read_codalab(root: str | Path, name: str = "test") -> Track3Split:
     """Read the unlabelled Codalab layout: `probes/probe_subjects/s{i}/` and `gallery/gallery_faces/face{j}.jpg`.
 
     The order comes from `probe.txt`/`gallery.txt` in `root` when present (their line numbers are quoted in
-    errors; the real lists are CRLF without a trailing newline), else from the numbers in the names.
+    errors; the real lists are CRLF without a trailing newline), else from the numbers in the names. A list must
+    name every probe folder (every gallery image) of its folder: see `_listed`.
     """
     root = Path(root)
     if not root.is_dir():
         raise KinretInputError(root, "test folder does not exist")
     if (root / "probe.txt").is_file():
-        rels = read_index_list(root / "probe.txt")
-        probe_dirs = [_resolve(root, r, root / "probe.txt", i, want_dir=True) for i, r in enumerate(rels)]
+        probe_dirs = _listed(root, root / "probe.txt", root / PROBE_DIR, want_dirs=True)
     else:
         probe_dirs = _numbered_entries(root / PROBE_DIR, "s", want_dirs=True)
     if (root / "gallery.txt").is_file():
-        rels = read_index_list(root / "gallery.txt")
-        gallery = [_resolve(root, r, root / "gallery.txt", i, want_dir=False) for i, r in enumerate(rels)]
+        gallery = _listed(root, root / "gallery.txt", root / GALLERY_DIR, want_dirs=False)
     else:
         gallery = _numbered_entries(root / GALLERY_DIR, "face", want_dirs=False)
     probes = tuple(Probe(_probe_images(d), ref=f"s{i}") for i, d in enumerate(probe_dirs))
@@ -164,9 +203,10 @@ def read_labelled(probe_list: str | Path, gallery_list: str | Path, image_root: 
         gallery = tuple(GalleryFace(Path(r.ref), ref=r.ref, fid=r.fid) for r in grows)
     else:
         root = Path(image_root)
-        probes = tuple(Probe(_probe_images(_resolve(root, r.ref, Path(probe_list), i + 1, True)), r.ref, r.fid)
+        # row i sits on line i + 2 (after the header) in the lists the kit writes
+        probes = tuple(Probe(_probe_images(_resolve(root, r.ref, Path(probe_list), i + 2, True)), r.ref, r.fid)
                        for i, r in enumerate(prows))
-        gallery = tuple(GalleryFace(_resolve(root, r.ref, Path(gallery_list), j + 1, False), r.ref, r.fid)
+        gallery = tuple(GalleryFace(_resolve(root, r.ref, Path(gallery_list), j + 2, False), r.ref, r.fid)
                         for j, r in enumerate(grows))
     return Track3Split(name, probes, gallery)
 

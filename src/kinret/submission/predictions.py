@@ -10,9 +10,12 @@ from __future__ import annotations
 import functools
 import io
 import re
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,7 +27,15 @@ from kinret.scoring.ranking import first_non_permutation, rank_gallery
 
 CSV_NAME = "predictions.csv"
 _ROW_RE = re.compile(r"\d+(?:,\d+)*")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 _TOKEN_LIMIT = 10**7  # "9999999," is the longest cell that fits the 8 bytes of one uint64 token
+_CHUNK = 1 << 20  # bytes per read: what a file or zip member may cost in memory beyond the size limit
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                zipfile.ZIP_LZMA: "lzma"}
+# what zipfile and its decompressors raise on a damaged archive (struct.error and ValueError on garbled headers,
+# EOFError on a cut stream, OSError on a seek past the end)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, struct.error, ValueError,
+               NotImplementedError, RuntimeError)
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,54 +108,154 @@ def write_predictions(ranking: np.ndarray, csv_path: str | Path, zip_path: str |
     return csv_path
 
 
-def _first_bad_line(path: Path, lines: list[str], n_gallery: int) -> None:
+def max_predictions_bytes(n_probes: int, n_gallery: int) -> int:
+    """The most bytes a predictions file for `n_probes` x `n_gallery` may hold: every cell at the width of the largest
+    index plus its separator, a CR per row for CRLF line ends, doubled, plus 1 MiB. A larger file (or a zip member
+    that declares or inflates to more) cannot be a ranking, so it is refused before it is read into memory."""
+    width = len(str(max(n_gallery - 1, 0)))
+    return 2 * n_probes * (n_gallery * (width + 1) + 1) + (1 << 20)
+
+
+def _read_at_most(stream: BinaryIO, limit: int, chunk: int = _CHUNK) -> bytes | None:
+    """Read `stream` to its end in chunks; None as soon as it holds more than `limit` bytes. Memory stays within
+    limit + chunk whatever a header claimed the stream would hold."""
+    buf = bytearray()
+    while data := stream.read(chunk):
+        buf += data
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
+def _looks_like_zip(path: Path) -> bool:
+    # a zip cut short loses its central directory, so is_zipfile says no; its first bytes still say it was a zip
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head in (b"PK\x03\x04", b"PK\x05\x06") or zipfile.is_zipfile(path)
+
+
+def _read_member(path: Path, limit: int, what: str) -> bytes:
+    """`predictions.csv` from the zip at `path`. Refused: a damaged archive, no member of that name at the root or
+    several, an encrypted member, a compression other than deflate or stored (zipfile inflates bzip2 and lzma without
+    an output bound, so a small member could fill memory), and a member that declares or inflates past `limit`."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if i.filename == CSV_NAME]
+            if not infos:
+                raise KinretInputError(path, f"zip has no {CSV_NAME} at its root (holds {zf.namelist()[:5]})")
+            if len(infos) > 1:
+                raise KinretInputError(path, f"zip holds {len(infos)} members named {CSV_NAME}; keep one")
+            info = infos[0]
+            if info.flag_bits & 0x1:
+                raise KinretInputError(path, f"{CSV_NAME} in the zip is encrypted; zip it without a password")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                method = _ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+                raise KinretInputError(path, f"{CSV_NAME} in the zip is compressed with {method}; only deflate or "
+                                             "stored (what `zip` and the kit write) can be read")
+            if info.file_size > limit:
+                raise KinretInputError(path, f"{CSV_NAME} in the zip declares {info.file_size:,} bytes, more than "
+                                             f"{what} can take ({limit:,} bytes at most)")
+            with zf.open(info) as member:
+                raw = _read_at_most(member, limit)
+    except KinretInputError:
+        raise
+    except _ZIP_ERRORS as exc:
+        detail = str(exc) or type(exc).__name__  # zipfile's EOFError carries no message
+        raise KinretInputError(path, f"is a corrupt or truncated zip archive ({detail})") from exc
+    if raw is None:  # only when the header understated the size: zipfile stops at the declared size today
+        raise KinretInputError(path, f"{CSV_NAME} in the zip inflates past {limit:,} bytes, more than {what} can take")
+    return raw
+
+
+def _read_raw(path: Path, n_probes: int, n_gallery: int) -> bytes:
+    """The bytes of a predictions file or of the `predictions.csv` in its zip, refusing anything larger than
+    `max_predictions_bytes` before reading it whole."""
+    if not path.is_file():
+        raise KinretInputError(path, "predictions file is missing")
+    limit = max_predictions_bytes(n_probes, n_gallery)
+    what = f"a ranking of {n_probes} probes x {n_gallery} gallery faces"
+    try:
+        if _looks_like_zip(path):
+            return _read_member(path, limit, what)
+        with path.open("rb") as f:
+            raw = _read_at_most(f, limit)
+    except OSError as exc:  # unreadable (permissions, I/O error): still the user's file, not a bug of the kit
+        raise KinretInputError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if raw is None:
+        raise KinretInputError(path, f"is {path.stat().st_size:,} bytes, more than {what} can take "
+                                     f"({limit:,} bytes at most)")
+    return raw
+
+
+def _show(cell: str) -> str:
+    # a cell of thousands of digits would swamp the one-line message (cells reaching here are digits only)
+    return f"'{cell}'" if len(cell) <= 25 else f"'{cell[:25]}...' ({len(cell)} digits)"
+
+
+def _parse_rows(path: Path, lines: list[str], n_gallery: int) -> np.ndarray:
+    """The rows as integers, or KinretInputError at the first bad one: a header or non-integer cell, a cell that is
+    not a gallery index (checked on the text, so 25 or 5000 digits never reach int64 or int()), or a row that is
+    not a permutation of 0..N-1."""
+    width = len(str(n_gallery - 1))
+    rows = []
     for n, line in enumerate(lines, start=1):
         if not _ROW_RE.fullmatch(line):
             cell = next((c for c in line.split(",") if not c.strip().isdigit()), line[:40])
             what = "a header or text" if n == 1 and not line[:1].isdigit() else "a non-integer cell"
             raise KinretInputError(path, f"row {n} holds {what}: {cell!r}", line=n)
-        row = np.array(line.split(","), dtype=np.int64)
+        cells = line.split(",")
+        # leading zeros off first: int() refuses more than 4300 digits even when they spell 0
+        digits = [c.lstrip("0") or "0" for c in cells]
+        big = next((c for c, d in zip(cells, digits, strict=True) if len(d) > width or int(d) >= n_gallery), None)
+        if big is not None:
+            raise KinretInputError(path, f"row {n} holds {_show(big)}, which is not a gallery index "
+                                         f"(0..{n_gallery - 1})", line=n)
+        row = np.array([int(d) for d in digits], dtype=np.int64)
         if row.size != n_gallery or not np.array_equal(np.sort(row), np.arange(n_gallery)):
             raise KinretInputError(path, f"row {n} is not a permutation of 0..{n_gallery - 1} "
                                          f"({row.size} entries, {np.unique(row).size} distinct)", line=n)
+        rows.append(row)
+    return np.stack(rows)
 
 
 def read_predictions(path: str | Path, n_probes: int, n_gallery: int) -> np.ndarray:
     """Read and validate a predictions file (plain CSV or a zip holding `predictions.csv` at its root).
 
-    Raises KinretInputError naming the first bad row: a header, a non-integer cell, a row that is not a
-    permutation of 0..N-1, or a row count other than `n_probes`.
+    Any file is either a valid ranking or a KinretInputError naming it and, where there is one, the first bad row:
+    a header, a non-integer or non-ASCII cell, a cell that is not a gallery index, a row that is not a permutation
+    of 0..N-1, a row count other than `n_probes`, an empty file, a damaged, encrypted or bzip2/lzma zip, and a file
+    or zip member larger than `max_predictions_bytes` (read in bounded chunks, so a zip bomb never fills memory).
     """
     path = Path(path)
-    if not path.is_file():
-        raise KinretInputError(path, "predictions file is missing")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            if CSV_NAME not in zf.namelist():
-                raise KinretInputError(path, f"zip has no {CSV_NAME} at its root (holds {zf.namelist()[:5]})")
-            raw = zf.read(CSV_NAME)
-    else:
-        raw = path.read_bytes()
+    raw = _read_raw(path, n_probes, n_gallery)
+    if not raw.strip():
+        raise KinretInputError(path, f"is empty: expected one row per probe ({n_probes})")
     # fast path: numpy's C parser on a file of digits, commas and line ends only
-    if raw and not raw.translate(None, b"0123456789,\r\n"):
+    if not raw.translate(None, b"0123456789,\r\n"):
         try:
             ranking = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64, ndmin=2)
-        except ValueError:
+        except (ValueError, OverflowError):  # ragged rows, or a cell past int64: the slow path names the row
             ranking = None
         if ranking is not None and ranking.shape == (n_probes, n_gallery) and first_non_permutation(ranking) is None:
             return ranking
-    # slow path, only to name the first bad row
+    # slow path, to name the first bad row (or to read what loadtxt would not, e.g. CR-only line ends)
     try:
-        lines = raw.decode("ascii").splitlines()
+        # only CR, LF and CRLF end a row: str.splitlines would also split on form feeds and \x1c..\x1e
+        lines = _LINE_END.split(raw.decode("ascii"))
     except UnicodeDecodeError as exc:
-        raise KinretInputError(path, f"not a text file ({exc})") from exc
-    while lines and not lines[-1].strip():
+        row = len(_LINE_END.split(raw[:exc.start].decode("ascii")))  # rows end as below: CR, LF or CRLF
+        raise KinretInputError(path, f"row {row} holds the non-ASCII byte 0x{raw[exc.start]:02x}: not a text file",
+                               line=row) from exc
+    while lines and not lines[-1].strip(" \t"):  # str.strip would also drop \x1c..\x1f, which are not blank
         lines.pop()
-    if len(lines) != n_probes and not (lines and not _ROW_RE.fullmatch(lines[0])):
+    if not lines:
+        raise KinretInputError(path, f"is empty: expected one row per probe ({n_probes})")
+    if len(lines) != n_probes and _ROW_RE.fullmatch(lines[0]):
         raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")
-    _first_bad_line(path, lines, n_gallery)
-    # every line is a valid row, so the count is what is wrong (or a header shifted it, caught above)
-    raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")
+    ranking = _parse_rows(path, lines, n_gallery)
+    if len(ranking) != n_probes:  # every row is valid, so only their count can be wrong
+        raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")
+    return ranking
 
 
 @dataclass(frozen=True)
