@@ -65,3 +65,26 @@ def test_experiment_files_by_path_and_errors(tmp_path):
         load_experiment(str(tmp_path / "badgrid.py"))
     with pytest.raises(KinretInputError, match="known: .*tiny"):
         load_experiment("no_such_experiment")
+
+
+@pytest.mark.parametrize("item", ["input_size=-5", "embed_dim=-1", "head_widths=16,0", "dropout=1.5", "flip_p=-0.1",
+                                  "focal_alpha=2", "momentum=1.5", "min_lr_ratio=3", "pairs_per_epoch=0",
+                                  "images_per_family=0", "n_folds=1", "eval_pairs=0", "eval_batch_size=0",
+                                  "threads=-2", "lr=0", "lr=nan", "weight_decay=-1", "warmup_epochs=-1", "gem_p=0",
+                                  "scale=0", "temperature=0", "margin=-0.5", "focal_gamma=-1", "color_jitter=-0.2",
+                                  "affine_degrees=-5", "affine_translate=1.5", "affine_scale=-0.1",
+                                  "backbone_lr_mult=-1", "batch_size=1", "epochs=0", "name=", "name=a/../b"])
+def test_bad_field_values_are_refused_naming_the_field(item):
+    key, _, value = item.partition("=")
+    with pytest.raises(KinretInputError) as err:
+        apply_overrides(TrainConfig(), [item])
+    assert err.value.path is None and f"{key}=" in str(err.value)
+
+
+def test_edge_values_are_accepted():
+    cfg = apply_overrides(TrainConfig(), ["input_size=0", "embed_dim=0", "dropout=0", "flip_p=1", "focal_alpha=0",
+                                          "momentum=0", "min_lr_ratio=1", "warmup_epochs=0", "seed=-3",
+                                          "fold_seed=-1", "threads=0", "backbone_lr_mult=0",
+                                          "affine_degrees=0", "color_jitter=0", "n_folds=2", "weight_decay=0",
+                                          "eval_pairs=1"])
+    assert cfg.input_size == 0 and cfg.seed == -3

@@ -33,7 +33,8 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     exp = write_experiment(tmp_path / "e2e.py")
     assert run(exp, tiny_data, tmp_path / "runs") == 0
     run_dir = tmp_path / "runs" / "e2e" / "fold0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "state.json", "summary.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "data.json", "state.json",
+                                                        "summary.csv"]
     rows = list(csv.DictReader((run_dir / "summary.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for r in rows:  # every column is a real number: the held-out protocol and pairs exist for fold 0

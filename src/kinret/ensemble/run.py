@@ -110,7 +110,8 @@ def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path,
          jobs: Sequence[tuple[TrainConfig, int, list[str]]]) -> list[str]:
     """The stages a run would build, one line each (what `--dry-run` prints)."""
     lines = []
-    todo = [(c, f, state) for c, f, _ in jobs if (state := run_status(c, f)[0]) != "finished"]
+    fingerprints: dict = {}  # the data is read once for every run of the sweep
+    todo = [(c, f, state) for c, f, _ in jobs if (state := run_status(c, f, fingerprints)[0]) != "finished"]
     for c, f, state in todo:
         lines.append(f"train  {c.run_dir(f)} ({state})")
     untrained = {c.name for c, _, _ in todo}

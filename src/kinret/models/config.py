@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,14 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise KinretInputError(None, f"config {self.name!r}: {key}={getattr(self, key)!r} is not one of "
                                              f"{allowed}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise KinretInputError(None, f"config {self.name!r}: need epochs >= 1 and batch_size >= 2")
+        for key, (ok, rule) in RULES.items():
+            value = getattr(self, key)
+            try:
+                good = ok(value) and (not isinstance(value, float) or math.isfinite(value))
+            except TypeError:
+                good = False
+            if not good:
+                raise KinretInputError(None, f"config {self.name!r}: {key}={value!r} is out of range: must be {rule}")
 
     def run_dir(self, fold: int) -> Path:
         """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide."""
@@ -88,6 +96,53 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _in(low: float, high: float, high_open: bool = False) -> Callable[[float], bool]:
+    return lambda v: low <= v < high if high_open else low <= v <= high
+
+
+def _at_least(low: float) -> Callable[[float], bool]:
+    return lambda v: v >= low
+
+
+def _name_ok(name: str) -> bool:
+    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+# field -> (check, what it must be): every number a run is built from, checked when a config is made
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_name_ok, "a non-empty relative folder name without '..'"),
+    "input_size": (_at_least(0), ">= 0 (0: the backbone's own size)"),
+    "gem_p": (lambda v: v > 0, "> 0"),
+    "embed_dim": (_at_least(0), ">= 0 (0: the backbone's width)"),
+    "head_widths": (lambda v: all(w >= 1 for w in v), "widths >= 1"),
+    "dropout": (_in(0, 1, high_open=True), "in [0, 1)"),
+    "focal_gamma": (_at_least(0), ">= 0"),
+    "focal_alpha": (lambda v: v <= 1, "in [0, 1] (or negative: no class weighting)"),
+    "margin": (_at_least(0), ">= 0"),
+    "scale": (lambda v: v > 0, "> 0"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "pairs_per_epoch": (_at_least(1), ">= 1"),
+    "images_per_family": (_at_least(1), ">= 1"),
+    "epochs": (_at_least(1), ">= 1"),
+    "batch_size": (_at_least(2), ">= 2"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "backbone_lr_mult": (_at_least(0), ">= 0"),
+    "momentum": (_in(0, 1, high_open=True), "in [0, 1)"),
+    "weight_decay": (_at_least(0), ">= 0"),
+    "warmup_epochs": (_at_least(0), ">= 0"),
+    "min_lr_ratio": (_in(0, 1), "in [0, 1]"),
+    "flip_p": (_in(0, 1), "a probability in [0, 1]"),
+    "color_jitter": (_in(0, 1), "in [0, 1]"),
+    "affine_degrees": (_in(0, 180), "in [0, 180]"),
+    "affine_translate": (_in(0, 1), "in [0, 1]"),
+    "affine_scale": (_in(0, 1, high_open=True), "in [0, 1)"),
+    "n_folds": (_at_least(2), ">= 2"),
+    "eval_pairs": (_at_least(1), ">= 1"),
+    "eval_batch_size": (_at_least(1), ">= 1"),
+    "threads": (_at_least(0), ">= 0 (0: torch's default)"),
+}
 
 
 def _convert(field: dataclasses.Field, text: str) -> Any:

@@ -1,7 +1,11 @@
 """A run's files in ``runs/{experiment}/fold{k}/``: ``checkpoint.pt`` (weights, optimizer and progress, enough to
 resume or to score the run), ``summary.csv`` (one row per finished epoch, columns `SUMMARY_FIELDS`) and
 ``state.json`` (how far the run got). Each is written to a temporary name and renamed, so a run killed mid-write
-leaves the previous complete file, never half of one."""
+leaves the previous complete file, never half of one.
+
+The checkpoint is an epoch's one commit point: it holds the summary rows, and `summary.csv` and `state.json` are
+derived from it (`write_derived`), after it; a run killed between the writes has derived files that lag behind
+its checkpoint, which `kinret.train.runs.run_status` reports as partial and a resume rewrites."""
 
 from __future__ import annotations
 
@@ -38,9 +42,19 @@ def read_summary(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(Path(run_dir) / "summary.csv")
 
 
+def _checkpoint_stamp(run_dir: Path) -> list[int] | None:
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def write_state(run_dir: Path, epoch: int, epochs: int, rows: Sequence[dict]) -> None:
-    """The run's progress; `finished` is what decides that a later command has nothing left to train."""
-    state = {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs, "last": rows[-1] if rows else None}
+    """The run's progress; `finished` is what decides that a later command has nothing left to train. It names the
+    checkpoint it was derived from (size, mtime), written just before it."""
+    state = {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs, "last": rows[-1] if rows else None,
+             "checkpoint": _checkpoint_stamp(run_dir)}
     write_text_atomic(Path(run_dir) / "state.json", json.dumps(state, indent=2) + "\n")
 
 
@@ -49,8 +63,31 @@ def read_state(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def save_run(run_dir: Path, ckpt: dict, rows: Sequence[dict], epoch: int, epochs: int) -> None:
-    """Checkpoint, then summary, then state: a state that says finished always has its checkpoint beside it."""
-    save_checkpoint(run_dir, ckpt)
+def checkpoint_progress(run_dir: Path) -> tuple[int, int]:
+    """(epochs done, epochs planned) as the checkpoint records them; memory-mapped, so its tensors are not read."""
+    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt["epoch"]), int(ckpt["config"]["epochs"])
+
+
+def derived_state(run_dir: Path) -> dict | None:
+    """The run's state when it and the summary describe the checkpoint beside them, else None (a run killed after
+    its checkpoint's rename and before its state's). A state naming another checkpoint file (a copied folder has
+    new times) is checked against the epoch the checkpoint itself records."""
+    state = read_state(run_dir)
+    if state is None or not (Path(run_dir) / "summary.csv").is_file():
+        return None
+    if state.get("checkpoint") == _checkpoint_stamp(run_dir):
+        return state
+    return state if state["epoch"] == checkpoint_progress(run_dir)[0] else None
+
+
+def write_derived(run_dir: Path, rows: Sequence[dict], epoch: int, epochs: int) -> None:
+    """Summary, then state, from what the checkpoint holds: a state that says finished has its summary beside it."""
     write_summary(run_dir, rows)
     write_state(run_dir, epoch, epochs, rows)
+
+
+def save_run(run_dir: Path, ckpt: dict, rows: Sequence[dict], epoch: int, epochs: int) -> None:
+    """Checkpoint (the commit point), then the files derived from it."""
+    save_checkpoint(run_dir, ckpt)
+    write_derived(run_dir, rows, epoch, epochs)

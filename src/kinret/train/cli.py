@@ -3,9 +3,10 @@
 --fold -1 trains on every training family (evaluated on DATA/val when present). Outputs go to
 runs/{experiment}/fold{k}/ (a grid's variants to runs/{experiment}/{variant}/fold{k}/, see python -m kinret.grid):
 checkpoint.pt (written to a temporary name, then renamed, after every epoch), config.json (the resolved config),
-summary.csv (one row per epoch) and state.json. --resume continues an interrupted run from its last finished epoch,
-with the same result as an uninterrupted run. Under torchrun --nproc_per_node N -m kinret.train ... the global
-batch is split over N DDP processes.
+summary.csv (one row per epoch), state.json and data.json (the training families and the content hash of each of
+their images). --resume continues an interrupted run from its last finished epoch, with the thread count it started
+with and the same result as an uninterrupted run; a run whose training data changed is trained again from the
+start. Under torchrun --nproc_per_node N -m kinret.train ... the global batch is split over N DDP processes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides, save_config
 from kinret.train.evaluation import resolve_device
 from kinret.train.experiments import load_experiment
-from kinret.train.runs import prepare_run_dir
+from kinret.train.runs import fixed_runtime, prepare_run_dir, save_data_fingerprint
 from kinret.train.trainer import Trainer
 
 log = logging.getLogger("kinret.train")
@@ -59,8 +60,6 @@ def run_status_everywhere(cfg: TrainConfig, args: argparse.Namespace, rank: int,
 
 
 def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     with process_group(resolve_device(cfg).type == "cuda") as (rank, world):
         if cfg.batch_size % world:
             raise KinretInputError(None, f"batch_size {cfg.batch_size} must divide evenly over {world} processes")
@@ -68,11 +67,15 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
         if status == "finished":
             log.info("%s is finished; nothing to do (--restart to train again)", cfg.run_dir(args.fold))
             return 0
+        cfg = fixed_runtime(cfg, args.fold, status)  # a resumed run keeps the thread count it started with
+        torch.set_num_threads(cfg.threads)
         defaults = TrainConfig().to_dict()
         log.info("%s fold %d: %s", cfg.name, args.fold,
                  ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if defaults[k] != v) or "all defaults")
         trainer = Trainer(cfg, args.fold, rank, world)
         if rank == 0:
+            if status == "fresh":  # what it trains on, recorded before its first checkpoint (data.json)
+                save_data_fingerprint(cfg, args.fold)
             save_config(cfg, trainer.run_dir / "config.json")
         if status == "resume":
             trainer.load()

@@ -4,9 +4,10 @@ The experiment's ``GRID = {"backbone": [...], "loss": [...], "combination": [...
 as a product (a list of such dicts: the union of their products); each variant trains into
 ``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid values, e.g. ``bce-comb1``; an experiment
 without a GRID trains ``runs/{experiment}/fold{k}/``, the folder ``python -m kinret.train -C`` uses). Finished
-runs are skipped, interrupted ones resumed; runs go to joblib worker processes with the cores shared between them.
-Head-only variants of one backbone share one feature cache, built once before the parallel part so that workers
-never race to compute it.
+runs are skipped, interrupted ones resumed (with the thread count they started with), stale ones (their training data
+changed) trained again; runs go to joblib worker processes with the cores shared between them, and the workers end
+with the grid's process, killed or not. Head-only variants of one backbone share one feature cache, built once
+before the parallel part so that workers never race to compute it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import itertools
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from kinret.train.experiments import load_experiment
 from kinret.train.runs import run_status
 
 log = logging.getLogger("kinret.grid")
+_WATCHED: list[int] = []  # the parent a watch thread follows (platforms without PR_SET_PDEATHSIG)
 
 
 def _text(value: object) -> str:
@@ -58,6 +64,30 @@ def _train(argv: list[str]) -> int:
     from kinret.train.cli import main  # imported in the worker process
 
     return main(argv)
+
+
+def end_with_parent(parent: int) -> None:
+    """Make this worker process end when `parent` (the grid's process) does, even by kill -9: on Linux the kernel
+    sends it SIGKILL (prctl PR_SET_PDEATHSIG), elsewhere a daemon thread watches the parent's pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    elif not _WATCHED:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+        _WATCHED.append(parent)
+    if os.getppid() != parent:  # the parent died before this process asked to follow it
+        os._exit(1)
+
+
+def _train_in_worker(argv: list[str], parent: int) -> int:
+    end_with_parent(parent)
+    return _train(argv)
 
 
 def summary_table(jobs: list[tuple[TrainConfig, int, list[str]]]) -> pd.DataFrame:
@@ -96,10 +126,14 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise KinretInputError(None, f"no run of {args.config} has fold {args.folds} (its folds: "
                                      f"{sorted({f for _, f, _ in all_jobs})})")
-    found = [run_status(c, f) for c, f, _ in jobs]
+    fingerprints: dict = {}  # one walk of the data for the whole sweep
+    found = [run_status(c, f, fingerprints) for c, f, _ in jobs]
     states = [s for s, _ in found]
     for (c, f, _), s in zip(jobs, states, strict=True):
         print(f"{s:>8}  {c.run_dir(f)}")
+    for s, detail in found:
+        if s == "stale":
+            log.warning("%s; it will be trained again from the start", detail)
     conflicts = [detail for s, detail in found if s == "conflict"]
     if conflicts:
         raise KinretInputError(None, f"{len(conflicts)} run folder(s) hold another config, e.g. {conflicts[0]}")
@@ -128,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         from joblib import Parallel, delayed
 
         threads = max(1, cores // args.jobs)
-        results = Parallel(n_jobs=args.jobs)(delayed(_train)(argv(i, threads)) for i in rest)
+        results = Parallel(n_jobs=args.jobs)(delayed(_train_in_worker)(argv(i, threads), os.getpid()) for i in rest)
         codes.update(zip(rest, results, strict=True))
     else:
         codes.update({i: _train(argv(i, cores)) for i in rest})

@@ -1,44 +1,191 @@
 """Run folders (``runs/{experiment}/fold{k}/``): what state a run is in, and the refusal to overwrite another
-config's trained weights."""
+config's trained weights.
+
+A run is its config (less how and where it runs) and the content of its training data: ``data.json`` records the
+families and the SHA-1 of every image it was trained on, so a run whose data changed is 'stale' and trained again,
+while a relative and an absolute path to the same data are the same run. Its checkpoint is the commit point of an
+epoch: ``state.json`` and ``summary.csv`` are derived from it, and a run whose derived files lag behind its
+checkpoint (killed between the writes) is 'partial' until a resume rewrites them.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
+import torch
+
+from kinret.data.images import IMAGE_SUFFIXES
+from kinret.data.pixels import content_hashes
 from kinret.errors import KinretInputError
+from kinret.io import write_text_atomic
 from kinret.models.config import TrainConfig, config_from_dict
+from kinret.train.checkpointing import derived_state
 
+log = logging.getLogger("kinret.train")
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
+PLACE_FIELDS = {"data_root", "out_root"}  # where its data and outputs are: the data is known by its content
+HOW_TO_PROCEED = ("to keep it, train this config under another experiment name (a new experiment file, or --set "
+                  "name=NEW with python -m kinret.train / kinret.grid) or into another runs folder "
+                  "(make_submission.py --runs DIR, or --set out_root=DIR); to replace it, delete {run_dir} "
+                  "(python -m kinret.train ... --restart does that)")
 
 
-def run_status(cfg: TrainConfig, fold: int) -> tuple[str, str]:
-    """('todo' | 'partial' | 'finished' | 'conflict', detail) for the run folder of (cfg, fold).
+def _image_files(root: Path, part: str) -> tuple[list[str], list[str]]:
+    """(family folder names, every image at F*/MID*/ as a path relative to `root`) of the FIW folder root/part, by
+    a plain directory walk on strings, in no particular order: a status check of many runs walks the data once a
+    run (see `run_status`), so it must cost far less than reading the layout."""
+    families, images = [], []
+    for fam in os.scandir(root / part):
+        if not fam.is_dir() or fam.name.startswith("."):
+            continue
+        families.append(fam.name)
+        for member in os.scandir(fam.path):
+            if member.is_dir() and not member.name.startswith("."):
+                images += [f"{part}/{fam.name}/{member.name}/{e.name}" for e in os.scandir(member.path)
+                           if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_SUFFIXES)]
+    return families, images
+
+
+def data_fingerprint(cfg: TrainConfig, fold: int) -> dict | None:
+    """The families a run reads (DATA/train; with --fold -1 also DATA/val and its lists) and the SHA-1 of each of
+    their images, by path relative to the data root. None when DATA/train does not exist (nothing to compare)."""
+    root = Path(cfg.data_root)
+    if not (root / "train").is_dir():
+        return None
+    families, names = [], []
+    for part in ("train", "val") if fold < 0 else ("train",):
+        if (root / part).is_dir():
+            fams, images = _image_files(root, part)
+            families += [f"{part}/{name}" for name in fams]
+            names += images + [f"{part}/{n}" for n in ("probe_list.csv", "gallery_list.csv")
+                               if (root / part / n).is_file()]
+    prefix = f"{root}{os.sep}"
+    hashes = content_hashes([prefix + n for n in names])
+    return {"families": sorted(families), "files": dict(zip(names, hashes, strict=True))}
+
+
+def _count(n: int, noun: str, plural: str) -> str:
+    return f"{n} {noun if n == 1 else plural}"
+
+
+def describe_change(saved: dict, now: dict) -> str:
+    """'' when the fingerprints match, else what changed: families added or removed, images and lists changed."""
+    if saved == now:
+        return ""
+    parts = []
+    for names, verb in ((sorted(set(now["families"]) - set(saved["families"])), "added"),
+                        (sorted(set(saved["families"]) - set(now["families"])), "removed")):
+        if names:
+            more = ", ..." if len(names) > 4 else ""
+            parts.append(f"{_count(len(names), 'family', 'families')} {verb} ({', '.join(names[:4])}{more})")
+    old, new = saved["files"], now["files"]
+    lists = sorted(k for k in old.keys() | new.keys() if k.endswith(".csv") and old.get(k) != new.get(k))
+    old, new = ({k: v for k, v in d.items() if not k.endswith(".csv")} for d in (old, new))
+    for n, verb in ((sum(old[k] != v for k, v in new.items() if k in old), "changed"),
+                    (len(new.keys() - old.keys()), "added"), (len(old.keys() - new.keys()), "removed")):
+        if n:
+            parts.append(f"{_count(n, 'image', 'images')} {verb}")
+    return ", ".join(parts + [f"{k} changed" for k in lists])
+
+
+def data_change(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -> str:
+    """Why the run folder's recorded training data is not the data now ('' when it is, or cannot be checked).
+    `fingerprints` shares the data's fingerprint between the runs of one status sweep."""
+    memo = {} if fingerprints is None else fingerprints
+    key = (str(Path(cfg.data_root).resolve()), fold < 0)
+    if key not in memo:
+        memo[key] = data_fingerprint(cfg, fold)
+    now = memo[key]
+    if now is None:
+        return ""  # no data to compare against: training or scoring will say so
+    path = cfg.run_dir(fold) / "data.json"
+    if not path.is_file():
+        return "it has no record of the data it was trained on (no data.json: trained by an older kit)"
+    change = describe_change(json.loads(path.read_text()), now)
+    return f"the training data changed since it was trained: {change}" if change else ""
+
+
+def save_data_fingerprint(cfg: TrainConfig, fold: int) -> None:
+    fingerprint = data_fingerprint(cfg, fold)
+    if fingerprint is not None:
+        write_text_atomic(cfg.run_dir(fold) / "data.json", json.dumps(fingerprint, indent=0, sort_keys=True) + "\n")
+
+
+def config_conflict(cfg: TrainConfig, run_dir: Path) -> str:
+    """'' or why the run folder holds another config's run (and how to proceed)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        return ""
+    saved, now = config_from_dict(json.loads(cfg_path.read_text())).to_dict(), cfg.to_dict()
+    diff = [f"{k} {v!r} saved, {now[k]!r} now" for k, v in saved.items()
+            if v != now[k] and k not in RUNTIME_FIELDS | PLACE_FIELDS]
+    if not diff:
+        return ""
+    return f"{run_dir} holds a run of another config ({'; '.join(diff)}): " + HOW_TO_PROCEED.format(run_dir=run_dir)
+
+
+def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -> tuple[str, str]:
+    """('todo' | 'partial' | 'finished' | 'stale' | 'conflict', detail) for the run folder of (cfg, fold).
 
     'conflict': the folder holds trained weights of another config; nothing may overwrite them silently.
+    'stale': it holds a run trained on other data (or on data it has no record of); it is trained again.
+    'partial': unfinished, or finished but killed before its state was written; a resume completes it.
+    A status sweep over many runs of one data folder passes one `fingerprints` dict to all its calls, so the data
+    is walked and checked once (a data change after the sweep's first call is seen by the next sweep).
     """
     run_dir = cfg.run_dir(fold)
-    has_ckpt = (run_dir / "checkpoint.pt").is_file()
-    cfg_path = run_dir / "config.json"
-    if has_ckpt and cfg_path.is_file():
-        saved = config_from_dict(json.loads(cfg_path.read_text())).to_dict()
-        diff = {k: (v, getattr(cfg, k)) for k, v in saved.items() if v != cfg.to_dict()[k] and k not in RUNTIME_FIELDS}
-        if diff:
-            return "conflict", (f"{run_dir} holds a run with another config {diff} (saved, now): use another "
-                                "experiment name or --restart")
-    state_path = run_dir / "state.json"
-    if has_ckpt and state_path.is_file() and json.loads(state_path.read_text())["finished"]:
-        return "finished", ""
-    return ("partial", "") if has_ckpt else ("todo", "")
+    if not (run_dir / "checkpoint.pt").is_file():
+        return "todo", ""
+    conflict = config_conflict(cfg, run_dir)
+    if conflict:
+        return "conflict", conflict
+    change = data_change(cfg, fold, fingerprints)
+    if change:
+        return "stale", f"{run_dir}: {change}"
+    state = derived_state(run_dir)
+    if state is None:
+        return "partial", f"{run_dir}: its state and summary lag behind its checkpoint: resume it"
+    return ("finished", "") if state["finished"] else ("partial", "")
 
 
 def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) -> str:
-    """'fresh', 'resume' or 'finished'; refuses to overwrite another run's outputs silently."""
-    if restart and cfg.run_dir(fold).exists():
-        shutil.rmtree(cfg.run_dir(fold))
+    """'fresh', 'resume' or 'finished'; refuses to overwrite another run's outputs silently. A stale run (its data
+    changed) is deleted and trained again from the start, never resumed on the new data."""
+    run_dir = cfg.run_dir(fold)
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
     status, detail = run_status(cfg, fold)
     if status == "conflict":
         raise KinretInputError(None, detail)
+    if status == "stale":
+        log.warning("%s; training it again from the start", detail)
+        shutil.rmtree(run_dir)
+        status = "todo"
     if status == "partial" and not resume:
-        raise KinretInputError(cfg.run_dir(fold), "holds an unfinished run: pass --resume to continue it or --restart")
+        raise KinretInputError(run_dir, "holds an unfinished run: pass --resume to continue it or --restart")
+    if status == "todo":
+        for name in ("state.json", "summary.csv", "data.json"):  # a run killed before its first checkpoint
+            (run_dir / name).unlink(missing_ok=True)
     return {"todo": "fresh", "partial": "resume", "finished": "finished"}[status]
+
+
+def fixed_runtime(cfg: TrainConfig, fold: int, status: str) -> TrainConfig:
+    """The settings that change a run's numbers although they are not what it computes, fixed when it starts: a
+    fresh run's thread count resolved (0: the count torch uses now) and saved in its config.json; a resumed run
+    gets the thread count and eval batch size it started with, whatever the command line (or the grid's --jobs)
+    says now, so it ends with the weights of an uninterrupted run."""
+    path = cfg.run_dir(fold) / "config.json"
+    if status == "resume" and path.is_file():
+        saved = json.loads(path.read_text())
+        fixed = replace(cfg, threads=saved.get("threads", cfg.threads),
+                        eval_batch_size=saved.get("eval_batch_size", cfg.eval_batch_size))
+        if fixed != cfg:
+            log.info("%s: resumed with the thread count %d and eval batch size %d it started with",
+                     cfg.run_dir(fold), fixed.threads, fixed.eval_batch_size)
+        cfg = fixed
+    return cfg if cfg.threads else replace(cfg, threads=torch.get_num_threads())

@@ -24,7 +24,7 @@ from kinret.log import progress
 from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import build_loss
 from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_digest
-from kinret.train.checkpointing import load_checkpoint, save_run
+from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
 from kinret.train.evaluation import (
     RowEmbedder,
     autocast,
@@ -222,6 +222,8 @@ class Trainer:
         self.loss.load_state_dict(ckpt["loss"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step, self.rows = ckpt["epoch"], ckpt["step"], ckpt["rows"]
+        if self.rank == 0:  # the checkpoint is the commit point: a kill after it may have left these behind
+            write_derived(self.run_dir, self.rows, self.epoch, self.cfg.epochs)
         log.info("resumed %s after epoch %d", self.run_dir, self.epoch)
 
     # ---- the loop --------------------------------------------------------------------------------------------------
