@@ -84,3 +84,21 @@ def test_default_dry_run_in_a_fresh_folder_lists_the_stages(tmp_path):
                           text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "generate the synthetic dataset" in proc.stdout and not (tmp_path / "data").exists()
+
+
+def test_an_unwritable_output_folder_stops_the_run_before_any_work(synth_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "out").write_text("a file where the submission folder should be")
+    assert submit.main(fast(synth_root, out / "sub", "--quiet")) == 2
+    assert "out/sub: output folder cannot be written" in capsys.readouterr().err
+    assert not (tmp_path / "out_work").exists() and not (tmp_path / "sub_work").exists()  # nothing was scored
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (the file case above was checked)")
+    try:  # an immutable folder refuses root too
+        assert submit.main(fast(synth_root, locked, "--quiet")) == 2
+        assert "locked: output folder cannot be written" in capsys.readouterr().err
+        assert not (tmp_path / "locked_work" / "ens" / "scores").exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)

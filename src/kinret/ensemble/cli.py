@@ -11,6 +11,7 @@ processes (one GPU each, or gloo on CPU); rank 0 then scores and chooses, and ma
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from kinret.ensemble.discovery import DEFAULT_EXPERIMENTS, discover_groups, expe
 from kinret.ensemble.run import EnsembleResult, embed_missing, run_ensemble
 from kinret.ensemble.tables import METRICS
 from kinret.errors import KinretInputError
+from kinret.io import check_writable, remove_stale_temporaries
 from kinret.scoring.splits import SplitData, build_splits
 from kinret.scoring.variants import Group
 from kinret.train.runs import run_status
@@ -74,9 +76,15 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.time()
     with process_group(torch.cuda.is_available()) as (rank, world):
+        if rank == 0:
+            for folder in (args.ensemble_dir, args.ensemble_dir / "scores", args.runs):
+                check_writable(folder)
+            remove_stale_temporaries([args.ensemble_dir, args.runs], before=started)
         jobs, splits, groups = prepare(args, args.data_root)
-        untrained = [c.run_dir(f) for c, f, _ in jobs if run_status(c, f)[0] != "finished"]
+        fingerprints: dict = {}  # the data is read once for every run of the sweep
+        untrained = [c.run_dir(f) for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"]
         if untrained:
             raise KinretInputError(untrained[0], f"not trained ({len(untrained)} run(s) are not): run "
                                                  "make_submission.py (or python -m kinret.grid) first")

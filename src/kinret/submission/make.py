@@ -31,7 +31,7 @@ from kinret.ensemble.cli import add_ensemble_args, prepare, settings, summary
 from kinret.ensemble.discovery import experiment_jobs
 from kinret.ensemble.run import EnsembleResult, plan, run_ensemble
 from kinret.errors import KinretInputError
-from kinret.io import write_text_atomic
+from kinret.io import check_writable, remove_stale_temporaries, write_text_atomic
 from kinret.log import setup_logging
 from kinret.metrics import chance_level
 from kinret.submission.predictions import SubmissionResult, submit
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_missing(args: argparse.Namespace, root: Path) -> None:
     """Run the grid of every experiment with a run not finished (the grid skips the finished ones)."""
     for exp in args.experiments:
-        if any(run_status(c, f)[0] != "finished" for c, f, _ in experiment_jobs(exp, root, args.runs)):
+        fingerprints: dict = {}  # the data is read once for every run of the sweep
+        if any(run_status(c, f, fingerprints)[0] != "finished" for c, f, _ in experiment_jobs(exp, root, args.runs)):
             code = grid_main(["-C", exp, "--set", f"data_root={root}", "--set", f"out_root={args.runs}", "--jobs",
                               str(args.jobs)] + (["--quiet"] if args.quiet else []))
             if code == 2:
@@ -82,9 +83,21 @@ class Outcome:
     report: list[Path]
 
 
+def prepare_outputs(args: argparse.Namespace, started: float) -> None:
+    """Every folder the run writes, checked writable before any work; temporaries of a killed run removed."""
+    folders = [args.out, args.out / "report", args.ensemble_dir, args.ensemble_dir / "scores", args.runs]
+    if args.data_root is None:
+        folders.append(DEFAULT_SYNTH_ROOT.parent)
+    for folder in folders:
+        check_writable(folder)
+    remove_stale_temporaries([args.out, args.ensemble_dir, args.runs], before=started)
+
+
 def run(args: argparse.Namespace) -> Outcome | None:
     """The stages, printing as they go; None after a dry run. Bad input raises."""
     t0 = time.perf_counter()
+    if not args.dry_run:
+        prepare_outputs(args, time.time())
     root = args.data_root
     if root is None:
         root = DEFAULT_SYNTH_ROOT
