@@ -1,8 +1,9 @@
 """Embedding throughput of the kit's cached path against a bare forward loop of the same model on preloaded
 tensors, side by side in one run (interleaved, median of repeats). Target: ratio >= 0.9.
 
-The kit's path (`kinret.features.cache.cached_features`) reads the decoded pixels, converts and normalises each batch, runs
-the image and its mirror, reads every pooling off the feature map, and saves each chunk and the final `.npz`. The
+The kit's path (`kinret.features.cache.cached_features`) reads the decoded pixels, converts and normalises each
+batch, runs the image and its mirror, reads every pooling off the feature map, and saves each chunk and the final
+`.npz`. The
 bare loop runs the same two views of the same batches through the same model, from float tensors made beforehand,
 pooling once. The ratio is what the cache, the conversion and the extra poolings cost.
 

@@ -53,3 +53,19 @@ def write_experiment(path: Path, **fields) -> Path:
     path.write_text("from dataclasses import replace\n\nfrom kinret.train.experiments import load_experiment\n\n"
                     f"cfg = replace(load_experiment('tiny')[0], name={path.stem!r}, {body})\n")
     return path
+
+
+def mutate(raw: bytes, rng, max_cut: int = 30) -> bytes:
+    """`raw` with 1-3 random byte edits: a byte overwritten, a run of up to `max_cut` bytes cut, or a few inserted."""
+    data = bytearray(raw)
+    for _ in range(int(rng.integers(1, 4))):
+        at = int(rng.integers(len(data)))
+        op = rng.integers(3)
+        if op == 0:
+            data[at] = int(rng.integers(256))
+        elif op == 1:
+            del data[at:at + int(rng.integers(1, max_cut))]
+        else:
+            data[at:at] = rng.bytes(int(rng.integers(1, 8)))
+    return bytes(data)
+

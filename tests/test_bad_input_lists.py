@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import mutate
 
 from kinret.data.lists import (
     GalleryRow,
@@ -95,17 +96,7 @@ def test_mutated_lists_never_crash(tmp_path, reader):
     raw = (tmp_path / "list").read_bytes()
     rng = np.random.default_rng(5)
     for _ in range(400):
-        data = bytearray(raw)
-        for _ in range(int(rng.integers(1, 4))):
-            at = int(rng.integers(len(data)))
-            op = rng.integers(3)
-            if op == 0:
-                data[at] = int(rng.integers(256))
-            elif op == 1:
-                del data[at:at + int(rng.integers(1, 30))]
-            else:
-                data[at:at] = rng.bytes(int(rng.integers(1, 8)))
-        (tmp_path / "m").write_bytes(bytes(data))
+        (tmp_path / "m").write_bytes(mutate(raw, rng, 30))
         try:
             reader(tmp_path / "m")
         except KinretInputError:

@@ -12,7 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, mutate
 
 from kinret.data.lists import GalleryRow, ProbeRow, write_gallery_list, write_probe_list
 from kinret.errors import KinretInputError
@@ -277,17 +277,7 @@ def test_mutated_predictions_never_crash(tmp_path):
     for source in ("p.csv", "p.zip"):
         raw = (tmp_path / source).read_bytes()
         for trial in range(300):
-            data = bytearray(raw)
-            for _ in range(int(rng.integers(1, 4))):
-                at = int(rng.integers(len(data)))
-                op = rng.integers(3)
-                if op == 0:
-                    data[at] = int(rng.integers(256))
-                elif op == 1:
-                    del data[at:at + int(rng.integers(1, 40))]
-                else:
-                    data[at:at] = rng.bytes(int(rng.integers(1, 8)))
-            (tmp_path / "m").write_bytes(bytes(data))
+            (tmp_path / "m").write_bytes(mutate(raw, rng, 40))
             try:
                 got = read_predictions(tmp_path / "m", 4, 12)
             except KinretInputError:
