@@ -1,21 +1,32 @@
-"""One logging set-up for every entry point, and tqdm bars that stay quiet off a terminal or when asked."""
+"""One logging set-up for every entry point; progress that is visible in every mode; stage timing.
+
+Progress: a tqdm bar with its ETA on a terminal or in a notebook; when output goes to a file or a pipe (``nohup``,
+CI), a plain line with the count, the rate and the ETA about once a minute (``KINRET_PROGRESS_SECONDS``), so a long
+run is never silent. ``--quiet`` (warnings and the final summary) and ``KINRET_NO_PROGRESS`` turn both off.
+Stages: `stage("features", "9,948 images")` prints a start line with its size and an end line with its wall time,
+and `stage_times()` gives them all for a closing line.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in notebooks
 
 T = TypeVar("T")
 _QUIET = False
+_STAGES: list[tuple[str, float]] = []
+log = logging.getLogger("kinret.progress")
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Configure the root logger once for a command-line run; `quiet` also silences progress bars."""
+    """Configure the root logger once for a command-line run; `quiet` also silences progress and stage lines."""
     global _QUIET
     _QUIET = quiet
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -23,9 +34,78 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
                         force=True)
 
 
+def is_quiet() -> bool:
+    return _QUIET
+
+
+def _on_screen() -> bool:
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def minutes(seconds: float) -> str:
+    """12 s, 3.4 min or 2.1 h: a duration as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class PlainProgress:
+    """The file/pipe form of a progress bar: a start line, a line about every `every` seconds with the ETA, and an
+    end line with the wall time (the last two only when the loop took longer than `every`)."""
+
+    def __init__(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, every: float):
+        self.iterable, self.desc, self.unit, self.every = iterable, desc, unit, every
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+
+    def line(self, done: int, elapsed: float) -> str:
+        rate = done / elapsed if elapsed > 0 else 0.0
+        text = f"{self.desc}: {done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"
+        if self.total and done and rate > 0:
+            text += f", {rate:.2f}" if rate < 10 else f", {rate:,.0f}"
+            text += f" {self.unit}/s, ETA {minutes((self.total - done) / rate)}"
+        return text
+
+    def __iter__(self) -> Iterator[T]:
+        start = last = time.monotonic()
+        log.info("%s: %s %s to do", self.desc, self.total if self.total is not None else "?", self.unit)
+        done = 0
+        for item in self.iterable:
+            yield item
+            done += 1
+            now = time.monotonic()
+            if now - last >= self.every:
+                last = now
+                log.info("%s", self.line(done, now - start))
+        if time.monotonic() - start >= self.every:
+            log.info("%s: %d %s done in %s", self.desc, done, self.unit, minutes(time.monotonic() - start))
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    """Wrap a long loop in a tqdm bar, shown on a terminal or in a notebook, unless quiet or `KINRET_NO_PROGRESS`
-    is set (no bar in a log file or CI output)."""
-    shown = sys.stderr.isatty() or "ipykernel" in sys.modules
-    disable = _QUIET or bool(os.environ.get("KINRET_NO_PROGRESS")) or not shown
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False)
+    """Wrap a long loop: a tqdm bar (with ETA) on a terminal or in a notebook, plain progress lines about once a
+    minute in a log file or pipe; nothing when quiet or `KINRET_NO_PROGRESS` is set."""
+    if _QUIET or os.environ.get("KINRET_NO_PROGRESS"):
+        return iterable
+    if _on_screen():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
+    return PlainProgress(iterable, desc, total, unit, float(os.environ.get("KINRET_PROGRESS_SECONDS", 60)))
+
+
+@contextmanager
+def stage(name: str, size: str = "") -> Iterator[None]:
+    """Announce a stage with its size, then its wall time when it ends (also recorded for `stage_times`)."""
+    t0 = time.perf_counter()
+    if not _QUIET:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}" + (f": {size}" if size else ""), flush=True)
+    yield
+    took = time.perf_counter() - t0
+    _STAGES.append((name, took))
+    if not _QUIET:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {minutes(took)}", flush=True)
+
+
+def stage_times(reset: bool = False) -> list[tuple[str, float]]:
+    """(stage, seconds) of every stage since the last reset, in order."""
+    out = list(_STAGES)
+    if reset:
+        _STAGES.clear()
+    return out

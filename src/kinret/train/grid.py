@@ -29,6 +29,7 @@ import pandas as pd
 from kinret.cli import parser, run_command
 from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
+from kinret.log import progress
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.train.experiments import load_experiment
 from kinret.train.runs import run_status
@@ -90,6 +91,23 @@ def _train_in_worker(argv: list[str], parent: int) -> int:
     return _train(argv)
 
 
+def _indexed(i: int, argv: list[str], parent: int) -> tuple[int, int]:
+    return i, _train_in_worker(argv, parent)
+
+
+def _train_rest(rest: list[int], argv, jobs: int, cores: int) -> dict[int, int]:
+    """Exit code of every run in `rest`: `jobs` worker processes sharing the cores (progress over finished runs shown
+    here), or one after another in this process."""
+    if jobs > 1 and len(rest) > 1:
+        from joblib import Parallel, delayed
+
+        threads = max(1, cores // jobs)
+        work = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            delayed(_indexed)(i, argv(i, threads, worker=True), os.getpid()) for i in rest)
+        return dict(progress(work, desc=f"grid ({jobs} processes)", total=len(rest), unit="run"))
+    return {i: _train(argv(i, cores)) for i in progress(rest, desc="grid", unit="run")}
+
+
 def summary_table(jobs: list[tuple[TrainConfig, int, list[str]]]) -> pd.DataFrame:
     """The last epoch of each run that has one: the grid's results at a glance."""
     cols = ["average", "mAP", "rank5", "pair_auc_cos", "pair_auc_fc"]
@@ -142,30 +160,24 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run or not todo:
         return 0
     cores = os.cpu_count() or 1
-    quiet = ["--quiet"] if args.quiet or args.jobs > 1 else []
+    passed = (["--quiet"] if args.quiet else []) + (["--verbose"] if args.verbose else [])
 
-    def argv(i: int, threads: int) -> list[str]:
+    def argv(i: int, threads: int, worker: bool = False) -> list[str]:
         _, fold, sets = todo[i]
         overrides = [*args.set, *sets, f"threads={threads}"]
-        return ["-C", args.config, "--fold", str(fold), "--resume", *quiet,
+        # a worker's own bars would interleave: it is quiet, and this process shows the grid's progress instead
+        return ["-C", args.config, "--fold", str(fold), "--resume", *(["--quiet"] if worker else passed),
                 *itertools.chain.from_iterable(("--set", s) for s in overrides)]
 
     # the first head-only run of each backbone builds the shared feature cache, with every core, before the
-    # parallel part
+    # parallel part; it runs in this process with this process's own verbosity
     first: dict[tuple, int] = {}
     for i, (c, _, _) in enumerate(todo):
         if c.mode == "head":
             first.setdefault((c.backbone, c.weights, c.pretrained, c.input_size, c.gem_p, c.data_root), i)
     codes = {i: _train(argv(i, cores)) for i in first.values()}
     rest = [i for i in range(len(todo)) if i not in codes]
-    if args.jobs > 1 and len(rest) > 1:
-        from joblib import Parallel, delayed
-
-        threads = max(1, cores // args.jobs)
-        results = Parallel(n_jobs=args.jobs)(delayed(_train_in_worker)(argv(i, threads), os.getpid()) for i in rest)
-        codes.update(zip(rest, results, strict=True))
-    else:
-        codes.update({i: _train(argv(i, cores)) for i in rest})
+    codes.update(_train_rest(rest, argv, args.jobs, cores))
     failed = [todo[i][0].run_dir(todo[i][1]) for i, code in codes.items() if code != 0]
     table = summary_table(all_jobs).to_csv(index=False, float_format="%.4f", na_rep="nan", lineterminator="\n")
     write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
