@@ -1,12 +1,13 @@
 """``python -m kinret.train -C <experiment> --fold k [--set key=value ...]``: train one variant on one fold.
 
 --fold -1 trains on every training family (evaluated on DATA/val when present). Outputs go to
-runs/{experiment}/fold{k}/ (a grid's variants to runs/{experiment}/{variant}/fold{k}/, see python -m kinret.grid):
-checkpoint.pt (written to a temporary name, then renamed, after every epoch), config.json (the resolved config),
-summary.csv (one row per epoch), state.json and data.json (the training families and the content hash of each of
-their images). --resume continues an interrupted run from its last finished epoch, with the thread count it started
-with and the same result as an uninterrupted run; a run whose training data changed is trained again from the
-start. Under torchrun --nproc_per_node N -m kinret.train ... the global batch is split over N DDP processes.
+runs/{experiment}/fold{k}/ (one variant of a GRID, --variant NAME, to runs/{experiment}/{variant}/fold{k}/; python
+-m kinret.grid trains them all; --show-config lists them): checkpoint.pt (written to a temporary name, then renamed,
+after every epoch), config.json (the resolved config), summary.csv (one row per epoch), state.json and data.json
+(the training families and the content hash of each of their images). --resume continues an interrupted run from its
+last finished epoch, with the thread count it started with and the same result as an uninterrupted run; a run whose
+training data changed is trained again from the start. Under torchrun --nproc_per_node N -m kinret.train ... the
+global batch is split over N DDP processes.
 """
 
 from __future__ import annotations
@@ -38,15 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="typed config override")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--restart", action="store_true", help="delete this run's outputs and start again")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="one variant of the experiment's GRID (e.g. bce-comb1; --show-config lists them): its "
+                        "overrides are applied and it trains into runs/{experiment}/{variant}/fold{k}/")
     p.add_argument("--show-config", action="store_true",
-                   help="print the resolved config (fields changed from the defaults marked *) and exit")
+                   help="print the resolved config (fields changed from the defaults marked *) and the experiment's "
+                        "grid variants, then exit")
     return p
 
 
-def show_config(cfg: TrainConfig) -> None:
+def grid_variants(experiment: str, cfg: TrainConfig) -> dict[str, list[str]]:
+    """variant name -> its --set overrides, for every point of the experiment's GRID (empty without a GRID)."""
+    from kinret.train.grid import expand  # the grid runner imports this module's main
+
+    _, grid = load_experiment(experiment)
+    out: dict[str, list[str]] = {}
+    for vcfg, _, sets in expand(cfg, grid):
+        if sets and vcfg.name != cfg.name:
+            out.setdefault(vcfg.name.removeprefix(f"{cfg.name}/"), [s for s in sets if not s.startswith("name=")])
+    return out
+
+
+def show_config(cfg: TrainConfig, variants: dict[str, list[str]], experiment: str) -> None:
     defaults = TrainConfig().to_dict()
     for key, value in cfg.to_dict().items():
         print(f"{'*' if defaults[key] != value else ' '} {key} = {value!r}")
+    if not variants:
+        print(f"\nno GRID: one run per fold, in {cfg.out_root}/{cfg.name}/fold{{k}}/")
+        return
+    print(f"\nGRID: {len(variants)} variants x {cfg.n_folds} folds, each in {cfg.out_root}/{cfg.name}/{{variant}}/"
+          f"fold{{k}}/ (python -m kinret.grid -C {experiment} trains them all; one of them: python -m kinret.train "
+          f"-C {experiment} --variant NAME --fold K)")
+    for name, sets in variants.items():
+        print(f"  {name:<24} {' '.join(sets)}")
 
 
 def run_status_everywhere(cfg: TrainConfig, args: argparse.Namespace, rank: int, world: int) -> str:
@@ -88,9 +113,16 @@ def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = apply_overrides(load_experiment(args.config)[0], args.set)
+    base = apply_overrides(load_experiment(args.config)[0], args.set)
+    variants = grid_variants(args.config, base)
+    cfg = base
+    if args.variant is not None:
+        if args.variant not in variants:
+            raise KinretInputError(None, f"{args.config} has no grid variant {args.variant!r}; its variants: "
+                                         f"{', '.join(variants) or 'none (it defines no GRID)'}")
+        cfg = apply_overrides(base, [f"name={base.name}/{args.variant}", *variants[args.variant], *args.set])
     if args.show_config:
-        show_config(cfg)
+        show_config(cfg, {} if args.variant else variants, args.config)
         return 0
     return train(cfg, args)
 
