@@ -95,6 +95,8 @@ def _numbered_entries(folder: Path, prefix: str, want_dirs: bool) -> list[Path]:
     """Entries named `{prefix}{i}` in folder, ordered by i (never directory order); a gap or duplicate raises."""
     pattern = re.compile(rf"^{re.escape(prefix)}(\d+)(\.[A-Za-z]+)?$")
     found: dict[int, Path] = {}
+    if not folder.is_dir():
+        raise KinretInputError(folder, f"folder does not exist (the Codalab layout has {prefix}0, {prefix}1, ... here)")
     for p in folder.iterdir():
         m = pattern.match(p.name)
         if not m or p.is_dir() != want_dirs or (not want_dirs and not is_image_file(p)):

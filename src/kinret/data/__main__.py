@@ -1,0 +1,5 @@
+import sys
+
+from kinret.data.check import main
+
+sys.exit(main())

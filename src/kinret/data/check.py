@@ -1,0 +1,185 @@
+"""``python -m kinret.data check DATA``: what a data folder holds for Track 3 and what is missing, before a long run.
+
+Reads the folder with the same readers the run uses, so a list or folder that would stop `make_submission.py`
+stops here, named with its line: DATA/train (FIW family folders: training and the out-of-fold protocols), DATA/val
+(labelled folders, with or without probe_list.csv/gallery_list.csv), DATA/test (the Codalab probes/gallery and
+probe.txt/gallery.txt) and DATA/test_truth (optional test labels). ``--decode`` also opens every image (slower: a
+few thousand images a second), so a corrupt file is found now rather than an hour into a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kinret.cli import parser, run_command
+from kinret.data.fiw import Family, read_fiw
+from kinret.data.images import load_image
+from kinret.data.split import Track3Split, read_codalab, read_labelled
+from kinret.errors import KinretInputError
+from kinret.log import progress
+
+NEEDED = "DATA/test (probes/probe_subjects/s*/, gallery/gallery_faces/face*.jpg, probe.txt, gallery.txt)"
+
+
+@dataclass
+class Report:
+    """One line per part found, the problems that would stop a run, and what is missing but optional."""
+
+    found: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [f"  ok       {x}" for x in self.found] + [f"  missing  {x}" for x in self.missing]
+        lines += [f"  ERROR    {x}" for x in self.errors]
+        verdict = ("usable: python make_submission.py --data-root DATA" if not self.errors
+                   else f"{len(self.errors)} problem(s) stop a run: fix them first")
+        return "\n".join(lines + [verdict])
+
+
+def families_line(label: str, families: Sequence[Family]) -> str:
+    members = sum(len(f.members) for f in families)
+    faces = sum(f.n_images for f in families)
+    empty = sum(1 for f in families for m in f.members if not m.images)
+    relations = sum(1 for f in families if f.relations is not None)
+    return (f"{label}: {len(families):,} families, {members:,} members, {faces:,} faces"
+            + (f" ({empty} members without images)" if empty else "") + f", mid.csv in {relations}")
+
+
+def split_line(label: str, split: Track3Split) -> str:
+    faces = sum(len(p.images) for p in split.probes)
+    fids = {p.fid for p in split.probes} - {None}
+    return (f"{label}: {len(split.probes):,} probes ({faces:,} faces), {len(split.gallery):,} gallery faces"
+            + (f", {len(fids):,} families labelled" if fids else ", unlabelled"))
+
+
+def _attempt(report: Report, what: Callable[[], str | None]) -> None:
+    try:
+        line = what()
+        if line:
+            report.found.append(line)
+    except KinretInputError as exc:
+        report.errors.append(str(exc))
+
+
+def check_train(root: Path, report: Report) -> None:
+    if not (root / "train").is_dir():
+        report.missing.append("DATA/train (FIW family folders F*/MID*/): no training, no out-of-fold choice; only "
+                              "training-free variants (frozen SFace, raw pixels) with nothing to choose on")
+        return
+
+    def read() -> str:
+        families = read_fiw(root / "train")
+        report.images += [p for f in families for m in f.members for p in m.images]
+        return families_line("DATA/train", families)
+
+    _attempt(report, read)
+
+
+def check_val(root: Path, report: Report) -> None:
+    val = root / "val"
+    if not val.is_dir():
+        report.missing.append("DATA/val (optional labelled families): scores on a second labelled split")
+        return
+    lists = (val / "probe_list.csv").is_file(), (val / "gallery_list.csv").is_file()
+    if all(lists):
+        def read() -> str:
+            split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
+            report.images += [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
+            return split_line("DATA/val (its probe_list.csv/gallery_list.csv)", split)
+
+        _attempt(report, read)
+        return
+    if any(lists):
+        report.errors.append(f"{val}: probe_list.csv and gallery_list.csv come together (only one is there)")
+
+    def read_folders() -> str:
+        families = read_fiw(val)
+        report.images += [p for f in families for m in f.members for p in m.images]
+        return families_line("DATA/val (a protocol is drawn from the folders)", families)
+
+    _attempt(report, read_folders)
+
+
+def check_test(root: Path, report: Report) -> None:
+    test = root / "test"
+    if not test.is_dir():
+        report.errors.append(f"{test} does not exist: a submission needs {NEEDED}")
+        return
+    for name in ("probe.txt", "gallery.txt"):
+        if not (test / name).is_file():
+            report.missing.append(f"DATA/test/{name}: the order is taken from the numbers in the folder names")
+    holder: list[Track3Split] = []
+
+    def read() -> str:
+        holder.append(read_codalab(test, name="test"))
+        split = holder[0]
+        report.images += [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
+        return split_line("DATA/test", split)
+
+    _attempt(report, read)
+    truth = root / "test_truth"
+    if not (truth / "probe_list.csv").is_file():
+        report.missing.append("DATA/test_truth/probe_list.csv, gallery_list.csv (optional): no local test score")
+        return
+
+    def read_truth() -> str:
+        labels = read_labelled(truth / "probe_list.csv", truth / "gallery_list.csv", None, name="test truth")
+        if holder:
+            for kind, a, b in (("probe", len(labels.probes), len(holder[0].probes)),
+                               ("gallery", len(labels.gallery), len(holder[0].gallery))):
+                if a != b:
+                    raise KinretInputError(truth / f"{kind}_list.csv", f"has {a} rows but DATA/test has {b}")
+        return split_line("DATA/test_truth", labels)
+
+    _attempt(report, read_truth)
+
+
+def decode_all(paths: Iterable[Path], report: Report) -> None:
+    paths = list(dict.fromkeys(paths))
+    bad = 0
+    for p in progress(paths, desc="decode", total=len(paths), unit="img"):
+        try:
+            load_image(p)
+        except KinretInputError as exc:
+            bad += 1
+            if bad <= 20:
+                report.errors.append(str(exc))
+    if bad > 20:
+        report.errors.append(f"... and {bad - 20} more unreadable images")
+    report.found.append(f"decoded {len(paths) - bad:,} of {len(paths):,} images")
+
+
+def check(root: str | Path, decode: bool = False) -> Report:
+    """Everything `make_submission.py --data-root root` would read, read; problems collected, not raised."""
+    root = Path(root)
+    report = Report()
+    if not root.is_dir():
+        report.errors.append(f"{root}: data folder does not exist")
+        return report
+    check_train(root, report)
+    check_val(root, report)
+    check_test(root, report)
+    if decode:
+        decode_all(report.images, report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("python -m kinret.data", __doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="list what a data folder holds and what is missing")
+    c.add_argument("data", type=Path, help="the data folder (as given to make_submission.py --data-root)")
+    c.add_argument("--decode", action="store_true", help="also open every image")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        report = check(args.data, args.decode)
+        print(f"{args.data}:\n{report.text()}")
+        return 2 if report.errors else 0
+
+    return run_command(body, args)
+
