@@ -39,9 +39,11 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
     assert np.array_equal(ranking, read_predictions(done / "sub" / "predictions.csv", *ranking.shape))
     table = (done / "sub" / "variants.md").read_text()
     for variant in ("raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max", "tiny:cos-emb-meanemb",
-                    "tiny:cos-emb-max", "tiny:cos-gem-meanemb", "tiny:fc-mean", "tiny:fc-max",
-                    "tiny:fc-meanemb", "tiny:rerank100-emb", "best single (cross-fitted out-of-fold)"):
+                    "tiny:cos-emb-max", "tiny:cos-gem-meanemb", "tiny:rerank100-emb", "tiny:dba10-emb",
+                    "tiny:qe5-emb", "tiny:clus-div5-emb", "tiny:dba10-clus-div5-emb", "tiny:dsm-emb", "tiny:sink-emb",
+                    "raw_pixels:dba10-pixels", "best single (cross-fitted out-of-fold)"):
         assert f"| {variant} |" in table
+    assert "| tiny:fc-mean |" not in table and "| tiny:cos-gem-dba10 |" not in table  # FC over all pairs on request
     assert "oof_average" in table and "val_average" in table and "test_average" in table
     csv = (done / "ens" / "variants.csv").read_text().splitlines()
     assert csv[0].startswith("variant,") and "oof_mAP_trapezoid" in csv[0] and "oof_rank10" in csv[0]
@@ -169,7 +171,8 @@ def test_only_named_variants(done, tiny_data, tmp_path):
 @pytest.mark.slow
 def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
     """The default experiment's path, made small: SFace features computed once and shared by the frozen-backbone
-    variants (every pooling, zero-shot) and the trained heads (cosine on the residual neck, FC, re-rank)."""
+    variants (every pooling, zero-shot) and the trained heads (cosine on the residual neck, FC re-rank), each main
+    embedding with its transductive re-scorings."""
     exp = tmp_path / "small_heads.py"
     exp.write_text("from dataclasses import replace\n\nfrom kinret.train.experiments import load_experiment\n\n"
                    "cfg = replace(load_experiment('sface_heads')[0], name='small_heads', n_folds=2, epochs=1, "
@@ -179,10 +182,12 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
     argv[argv.index("tiny")] = str(exp)
     assert submit.main(argv) == 0
     table = (tmp_path / "sub" / "variants.md").read_text()
-    for variant in ("sface:cos-native-meanemb", "sface:cos-gem-max", "small_heads/bce:fc-mean",
-                    "small_heads/bce:rerank100-emb", "small_heads/cosface:cos-emb-meanemb"):
+    for variant in ("sface:cos-native-meanemb", "sface:cos-gem-max", "sface:dba10-native", "sface:clus-div5-native",
+                    "small_heads/bce:rerank100-emb", "small_heads/cosface:cos-emb-meanemb",
+                    "small_heads/cosface:dsm-emb"):
         assert f"| {variant} |" in table
-    assert "small_heads/cosface:fc-mean" not in table  # a family loss trains no FC head
+    assert "small_heads/bce:fc-mean" not in table  # FC over all pairs only on request
+    assert "sface:dba10-gem" not in table  # re-scoring on the main embedding only
     assert len(list((tmp_path / "runs" / "_cache").glob("features_sface_*.npz"))) == 3  # train, val, test: once
 
 
@@ -195,7 +200,8 @@ def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_
     shutil.copytree(done / "ens", ens)
     assert ensemble_main([*base, "--ensemble-dir", str(ens), "--choose", "best"]) == 0
     out = capsys.readouterr().out
-    assert "| variant |" in out and "chose best_" in out
+    assert out.startswith("submitted: best_") and "why: best single variant by out-of-fold Average" in out
+    assert "full table: " in out and "| variant |" not in out  # the short summary; the table goes to the file
     assert json.loads((ens / "selection.json").read_text())["name"].startswith("best_")
     base[base.index(str(done / "runs"))] = str(tmp_path / "no_runs")  # nothing trained there
     assert ensemble_main([*base, "--ensemble-dir", str(ens)]) == 2

@@ -15,18 +15,28 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from kinret.cli import parser, run_command
 from kinret.dist import env_rank_world, process_group
+from kinret.ensemble.bootstrap import N_BOOT, describe
 from kinret.ensemble.discovery import DEFAULT_EXPERIMENTS, discover_groups, experiment_jobs, filter_groups, fold_plan
-from kinret.ensemble.run import EnsembleResult, embed_missing, run_ensemble
-from kinret.ensemble.tables import METRICS
+from kinret.ensemble.run import REFERENCES, EnsembleResult, embed_missing, group_of, run_ensemble
+from kinret.ensemble.selection import POOL
+from kinret.ensemble.tables import GROUPS, METRICS, interval_text
 from kinret.errors import KinretInputError
 from kinret.io import check_writable, remove_stale_temporaries
 from kinret.scoring.splits import SplitData, build_splits
 from kinret.scoring.variants import Group
 from kinret.train.runs import run_status
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_ensemble_args(p: argparse.ArgumentParser) -> None:
@@ -35,15 +45,23 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
                         "scored; give none for training-free variants only")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders and caches")
     p.add_argument("--ensemble-dir", type=Path, default=Path("ensemble"),
-                   help="score matrices (scores/), external variants (external/NAME/) and the variant table "
-                        "")
+                   help="score matrices (scores/), external variants (external/NAME/), the variant table "
+                        "(variants.md, variants.csv), per-probe results (per_probe.csv.gz) and selection.json")
     p.add_argument("--variants", nargs="*", default=None, metavar="NAME",
                    help="only these variants (or groups of variants); default: all")
     p.add_argument("--no-raw-pixels", action="store_true", help="leave out the raw-pixel baseline variants")
     p.add_argument("--choose", choices=("auto", "best", "blend"), default="auto",
-                   help="auto: blend only if it beats the best single variant out of fold")
+                   help="auto: blend only if the 95%% bootstrap interval of its cross-fitted out-of-fold gain over the "
+                        "best single variant lies above 0")
     p.add_argument("--normalise", choices=("z", "rank"), default="z", help="per-probe score normalisation for blends")
-    p.add_argument("--max-steps", type=int, default=10, help="greedy blend steps")
+    p.add_argument("--max-steps", type=int, default=10, help="greedy blend steps (the start of the weight search)")
+    p.add_argument("--blend-pool", type=_positive, default=POOL,
+                   help="a blend's weights are searched over this many best variants (bounds the search's time)")
+    p.add_argument("--bootstrap", type=_positive, default=N_BOOT,
+                   help="paired bootstrap resamples of the probes behind every 95%% interval (seeded)")
+    p.add_argument("--reference", default=None, metavar="NAME",
+                   help="the variant every interval is taken against; default: zero-shot SFace "
+                        f"({REFERENCES[0]}) when present, else raw pixels ({REFERENCES[1]})")
     p.add_argument("--top-n", type=int, default=100, help="cosine shortlist re-ranked by the FC head")
     p.add_argument("--protocol-seed", type=int, default=0,
                    help="seed of the probe/gallery protocols drawn from labelled folders (out-of-fold, val)")
@@ -59,6 +77,7 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[list, dict[str, Split
 
 
 def summary(result: EnsembleResult) -> str:
+    """The choice, its reason, the blend's weights and the cross-fitted comparison with its interval."""
     sel = result.selection
     lines = [f"chose {sel.name}: {sel.reason}"]
     if len(sel.weights) > 1:
@@ -66,12 +85,74 @@ def summary(result: EnsembleResult) -> str:
     for label, m in sel.crossfit.items():
         lines.append(f"{label:>12}, cross-fitted out of fold: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS
                                                                               if k in m))
+    if sel.gain:
+        lines.append(f"{'gain':>12}, cross-fitted out of fold: {describe(sel.gain)} (Average, 95% interval)")
+    return "\n".join(lines)
+
+
+def _scores_text(row: pd.Series, groups: Sequence[str]) -> str:
+    return ", ".join(f"{g} {row[f'{g}_average']:.3f}" for g in groups
+                     if f"{g}_average" in row and pd.notna(row[f"{g}_average"]))
+
+
+def _chance_text(chance: pd.DataFrame) -> str:
+    found = {}
+    for group in GROUPS:
+        rows = chance[chance["split"] == group]
+        if rows.empty:
+            rows = chance[chance["split"].map(group_of) == group]
+        if len(rows) == 1:
+            found[group] = float(rows["average"].iloc[0])
+    return ", ".join(f"{g} {v:.3f}" for g, v in found.items())
+
+
+def _variant_lines(result: EnsembleResult, top: int, groups: Sequence[str]) -> list[str]:
+    """The `top` best variants: Average on the choosing group with its interval, then the other groups."""
+    sel, key = result.selection, result.key
+    variants = result.scores.get("test", {})
+    rows = result.table[result.table["variant"].isin(variants)].head(top)
+    if not len(rows) or key not in groups:
+        return []
+    width = max(len(v) for v in rows["variant"])
+    against = f" (95% interval against {sel.reference})" if sel.reference else ""
+    lines = [f"best {len(rows)} of {len(variants)} variants by {key} Average{against}:"]
+    for _, row in rows.iterrows():
+        iv = ""
+        if row["variant"] == sel.reference:
+            iv = "  reference"
+        elif f"{key}_delta" in row and pd.notna(row[f"{key}_delta"]):
+            iv = " " + interval_text(row[f"{key}_delta"], row[f"{key}_delta_lo"], row[f"{key}_delta_hi"])
+        rest = _scores_text(row, [g for g in groups if g != key])
+        lines.append(f"  {row['variant']:<{width}}  {row[f'{key}_average']:.3f}{iv}" + (f";  {rest}" if rest else ""))
+    return lines
+
+
+def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None = None) -> str:
+    """A terminal summary of a run in <= ~15 lines: what is submitted and its Averages, why (the blend decision in
+    plain words), the `top` best variants (Average on the choosing split group with its 95% interval against the
+    reference, val and test when known), the chance level per split group, and where the full table is."""
+    sel, table = result.selection, result.table
+    groups = [g for g in GROUPS if f"{g}_average" in table and table[f"{g}_average"].notna().any()]
+    chosen = table[table["variant"] == f"chosen: {sel.name}"]
+    scores = _scores_text(chosen.iloc[0], groups) if len(chosen) else ""
+    lines = [f"submitted: {sel.name}" + (f" (Average {scores})" if scores else "")]
+    if len(sel.weights) > 1:
+        lines.append("  weights: " + ", ".join(f"{w:.2f} {v}" for v, w in sorted(sel.weights.items(),
+                                                                                 key=lambda x: -x[1])))
+    lines.append(f"why: {sel.reason}")
+    lines += _variant_lines(result, top, groups)
+    if len(result.chance):
+        lines.append(f"chance (random ranking) Average: {_chance_text(result.chance)}; splits differ in gallery "
+                     "size, so compare within a split only")
+    if table_path is not None:
+        lines.append(f"full table: {table_path}")
     return "\n".join(lines)
 
 
 def settings(args: argparse.Namespace) -> dict[str, object]:
     """The options a choice depends on, saved in selection.json beside the submission they produced."""
-    keys = ("experiments", "variants", "no_raw_pixels", "choose", "normalise", "max_steps", "top_n", "protocol_seed")
+    keys = ("experiments", "variants", "no_raw_pixels", "choose", "normalise", "max_steps", "blend_pool", "bootstrap",
+            "reference", "top_n", "protocol_seed")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -94,9 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
         result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
                               args.normalise, args.max_steps, settings(args))
-    print(result.table_md)
-    print(summary(result))
-    print(f"table: {args.ensemble_dir / 'variants.csv'}, {args.ensemble_dir / 'variants.md'}")
+    print(glance(result, table_path=f"{args.ensemble_dir / 'variants.md'} (also variants.csv, per_probe.csv.gz)"))
     return 0
 
 

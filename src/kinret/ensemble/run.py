@@ -3,6 +3,7 @@ variant or a blend out of fold, and write the variant table; plus the dry-run pl
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,10 +13,12 @@ import numpy as np
 import pandas as pd
 
 from kinret.data.split import write_labelled
-from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
-from kinret.ensemble.tables import summary_columns, to_csv, to_markdown, variant_table
+from kinret.ensemble.bootstrap import N_BOOT, average_terms, paired_intervals
+from kinret.ensemble.selection import POOL, Scorer, Selection, combine, pooled, select
+from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
-from kinret.io import write_text_atomic
+from kinret.io import atomic_path, write_text_atomic
+from kinret.metrics import chance_level
 from kinret.models.config import TrainConfig
 from kinret.scoring.splits import SplitData
 from kinret.scoring.store import safe_name
@@ -23,6 +26,7 @@ from kinret.scoring.variants import Group, group_scores, missing_scores
 from kinret.train.runs import run_status
 
 log = logging.getLogger("kinret.ensemble")
+REFERENCES = ("sface:cos-native-meanemb", "raw_pixels:cos-pixels-meanemb")  # zero-shot SFace, else raw pixels
 
 
 @dataclass
@@ -30,13 +34,19 @@ class EnsembleResult:
     splits: dict[str, SplitData]
     scores: dict[str, dict[str, np.ndarray]]  # split -> variant -> (P, N)
     selection: Selection
-    table: pd.DataFrame  # one row per variant (and the chosen and cross-fitted lines), metrics per split group
+    table: pd.DataFrame  # one row per variant (and the chosen, cross-fitted and chance lines), metrics per split group
     chosen: dict[str, np.ndarray]  # split -> the chosen (P, N) scores
     settings: dict[str, object] = field(default_factory=dict)  # the options the choice was made with
+    per_probe: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variant's per-probe results, every split
+    chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # each labelled split's size and chance level
+    key: str = "oof"  # the split group the choice was made on
 
     @property
     def table_md(self) -> str:
-        return to_markdown(self.table, summary_columns(self.table))
+        """The variant table with its interval column, legend and the splits' chance levels, as markdown."""
+        n_boot = self.settings.get("bootstrap", N_BOOT)
+        return variants_markdown(self.table, self.chance, self.selection.reference, self.key,
+                                 int(n_boot) if isinstance(n_boot, int) else None)
 
 
 def score_everything(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
@@ -60,50 +70,161 @@ def embed_missing(groups: list[Group], splits: dict[str, SplitData], scores_dir:
                     source.embeddings(sd.images)
 
 
+def group_of(split: str) -> str:
+    """The table's split group of a split: every out-of-fold protocol is "oof"."""
+    return "oof" if split.startswith("oof") else split
+
+
+def chance_table(splits: dict[str, SplitData]) -> pd.DataFrame:
+    """Every labelled split's probes, gallery faces and the mAP, Rank@5 and Average a random ranking expects; and,
+    with several out-of-fold protocols, their pool "oof" (probe-weighted means: the expectations are per probe)."""
+    rows = []
+    for name, sd in splits.items():
+        if sd.labels is not None:
+            c = chance_level(sd.labels.probe_fids, sd.labels.gallery_fids, (5,))
+            rows.append({"split": name, "probes": len(sd.labels.probes), "gallery": len(sd.labels.gallery),
+                         "mAP": c["mAP"], "rank5": c["rank@5"], "average": c["average"]})
+    table = pd.DataFrame(rows, columns=["split", "probes", "gallery", "mAP", "rank5", "average"])
+    oof = table[table["split"].str.startswith("oof")]
+    if len(oof) > 1:
+        weights = oof["probes"] / oof["probes"].sum()
+        pool = {"split": "oof", "probes": int(oof["probes"].sum()), "gallery": "/".join(map(str, oof["gallery"]))}
+        pool |= {m: float((oof[m] * weights).sum()) for m in ("mAP", "rank5", "average")}
+        table = pd.concat([table, pd.DataFrame([pool])], ignore_index=True)
+    return table
+
+
+def pick_reference(variants: Sequence[str], asked: str | None, fallback: str) -> str:
+    """The variant every other is compared with: `asked` (must be a variant), else zero-shot SFace, else the
+    raw-pixel baseline, else `fallback`."""
+    if asked:
+        if asked not in variants:
+            raise KinretInputError(None, f"--reference {asked!r} is not a variant of this run; it has "
+                                         f"{', '.join(list(variants)[:8])}{', ...' if len(variants) > 8 else ''}")
+        return asked
+    return next((v for v in REFERENCES if v in variants), fallback)
+
+
+def reference_intervals(pp: dict[str, dict[str, pd.DataFrame]], reference: str, n_boot: int, seed: int = 0
+                        ) -> dict[str, dict[str, dict[str, float]]]:
+    """row -> split group -> the paired-bootstrap interval of the row's Average minus the reference's on that
+    group's probes (resampled within each split); every row against the same resamples."""
+    rows = list(pp)
+    out: dict[str, dict[str, dict[str, float]]] = {r: {} for r in rows}
+    for group in dict.fromkeys(group_of(n) for n in pp[reference]):
+        names = [n for n in pp[reference] if group_of(n) == group]
+        strata = np.concatenate([[n] * len(pp[reference][n]) for n in names])
+        terms = [np.concatenate([average_terms(pp[r][n]["ap"], pp[r][n]["first"]) for n in names]) for r in rows]
+        found = paired_intervals(np.column_stack(terms), terms[rows.index(reference)], strata, n_boot, seed)
+        for r, iv in zip(rows, found.itertuples(index=False), strict=True):
+            out[r][group] = {"delta": iv.delta, "lo": iv.lo, "hi": iv.hi}
+    return out
+
+
+def per_probe_long(pp: dict[str, dict[str, pd.DataFrame]], splits: dict[str, SplitData]) -> pd.DataFrame:
+    """One row per (row name, split, probe): variant, split, group, probe (row index), probe_id, then the results."""
+    frames = [df.assign(variant=v, split=n, group=group_of(n), probe=np.arange(len(df)), probe_id=splits[n].probe_ids)
+              for v, by_split in pp.items() for n, df in by_split.items()]
+    if not frames:
+        return pd.DataFrame()
+    long = pd.concat(frames, ignore_index=True)
+    long["first"] = long["first"].astype("Int64")  # NaN (no relative) stays empty
+    front = ["variant", "split", "group", "probe", "probe_id"]
+    return long[front + [c for c in long.columns if c not in front]]
+
+
+def write_per_probe(path: Path, table: pd.DataFrame) -> Path:
+    """`table` as gzip-compressed CSV, byte-identical for identical results (no time stamp), written atomically."""
+    text = table.to_csv(index=False, float_format="%.6f", lineterminator="\n")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return Path(path)
+
+
+def _choose(scores, scorers, pp, splits, how, normalisation, max_steps, opts) -> tuple[Selection, str]:
+    variants = list(scores["test"])
+    chooser = [n for n in splits if splits[n].fold is not None] or [n for n in ("val",) if n in scorers]
+    if not chooser:
+        log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
+        return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, normalisation, variants[0],
+                         reason="the first variant: nothing labelled to choose on"), "oof"
+    sel = select({v: {n: scores[n][v] for n in chooser} for v in variants}, {n: scorers[n] for n in chooser},
+                 how, normalisation, max_steps, opts["blend_pool"], opts["bootstrap"],
+                 per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
+    return sel, group_of(chooser[0])
+
+
 def run_ensemble(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, out_dir: Path | None,
                  how: str = "auto", normalisation: str = "z", max_steps: int = 10,
                  settings: dict[str, object] | None = None) -> EnsembleResult:
-    """Score every variant on every split, evaluate, choose; then (all inputs checked) write the table and
-    selection.json (the choice, and the `settings` it was made with)."""
+    """Score every variant on every split, evaluate, choose; then (all inputs checked) write the table,
+    per_probe.csv.gz and selection.json (the choice, and the `settings` it was made with). The choice's own options
+    come from `settings`: `reference` (default: zero-shot SFace, else raw pixels), `bootstrap` (resamples) and
+    `blend_pool` (variants a blend is searched over)."""
+    settings = dict(settings or {})
+    opts = {"reference": settings.get("reference"), "bootstrap": int(settings.get("bootstrap") or N_BOOT),
+            "blend_pool": int(settings.get("blend_pool") or POOL)}
+    if opts["reference"]:  # a misspelt name fails before any scoring
+        pick_reference([v for g in groups for v in g.variants], opts["reference"], "")
     scores = score_everything(groups, splits, scores_dir)
     variants = list(scores["test"])
     scorers = {n: Scorer(sd.labels.probe_fids, sd.labels.gallery_fids) for n, sd in splits.items()
                if sd.labels is not None}
-    chooser = [n for n in splits if splits[n].fold is not None] or [n for n in ("val",) if n in scorers]
-    if chooser:
-        sel = select({v: {n: scores[n][v] for n in chooser} for v in variants}, {n: scorers[n] for n in chooser},
-                     how, normalisation, max_steps)
-    else:
-        log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
-        sel = Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, normalisation, variants[0],
-                        reason="the first variant: nothing labelled to choose on")
+    pp = {v: {n: scorers[n].per_probe(scores[n][v]) for n in scorers} for v in variants}
+    sel, key = _choose(scores, scorers, pp, splits, how, normalisation, max_steps, opts)
     chosen = {n: combine(scores[n], sel) for n in splits}
+    chosen_row = f"chosen: {sel.name}"
+    single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
+    pp[chosen_row] = {n: pp[single][n] if single else scorers[n].per_probe(chosen[n]) for n in scorers}
+    intervals: dict[str, tuple[str, dict[str, dict[str, float]]]] = {}
+    if scorers:
+        sel.reference = pick_reference(variants, opts["reference"], sel.best_single)
+        found = reference_intervals(pp, sel.reference, opts["bootstrap"])
+        intervals = {r: (sel.reference, by_group) for r, by_group in found.items()}
+        sel.intervals = {v: found[v][key] for v in variants if key in found[v]}
+    if sel.gain:
+        intervals["blend (cross-fitted out-of-fold)"] = ("best single (cross-fitted out-of-fold)", {"oof": sel.gain})
+    chance = chance_table(splits)
+    result = EnsembleResult(splits, scores, sel, _table(pp, sel, variants, key, intervals, chance), chosen, settings,
+                            per_probe_long(pp, splits), chance, key)
+    if out_dir is not None:
+        write_outputs(result, Path(out_dir))
+    return result
 
-    def metrics(get) -> dict[str, dict[str, float]]:
-        res = {}
-        for group in ("oof", "val", "test"):
-            names = [n for n in scorers if (n.startswith("oof") if group == "oof" else n == group)]
-            if names:
-                res[group] = pooled([scorers[n].per_probe(get(n)) for n in names])
-        return res
 
-    results = {f"chosen: {sel.name}": metrics(lambda n: chosen[n])}
+def _table(pp: dict[str, dict[str, pd.DataFrame]], sel: Selection, variants: list[str], key: str,
+           intervals: dict[str, tuple[str, dict[str, dict[str, float]]]], chance: pd.DataFrame) -> pd.DataFrame:
+    """The variant table: the chosen line, the cross-fitted lines, every variant (best first on `key`), and the
+    chance line (each group's expected scores under a random ranking)."""
+    def metrics(by_split: dict[str, pd.DataFrame]) -> dict[str, dict[str, float]]:
+        groups = dict.fromkeys(group_of(n) for n in by_split)
+        return {g: pooled([df for n, df in by_split.items() if group_of(n) == g]) for g in groups}
+
+    chosen_row = f"chosen: {sel.name}"
+    results = {chosen_row: metrics(pp[chosen_row])}
     for label, m in sel.crossfit.items():
         results[f"{label} (cross-fitted out-of-fold)"] = {"oof": m}
-    per_variant = {v: metrics(lambda n, v=v: scores[n][v]) for v in variants}
-    key = "oof" if chooser and chooser[0].startswith("oof") else "val"
+    per_variant = {v: metrics(pp[v]) for v in variants}
     for v in sorted(variants, key=lambda v: -per_variant[v].get(key, {}).get("average", 0.0)):
         results[v] = per_variant[v]
-    table = variant_table(results)
-    result = EnsembleResult(splits, scores, sel, table, chosen, dict(settings or {}))
-    if out_dir is not None:
-        for name, sd in splits.items():  # the ids external score matrices must carry, per split
-            if sd.split.labelled:
-                write_labelled(sd.split, Path(out_dir) / "protocols" / name)
-        write_text_atomic(Path(out_dir) / "variants.csv", to_csv(table))
-        write_text_atomic(Path(out_dir) / "variants.md", result.table_md)
-        write_text_atomic(Path(out_dir) / "selection.json", sel.to_json(result.settings))
-    return result
+    groups = dict.fromkeys(group_of(n) for n in chance["split"])
+    by_group = {g: chance[chance["split"] == g] if (chance["split"] == g).any()
+                else chance[chance["split"].map(group_of) == g] for g in groups}
+    results[CHANCE_ROW] = {g: rows.iloc[0][["mAP", "rank5", "average"]].astype(float).to_dict()
+                           for g, rows in by_group.items() if len(rows) == 1}
+    return variant_table(results, intervals)
+
+
+def write_outputs(result: EnsembleResult, out_dir: Path) -> None:
+    """The protocols' id lists, variants.csv and .md, per_probe.csv.gz and selection.json, each atomically."""
+    for name, sd in result.splits.items():  # the ids external score matrices must carry, per split
+        if sd.split.labelled:
+            write_labelled(sd.split, out_dir / "protocols" / name)
+    write_text_atomic(out_dir / "variants.csv", to_csv(result.table))
+    write_text_atomic(out_dir / "variants.md", result.table_md)
+    if len(result.per_probe):
+        write_per_probe(out_dir / "per_probe.csv.gz", result.per_probe)
+    write_text_atomic(out_dir / "selection.json", result.selection.to_json(result.settings))
 
 
 def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path,

@@ -1,11 +1,15 @@
 """The choice: per-probe results of score matrices on labelled splits (`Scorer`), pooled over splits, and the pick
 of the best single variant or a blend by their out-of-fold Average (`select`), with the reason recorded.
 
-Blending: each variant's scores are normalised per probe (z-score or rank) and summed with weights found by greedy
-forward selection with replacement (Caruana et al. 2004) on the out-of-fold Average. So that the reported gain is
-not the search's own optimism, the search is cross-fitted: for each fold k the weights (and, for comparison, the
-best single variant) are chosen on the other folds and scored on fold k; the blend is chosen only if it beats the
-best single variant there. The submitted weights are then searched on every fold.
+Blending: each variant's scores are normalised per probe (z-score or rank) and summed with non-negative weights
+that sum to 1. The weights are searched on the out-of-fold Average (`search_weights`): greedy forward selection
+with replacement (Caruana et al. 2004) and equal weights are the two starts, the better one is refined by coordinate
+ascent (mass moved to or from one variant at a time, in steps of 40% down to 5%), over the `pool` best variants only
+so that the search stays bounded with 30-60 variants. So that the reported gain is not the search's own optimism,
+the search is cross-fitted: for each fold k the weights (and, for comparison, the best single variant) are chosen
+on the other folds and scored on fold k. `auto` submits the blend only when the paired-bootstrap 95% interval of
+that cross-fitted gain lies above zero (see `kinret.ensemble.bootstrap`); the submitted weights are then searched
+on every fold.
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from kinret.ensemble.blend import NORMALISATIONS, blend, normalise
-from kinret.metrics import per_probe_results, relevance, summarise
+from kinret.ensemble.bootstrap import LEVEL, N_BOOT, describe, excludes_zero, interval_of
+from kinret.metrics import average_precision, hits_in_rank_order, per_probe_results, relevance, summarise
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.store import safe_name
 
 log = logging.getLogger(__name__)
 METRICS = ("average", "mAP", "mAP_trapezoid", "rank1", "rank5", "rank10")
+STEPS = (0.4, 0.2, 0.1, 0.05)  # coordinate-ascent step sizes: the share of weight moved to or from one variant
+POOL = 8  # variants a blend is searched over: the best by out-of-fold Average
 
 
 class Scorer:
@@ -37,6 +44,12 @@ class Scorer:
     def per_probe(self, scores: np.ndarray, trapezoid: bool = True) -> pd.DataFrame:
         return per_probe_results(rank_gallery(scores), self.rel, trapezoid)
 
+    def terms(self, scores: np.ndarray) -> np.ndarray:
+        """Per-probe u = (standard AP + [a relative in the top 5]) / 2, whose mean is the Average: the search's
+        objective without the per-probe table's cost."""
+        hits = hits_in_rank_order(rank_gallery(scores), self.rel)
+        return (average_precision(hits) + hits[:, :5].any(axis=1)) / 2.0
+
 
 def pooled(parts: Sequence[pd.DataFrame]) -> dict[str, float]:
     """Metrics over the probes of several splits taken together (each probe counts once)."""
@@ -44,7 +57,8 @@ def pooled(parts: Sequence[pd.DataFrame]) -> dict[str, float]:
 
 
 def objective(matrices: dict[str, np.ndarray], scorers: dict[str, Scorer]) -> float:
-    return pooled([scorers[k].per_probe(m, trapezoid=False) for k, m in matrices.items()])["average"]
+    """The pooled Average of score matrices on their splits: the mean of every probe's `Scorer.terms`."""
+    return float(np.concatenate([scorers[k].terms(m) for k, m in matrices.items()]).mean())
 
 
 def greedy_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], folds: Sequence[str],
@@ -67,10 +81,67 @@ def greedy_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Sc
     return {v: c / total for v, c in counts.items()}
 
 
+def moves(w: np.ndarray, i: int, steps: Sequence[float] = STEPS) -> list[np.ndarray]:
+    """Points of the simplex next to `w` along variant i: w' = (1 - t) w + t e_i (mass t moved to i from the others
+    in proportion) and w' = (w - d e_i) / (1 - d), d = min(t, w_i) (mass moved from i), for t in `steps`; removing
+    i altogether (d = w_i) is always among them. Moves that change nothing or empty the simplex are left out."""
+    out: list[np.ndarray] = []
+    e = np.zeros_like(w)
+    e[i] = 1.0
+    if w[i] < 1.0:
+        out += [(1.0 - t) * w + t * e for t in steps]
+    if 0.0 < w[i] < 1.0:
+        for d in sorted({min(t, w[i]) for t in steps} | {w[i]}):
+            out.append(np.clip(w - d * e, 0.0, None) / (1.0 - d))
+    return out
+
+
+def coordinate_ascent(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], folds: Sequence[str],
+                      start: dict[str, float], max_rounds: int = 3, max_evals: int = 300
+                      ) -> tuple[dict[str, float], float]:
+    """Maximise the pooled Average over `folds` of the blend sum_v w_v norm[v] over the simplex (w >= 0, sum 1),
+    from `start`: each round visits every variant and takes the best of its `moves` if it raises the Average; stops
+    after a round without a gain, `max_rounds` rounds or `max_evals` evaluations. Returns (weights, Average)."""
+    names = list(norm)
+
+    def f(w: np.ndarray) -> float:
+        return objective({k: blend([norm[v][k] for v in names], w) for k in folds}, scorers)
+
+    w = np.array([start.get(v, 0.0) for v in names], dtype=np.float64)
+    w /= w.sum()
+    best, evals = f(w), 1
+    for _ in range(max_rounds):
+        improved = False
+        for i in range(len(names)):
+            cands = moves(w, i)[: max(0, max_evals - evals)]
+            evals += len(cands)
+            scored = [f(c) for c in cands]
+            j = int(np.argmax(scored)) if scored else -1  # the first of equal bests
+            if j >= 0 and scored[j] > best + 1e-12:
+                best, w, improved = scored[j], cands[j], True
+        if not improved or evals >= max_evals:
+            break
+    return {v: float(x) for v, x in zip(names, w, strict=True) if x > 0}, best  # in `norm` order: the same sum
+
+
+def search_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], folds: Sequence[str],
+                   max_steps: int = 10) -> dict[str, float]:
+    """Blend weights over the variants of `norm` (ordered best first) maximising the pooled Average over `folds`:
+    the better start of greedy forward selection and equal weights (greedy on a tie), refined by
+    `coordinate_ascent`. Never below the equal-weight blend's Average on `folds`."""
+    greedy = greedy_weights(norm, scorers, folds, max_steps)
+    equal = {v: 1.0 / len(norm) for v in norm}
+    scores = [objective({k: blend([norm[v][k] for v in w], list(w.values())) for k in folds}, scorers)
+              for w in (greedy, equal)]
+    start = greedy if scores[0] >= scores[1] else equal
+    return coordinate_ascent(norm, scorers, folds, start)[0]
+
+
 @dataclass
 class Selection:
     """What was chosen and why: the weights (one variant at weight 1 for a single pick), the cross-fitted
-    comparison, and the name the submission files carry."""
+    comparison, the paired-bootstrap interval of the blend's cross-fitted gain (`gain`: delta, lo, hi), the name the
+    submission files carry; and, filled by the run, every variant's out-of-fold interval against `reference`."""
 
     name: str
     weights: dict[str, float]
@@ -78,52 +149,103 @@ class Selection:
     best_single: str
     crossfit: dict[str, dict[str, float]] = field(default_factory=dict)  # "blend" / "best single" -> metrics
     reason: str = ""
+    gain: dict[str, float] = field(default_factory=dict)  # the blend's cross-fitted gain: delta, lo, hi
+    search: str = ""  # how the blend weights were found
+    reference: str = ""
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> delta, lo, hi vs reference
 
     def to_json(self, settings: dict[str, object] | None = None) -> str:
         """The choice as JSON; `settings`, the options it was made with, are saved beside it."""
         return json.dumps({"name": self.name, "weights": self.weights, "normalisation": self.normalisation,
                            "best_single": self.best_single, "crossfit": self.crossfit, "reason": self.reason,
-                           "settings": settings or {}}, indent=2, default=str) + "\n"
+                           "crossfit_gain": self.gain, "search": self.search, "reference": self.reference,
+                           "intervals_vs_reference": self.intervals, "settings": settings or {}},
+                          indent=2, default=str) + "\n"
+
+
+def _crossfit(per_probe: dict[str, dict[str, pd.DataFrame]], scorers: dict[str, Scorer], norm: Callable,
+              ranked: list[str], pool: int, max_steps: int) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+    """Per fold k: the blend searched on the other folds and the best single variant picked there, both scored on
+    fold k. Returns the per-probe results of each (folds in order) and the fold of each probe row."""
+    folds = sorted(scorers)
+    parts: dict[str, list[pd.DataFrame]] = {"blend": [], "best single": []}
+    for k in folds:
+        rest = [f for f in folds if f != k]
+        on_rest = {v: pooled([per_probe[v][f] for f in rest])["average"] for v in ranked}
+        order = sorted(ranked, key=lambda v: -on_rest[v])
+        w = search_weights({v: norm(v) for v in order[:pool]}, scorers, rest, max_steps)
+        parts["blend"].append(scorers[k].per_probe(blend([norm(v)[k] for v in w], list(w.values()))))
+        parts["best single"].append(per_probe[order[0]][k])
+    strata = np.concatenate([[k] * len(p) for k, p in zip(folds, parts["blend"], strict=True)])
+    return {n: pd.concat(p, ignore_index=True) for n, p in parts.items()}, strata
+
+
+def decide(how: str, n_weights: int, gain: dict[str, float]) -> bool:
+    """Whether to submit the blend: when asked for ("blend"), or under "auto" when it holds two or more variants
+    and the lower end of the interval of its cross-fitted gain over the best single variant lies above 0."""
+    return how == "blend" or (how == "auto" and n_weights > 1 and excludes_zero(gain))
+
+
+def _reason(how: str, weights: dict[str, float], gain: dict[str, float], blended: bool) -> str:
+    """The decision in plain words, e.g. "the blend gained +0.012 out of fold (cross-fitted), but its 95% interval
+    [-0.010, +0.034] includes 0: submitted the best single variant"."""
+    d = gain["delta"]
+    moved = f"gained {d:+.3f}" if d >= 0 else f"lost {-d:.3f}"
+    iv = f"its {LEVEL:.0%} interval [{gain['lo']:+.3f}, {gain['hi']:+.3f}]"
+    said = f"the blend {moved} against the best single variant out of fold (cross-fitted)"
+    if how == "blend":
+        return f"blend (asked for): {said}, {iv}"
+    if blended:
+        return f"{said}, and {iv} lies above 0: submitted the blend"
+    if len(weights) < 2:
+        return f"the weight search kept only one variant: submitted the best single variant ({said})"
+    where = "lies below 0" if gain["hi"] < 0 else "includes 0"
+    return f"{said}, {'but' if d > 0 else 'and'} {iv} {where}: submitted the best single variant"
 
 
 def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], how: str = "auto",
-           normalisation: str = "z", max_steps: int = 10) -> Selection:
+           normalisation: str = "z", max_steps: int = 10, pool: int = POOL, n_boot: int = N_BOOT, seed: int = 0,
+           per_probe: dict[str, dict[str, pd.DataFrame]] | None = None) -> Selection:
     """Choose from `oof` (variant -> oof split -> scores): how = "best" (the best single variant by pooled
-    out-of-fold Average), "blend", or "auto" (the blend when its cross-fitted Average beats the cross-fitted best
-    single variant's)."""
+    out-of-fold Average), "blend", or "auto" (the blend only when the paired-bootstrap interval, `n_boot` resamples
+    within folds seeded by `seed`, of its cross-fitted gain over the cross-fitted best single variant lies above 0).
+    `per_probe` (variant -> split -> results), when given, saves scoring each variant again."""
     if not oof:
         raise ValueError("no variants to choose from")
     if how not in ("auto", "best", "blend"):
         raise ValueError(f"unknown choice {how!r}; choose auto, best or blend")
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {NORMALISATIONS}")
+    if pool < 1:
+        raise ValueError(f"the blend pool must hold at least one variant, got {pool}")
     folds = sorted(scorers)
-    single = {v: objective(m, scorers) for v, m in oof.items()}
+    per_probe = per_probe or {v: {k: scorers[k].per_probe(m[k]) for k in folds} for v, m in oof.items()}
+    single = {v: pooled([per_probe[v][k] for k in folds])["average"] for v in oof}
     ranked = sorted(oof, key=lambda v: -single[v])
     best = ranked[0]
     sel = Selection(f"best_{safe_name(best)}", {best: 1.0}, normalisation, best)
     if how == "best" or len(oof) == 1 or len(folds) < 2:
         sel.reason = "best single variant by out-of-fold Average" + (
-            "" if how == "best" else " (a blend needs two variants and two folds)")
+            " (asked for)" if how == "best" else " (a blend needs two variants and two folds)")
         return sel
-    norm = {v: {k: normalise(oof[v][k], normalisation) for k in folds} for v in ranked}
-    parts: dict[str, list] = {"blend": [], "best single": []}
-    for k in folds:
-        rest = [f for f in folds if f != k]
-        w = greedy_weights(norm, scorers, rest, max_steps)
-        parts["blend"].append(scorers[k].per_probe(blend([norm[v][k] for v in w], list(w.values()))))
-        pick = max(ranked, key=lambda v: objective({f: oof[v][f] for f in rest}, {f: scorers[f] for f in rest}))
-        parts["best single"].append(scorers[k].per_probe(oof[pick][k]))
-    sel.crossfit = {name: pooled(p) for name, p in parts.items()}
-    gain = sel.crossfit["blend"]["average"] - sel.crossfit["best single"]["average"]
-    weights = greedy_weights(norm, scorers, folds, max_steps)
-    if how == "blend" or (how == "auto" and gain > 0 and len(weights) > 1):
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def norm(v: str) -> dict[str, np.ndarray]:
+        if v not in cache:
+            cache[v] = {k: normalise(oof[v][k], normalisation) for k in folds}
+        return cache[v]
+
+    parts, strata = _crossfit(per_probe, scorers, norm, ranked, pool, max_steps)
+    sel.crossfit = {name: summarise(p) for name, p in parts.items()}
+    sel.gain = interval_of(parts["blend"], parts["best single"], strata, n_boot, seed)
+    sel.search = (f"greedy forward selection ({max_steps} steps) or equal weights, then coordinate ascent, over the "
+                  f"{min(pool, len(ranked))} best variants; interval: {n_boot} paired resamples within folds")
+    weights = search_weights({v: norm(v) for v in ranked[:pool]}, scorers, folds, max_steps)
+    blended = decide(how, len(weights), sel.gain)
+    if blended:
         sel.name, sel.weights = f"blend_{normalisation}_{len(weights)}v", weights
-        sel.reason = (f"blend{' (asked for)' if how == 'blend' else ''}: cross-fitted out-of-fold Average "
-                      f"{gain:+.4f} against the best single variant")
-    else:
-        sel.reason = (f"best single variant: the blend's cross-fitted out-of-fold Average was {gain:+.4f} against "
-                      "it" if len(weights) > 1 else "best single variant: the search kept only one variant")
+    sel.reason = _reason(how, weights, sel.gain, blended)
+    log.info("blend gain %s: %s", describe(sel.gain), sel.reason)
     return sel
 
 

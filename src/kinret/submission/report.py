@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from kinret.data.fiw import Family
 from kinret.data.images import load_image
 from kinret.data.split import Track3Split
+from kinret.ensemble.bootstrap import describe
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
@@ -311,6 +312,13 @@ def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure]
         lines += ["", f"Blended after per-probe `{sel.normalisation}` normalisation.", ""]
     for label, m in sel.crossfit.items():
         lines.append(f"- {label}, cross-fitted out of fold: " + ", ".join(f"{key} {v:.4f}" for key, v in m.items()))
+    if sel.gain:
+        lines.append(f"- the blend's cross-fitted gain in Average over the best single variant: {describe(sel.gain)} "
+                     "(95% paired-bootstrap interval; `auto` blends only when it lies above 0)")
+    if sel.reference and sel.best_single in sel.intervals:
+        lines.append(f"- the best single variant `{sel.best_single}` against the reference `{sel.reference}`: "
+                     f"{describe(sel.intervals[sel.best_single])} "
+                     f"{'out of fold' if result.key == 'oof' else 'on ' + result.key} (95% interval)")
     figs: dict[str, Figure] = {}
     if where is None:
         lines += ["", "Nothing is labelled (no DATA/train, DATA/val or test truth): no curves or grid.", ""]
