@@ -33,7 +33,8 @@ def test_run_on_labelled_folder_scores_both_ap_variants(synth_root, tmp_path, ca
     tmp_path = tmp_path / "out"
     out = capsys.readouterr().out
     assert "local test score, standard AP" in out and "local test score, trapezoid AP" in out
-    assert "val_average" in out and "mAP (trapezoid AP)" in out
+    assert "why: " in out and "chance" in out and "mAP (trapezoid AP)" in out
+    assert "| variant |" not in out  # the full table goes to the file, not the terminal
     truth = read_labelled(synth_root / "test_truth" / "probe_list.csv", synth_root / "test_truth" / "gallery_list.csv",
                           None)
     zip_path = tmp_path / "best_raw_pixels_cos-pixels-meanemb.zip"

@@ -27,13 +27,24 @@ from pathlib import Path
 
 from kinret.cli import parser, run_command
 from kinret.data.synth import SynthConfig, generate
-from kinret.ensemble.cli import add_ensemble_args, prepare, settings, summary
+from kinret.ensemble.cli import add_ensemble_args, glance, prepare, settings
 from kinret.ensemble.discovery import experiment_jobs
 from kinret.ensemble.run import EnsembleResult, plan, run_ensemble
 from kinret.errors import KinretInputError
+from kinret.features.sources import BackboneSource
 from kinret.io import check_writable, remove_stale_temporaries, write_text_atomic
-from kinret.log import setup_logging
+from kinret.log import minutes, setup_logging, stage, stage_times
 from kinret.metrics import chance_level
+from kinret.scoring.splits import SplitData
+from kinret.scoring.variants import Group, missing_scores
+from kinret.submission.housekeeping import (
+    clean_cache,
+    disk_line,
+    estimate_lines,
+    expected_images,
+    human_bytes,
+    record_rate,
+)
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.report import write_report
 from kinret.train.grid import main as grid_main
@@ -57,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the stages that would run, build nothing")
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic dataset even if cached")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset (without --data-root)")
+    p.add_argument("--clean-cache", action="store_true",
+                   help="remove the feature, embedding and score caches under --runs and --ensemble-dir (checkpoints "
+                        "stay; the next run rebuilds the caches from them), print the space freed, and exit")
     return p
 
 
@@ -64,9 +78,17 @@ def train_missing(args: argparse.Namespace, root: Path) -> None:
     """Run the grid of every experiment with a run not finished (the grid skips the finished ones)."""
     for exp in args.experiments:
         fingerprints: dict = {}  # the data is read once for every run of the sweep
-        if any(run_status(c, f, fingerprints)[0] != "finished" for c, f, _ in experiment_jobs(exp, root, args.runs)):
+        jobs = experiment_jobs(exp, root, args.runs)
+        todo = sum(1 for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished")
+        if not todo:
+            continue
+        flags = (["--quiet"] if args.quiet else []) + (["--verbose"] if args.verbose else [])
+        with stage(f"train {Path(exp).stem}", f"{todo} of {len(jobs)} runs to train, {args.jobs} at a time"):
+            t0 = time.perf_counter()
             code = grid_main(["-C", exp, "--set", f"data_root={root}", "--set", f"out_root={args.runs}", "--jobs",
-                              str(args.jobs)] + (["--quiet"] if args.quiet else []))
+                              str(args.jobs), *flags])
+            if code == 0:
+                record_rate(args.runs, "train", todo, time.perf_counter() - t0)
             if code == 2:
                 raise KinretInputError(None, f"training the {exp} grid stopped on bad input; see the log above")
             if code != 0:
@@ -93,45 +115,111 @@ def prepare_outputs(args: argparse.Namespace, started: float) -> None:
     remove_stale_temporaries([args.out, args.ensemble_dir, args.runs], before=started)
 
 
-def run(args: argparse.Namespace) -> Outcome | None:
-    """The stages, printing as they go; None after a dry run. Bad input raises."""
-    t0 = time.perf_counter()
-    if not args.dry_run:
-        prepare_outputs(args, time.time())
-    root = args.data_root
-    if root is None:
-        root = DEFAULT_SYNTH_ROOT
-        if not args.dry_run or (root / "test").is_dir():
-            root = generate(DEFAULT_SYNTH_ROOT, SynthConfig(seed=args.data_seed), force=args.regenerate)
-        print(f"data: synthetic families in {root} (seed {args.data_seed}); pass --data-root for real FIW data")
-    else:
-        print(f"data: {root}")
+def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> tuple[list, int]:
+    """(source, image set) pairs whose frozen-backbone features a score matrix still needs, and their image count
+    (the out-of-fold sets are rows of the training set: counted, and computed, once)."""
+    todo, seen, count = [], set(), 0
+    for g in groups:
+        source = g.sources.get(None)
+        if not isinstance(source, BackboneSource):
+            continue
+        for sd in splits.values():
+            if missing_scores(g, sd, scores_dir):
+                images = sd.images.parent or sd.images
+                if (id(source), images.label) not in seen:
+                    seen.add((id(source), images.label))
+                    todo.append((source, images))
+                    count += len(images.paths)
+    return todo, count
+
+
+def dry_run(args: argparse.Namespace, root: Path, groups: list[Group], splits: dict[str, SplitData], jobs) -> None:
+    scores_dir = args.ensemble_dir / "scores"
+    print("\n".join(plan(groups, splits, scores_dir, jobs)))
+    fingerprints: dict = {}
+    untrained = {c.name for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"}
+    runs_todo = sum(1 for c, f, _ in jobs if c.name in untrained and run_status(c, f, fingerprints)[0] != "finished")
+    matrices = sum(len(g.variants) * len(splits) if g.name in untrained else
+                   sum(len(missing_scores(g, sd, scores_dir)) for sd in splits.values()) for g in groups)
+    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": runs_todo, "score": matrices}
+    print("\n".join(estimate_lines(args.runs, work)))
+
+
+def get_data(args: argparse.Namespace) -> Path | None:
+    """The data folder: --data-root, or the synthetic default (generated on first use); None on a dry run that
+    would have to generate it (after printing the estimate)."""
+    if args.data_root is not None:
+        print(f"data: {args.data_root}")
+        return args.data_root
+    root, config = DEFAULT_SYNTH_ROOT, SynthConfig(seed=args.data_seed)
     if args.dry_run and not (root / "test").is_dir():
         print(f"data   generate the synthetic dataset in {root}\n(then train, score, select and submit)")
+        print("\n".join(estimate_lines(args.runs, {"data": expected_images(config)})))
+        return None
+    fresh = args.regenerate or not (root / "test").is_dir()
+    with stage("data", f"synthetic families in {root} (seed {args.data_seed})"
+               + (", generating" if fresh else ", cached") + "; pass --data-root for real FIW data"):
+        t0 = time.perf_counter()
+        root = generate(DEFAULT_SYNTH_ROOT, config, force=args.regenerate)
+        if fresh and not args.dry_run:
+            record_rate(args.runs, "data", expected_images(config), time.perf_counter() - t0)
+    return root
+
+
+def run(args: argparse.Namespace) -> Outcome | None:
+    """The stages, each announced with its size and timed; None after a dry run. Bad input raises."""
+    t0 = time.perf_counter()
+    stage_times(reset=True)
+    if not args.dry_run:
+        prepare_outputs(args, time.time())
+    root = get_data(args)
+    if root is None:
         return None
     jobs, splits, groups = prepare(args, root)
     for sd in splits.values():
         print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"))
     if args.dry_run:
-        print("\n".join(plan(groups, splits, args.ensemble_dir / "scores", jobs)))
+        dry_run(args, root, groups, splits, jobs)
         return None
+    scores_dir = args.ensemble_dir / "scores"
+    todo, n_images = frozen_images(groups, splits, scores_dir)
+    if todo:
+        with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
+            t1 = time.perf_counter()
+            for source, images in todo:
+                source.embeddings(images)
+            record_rate(args.runs, "features", n_images, time.perf_counter() - t1)
     train_missing(args, root)
-    result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
-                          args.normalise, args.max_steps, run_settings(args, root))
-    sel = result.selection
-    test = splits["test"]
+    n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
+    with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
+                                   f"{n_matrices} score matrices to build"):
+        t1 = time.perf_counter()
+        result = run_ensemble(groups, splits, scores_dir, args.ensemble_dir, args.choose, args.normalise,
+                              args.max_steps, run_settings(args, root))
+        record_rate(args.runs, "score", n_matrices, time.perf_counter() - t1)
+    with stage("submission and report"):
+        sub, report = write_outputs(args, result, splits)
+    print_closing(args, root, result, sub, report, splits, time.perf_counter() - t0)
+    return Outcome(root, result, sub, report)
+
+
+def write_outputs(args: argparse.Namespace, result: EnsembleResult, splits: dict[str, SplitData]
+                  ) -> tuple[SubmissionResult, list[Path]]:
+    sel, test = result.selection, splits["test"]
     sub = submit(result.chosen["test"], test.split, args.out, test.labels, args.zip_name or f"{sel.name}.zip")
     write_text_atomic(args.out / "variants.md", result.table_md)
     write_text_atomic(args.out / "selection.json", sel.to_json(result.settings))
-    report = write_report(result, args.out / "report")
-    print(f"\n{result.table_md}")
-    print(summary(result))
-    if len(sel.weights) > 1:
-        single = result.table.set_index("variant").loc[sel.best_single]
-        print(f"best single variant {sel.best_single}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in single.items() if k.endswith("_average") and v == v))
-    print(f"wrote {sub.csv_path} and {sub.zip_path} ({sel.name}); table in {args.out / 'variants.md'}")
-    print(f"report: {', '.join(str(p) for p in report)}")
+    return sub, write_report(result, args.out / "report")
+
+
+def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, sub: SubmissionResult,
+                  report: list[Path], splits: dict[str, SplitData], seconds: float) -> None:
+    """What a competitor reads at the end: the choice at a glance, the files, the local score, disk, timings."""
+    print()
+    print(glance(result, table_path=args.out / "variants.md"))
+    print(f"\nwrote {sub.csv_path} and {sub.zip_path} ({result.selection.name}); report: "
+          f"{', '.join(str(p) for p in report)}")
+    test = splits["test"]
     if sub.scores:
         for ap, scores in sub.scores.items():
             print(f"\nlocal test score, {ap} AP:\n{scores.table()}")
@@ -140,8 +228,9 @@ def run(args: argparse.Namespace) -> Outcome | None:
               f"Average {chance['average']:.4f})")
     else:
         print(f"no test labels in {root / 'test_truth'}: local test score skipped")
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
-    return Outcome(root, result, sub, report)
+    print(disk_line(args.runs, args.ensemble_dir))
+    times = ", ".join(f"{name} {minutes(s)}" for name, s in stage_times())
+    print(f"\ndone in {minutes(seconds)}" + (f" ({times})" if times else ""))
 
 
 def run_settings(args: argparse.Namespace, root: Path) -> dict[str, object]:
@@ -163,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        if args.clean_cache:
+            before = disk_line(args.runs, args.ensemble_dir)
+            print(f"freed {human_bytes(clean_cache(args.runs, args.ensemble_dir))} ({before})")
+            return 0
         run(args)
         return 0
 

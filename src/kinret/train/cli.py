@@ -24,7 +24,7 @@ from kinret.dist import env_rank_world, process_group
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides, save_config
 from kinret.train.evaluation import resolve_device
-from kinret.train.experiments import load_experiment
+from kinret.train.experiments import expand, load_experiment
 from kinret.train.runs import fixed_runtime, prepare_run_dir, save_data_fingerprint
 from kinret.train.trainer import Trainer
 
@@ -50,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def grid_variants(experiment: str, cfg: TrainConfig) -> dict[str, list[str]]:
     """variant name -> its --set overrides, for every point of the experiment's GRID (empty without a GRID)."""
-    from kinret.train.grid import expand  # the grid runner imports this module's main
-
     _, grid = load_experiment(experiment)
     out: dict[str, list[str]] = {}
     for vcfg, _, sets in expand(cfg, grid):

@@ -31,34 +31,11 @@ from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
 from kinret.log import progress
 from kinret.models.config import TrainConfig, apply_overrides
-from kinret.train.experiments import load_experiment
+from kinret.train.experiments import expand, load_experiment
 from kinret.train.runs import run_status
 
 log = logging.getLogger("kinret.grid")
 _WATCHED: list[int] = []  # the parent a watch thread follows (platforms without PR_SET_PDEATHSIG)
-
-
-def _text(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainConfig, int, list[str]]]:
-    """(config, fold, --set overrides) for every grid point, in a stable order; a point listed twice runs once."""
-    jobs, seen = [], set()
-    for block in grid or [{}]:
-        folds = list(block.get("fold", range(cfg.n_folds)))
-        keys = [k for k in block if k != "fold"]
-        for values in itertools.product(*(block[k] for k in keys)):
-            variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values)
-            # no GRID: the experiment's single run is runs/{experiment}/fold{k}, as `kinret.train -C` writes it
-            sets = ([f"name={cfg.name}/{variant}"] if variant else []) + [f"{k}={_text(v)}"
-                                                                        for k, v in zip(keys, values, strict=True)]
-            vcfg = apply_overrides(cfg, sets)
-            for fold in folds:
-                if (vcfg.name, fold) not in seen:
-                    seen.add((vcfg.name, fold))
-                    jobs.append((vcfg, fold, sets))
-    return jobs
 
 
 def _train(argv: list[str]) -> int:

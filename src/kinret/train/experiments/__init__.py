@@ -8,12 +8,13 @@ product of the lists) or a list of such dicts (the union of their products).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import fields, replace
 from pathlib import Path
 
 from kinret.errors import KinretInputError
 
-from ...models.config import TrainConfig
+from ...models.config import TrainConfig, apply_overrides
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -55,3 +56,24 @@ def load_experiment(name: str) -> tuple[TrainConfig, list[dict[str, list]]]:
     return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), [dict(b) for b in blocks if b]
 
 
+def _text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainConfig, int, list[str]]]:
+    """(config, fold, --set overrides) for every grid point, in a stable order; a point listed twice runs once."""
+    jobs, seen = [], set()
+    for block in grid or [{}]:
+        folds = list(block.get("fold", range(cfg.n_folds)))
+        keys = [k for k in block if k != "fold"]
+        for values in itertools.product(*(block[k] for k in keys)):
+            variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values)
+            # no GRID: the experiment's single run is runs/{experiment}/fold{k}, as `kinret.train -C` writes it
+            sets = ([f"name={cfg.name}/{variant}"] if variant else []) + [f"{k}={_text(v)}"
+                                                                        for k, v in zip(keys, values, strict=True)]
+            vcfg = apply_overrides(cfg, sets)
+            for fold in folds:
+                if (vcfg.name, fold) not in seen:
+                    seen.add((vcfg.name, fold))
+                    jobs.append((vcfg, fold, sets))
+    return jobs
