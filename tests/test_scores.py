@@ -7,7 +7,7 @@ import pytest
 
 from kinret.ensemble.blend import normalise
 from kinret.errors import KinretInputError
-from kinret.scoring.similarity import cosine_variant, fc_matrix, fc_variant, rerank
+from kinret.scoring.similarity import cosine_variant, fc_matrix, fc_rerank, fc_variant, rerank
 from kinret.scoring.store import ids_path, load_scores, save_scores, stored_key
 
 
@@ -65,6 +65,20 @@ def test_rerank_reorders_only_the_shortlist_and_keeps_it_on_top():
     assert order[:3].tolist() == [3, 2, 0]  # by fine score
     assert order[3:].tolist() == [5, 4, 1]  # the rest in shortlist order, below
     assert np.array_equal(rerank(short, fine, top_n=100).argsort()[0], np.argsort(fine[0]))
+
+
+@pytest.mark.parametrize("top_n, max_pairs", [(3, 1), (4, 5), (100, 1 << 18)])
+def test_fc_rerank_runs_the_head_on_the_shortlist_only_and_equals_the_full_rerank(embs, top_n, max_pairs):
+    pe, owner, ge = embs
+    calls = []
+
+    def counted(a, b):
+        calls.append(len(a))
+        return pair_fn(a, b)
+
+    want = rerank(cosine_variant(pe, owner, 3, ge), fc_variant(pair_fn, pe, owner, 3, ge, "mean"), top_n)
+    assert np.allclose(fc_rerank(counted, pe, owner, 3, ge, top_n, max_pairs), want, atol=1e-6)
+    assert sum(calls) == len(pe) * min(top_n, len(ge)) and max(calls) <= max(max_pairs, min(top_n, len(ge)))
 
 
 def test_normalise_by_hand():

@@ -7,7 +7,9 @@ For a probe with images e_1..e_m and a gallery face g:
                      number), at a fraction of the cost, so the mean of cosines is not computed separately;
           "max":     max_i cos(e_i, g)
   fc (the trained pair head h), "mean": mean_i h(e_i, g);  "max": max_i h(e_i, g);  "meanemb": h(mean embedding, g)
-  rerank: the cosine (meanemb) top-N of each probe re-ordered by fc "mean", kept above the rest of the gallery.
+  rerank: the cosine (meanemb) top-N of each probe re-ordered by fc "mean", kept above the rest of the gallery (the
+          FC head run on the shortlisted pairs only, `fc_rerank`).
+Gallery-aware re-scorings of the cosine (meanemb) live in `kinret.scoring.transductive`.
 """
 
 from __future__ import annotations
@@ -111,19 +113,47 @@ def fc_variant(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_prob
     raise ValueError(f"unknown FC aggregation {how!r}; choose one of {FC_AGGREGATIONS}")
 
 
+def shortlist_columns(scores: np.ndarray, top_n: int) -> np.ndarray:
+    """(P, min(top_n, N)) columns of each row's `top_n` highest scores (in no particular order)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    k = min(top_n, scores.shape[1])
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
 def rerank(shortlist: np.ndarray, fine: np.ndarray, top_n: int) -> np.ndarray:
     """Each row's `top_n` highest `shortlist` scores re-ordered by `fine`, above every other face (which keep their
     `shortlist` order): shortlisted faces score max(row) + 1 + sigmoid(fine), the rest keep their shortlist score.
 
     Only the shortlist's finite range matters, so cosines (in [-1, 1]) or any other bounded score work."""
+    top = shortlist_columns(shortlist, top_n)
+    rows = np.arange(len(top))[:, None]
+    return _lift(shortlist, top, np.asarray(fine, dtype=np.float64)[rows, top])
+
+
+def _lift(shortlist: np.ndarray, top: np.ndarray, fine_top: np.ndarray) -> np.ndarray:
     shortlist = np.asarray(shortlist, dtype=np.float32)
     out = shortlist.copy()
-    k = min(top_n, shortlist.shape[1])
-    top = np.argpartition(-shortlist, k - 1, axis=1)[:, :k]
-    rows = np.arange(len(shortlist))[:, None]
     lift = shortlist.max(axis=1, keepdims=True) + 1.0
-    out[rows, top] = lift + expit(np.asarray(fine, dtype=np.float64)[rows, top])
+    np.put_along_axis(out, top, lift + expit(np.asarray(fine_top, dtype=np.float64)), axis=1)
     return out
+
+
+def fc_rerank(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gallery_emb: np.ndarray,
+              top_n: int, max_pairs: int = 1 << 18) -> np.ndarray:
+    """`rerank(cosine meanemb, fc "mean", top_n)`, the FC head run only on the shortlisted pairs (each probe image x
+    its probe's top_n faces: M x top_n pairs instead of M x N), `max_pairs` pairs per call."""
+    shortlist = cosine_variant(probe_emb, owner, n_probes, gallery_emb, "meanemb")
+    top = shortlist_columns(shortlist, top_n)
+    owner = _check_owner(owner, len(probe_emb), n_probes)
+    k = top.shape[1]
+    logits = np.empty((len(probe_emb), k), dtype=np.float32)
+    per = max(1, max_pairs // max(k, 1))  # probe images per call
+    for start in range(0, len(probe_emb), per):
+        stop = min(start + per, len(probe_emb))
+        a = np.repeat(probe_emb[start:stop], k, axis=0)
+        b = gallery_emb[top[owner[start:stop]].ravel()]
+        logits[start:stop] = np.asarray(pair_fn(a, b), dtype=np.float32).reshape(stop - start, k)
+    return _lift(shortlist, top, aggregate(logits, owner, n_probes, "mean"))
 
 
 def probe_scores(probe_feats: np.ndarray, probe_ok: np.ndarray, owner: np.ndarray, n_probes: int,

@@ -3,7 +3,13 @@ models) turns embeddings into scores on a split, and the matrices themselves, lo
 computed and saved.
 
 A variant with fold models is scored on an out-of-fold split by the fold model that never saw it, and on val and
-test by every fold model, the matrices averaged, as the paper did. Score matrices go to
+test by every fold model, the matrices averaged, as the paper did. A transductive variant (kind "tr", a recipe of
+`kinret.scoring.transductive.RESCORINGS` on the main embedding) re-scores the similarity the plain variant uses:
+with K fold models that is the mean of their K cosines, which is exactly the cosine of the concatenated unit
+vectors [x_1, .., x_K] / sqrt(K) (probe: each model's mean embedding; gallery: each model's embedding), so the
+recipe runs once on those joint vectors, after the fold average. Re-scoring each fold model and averaging the
+matrices would instead blur the orders the recipes produce (an identity-diverse head is an exact order, which a mean
+of K matrices does not keep) and cluster the gallery K times. Score matrices go to
 ``{scores_dir}/{variant}/{split}.npy`` with ids beside them (see `kinret.scoring.store`); the cache key stored with
 them covers the variant, its sources' content and the split's ids, so a stale matrix is never reused.
 """
@@ -26,11 +32,14 @@ from kinret.scoring.similarity import (
     aggregate,
     cosine_variant,
     fc_matrix,
+    fc_rerank,
     fc_variant,
-    rerank,
+    l2_normalize,
+    mean_embedding,
 )
 from kinret.scoring.splits import SplitData
 from kinret.scoring.store import ids_digest, load_scores, safe_name, save_scores, stored_key
+from kinret.scoring.transductive import RESCORE_CODE_VERSION, RESCORINGS, rescore
 
 log = logging.getLogger(__name__)
 SCORE_CODE_VERSION = 1  # bump when a similarity's formula changes
@@ -38,7 +47,8 @@ SCORE_CODE_VERSION = 1  # bump when a similarity's formula changes
 
 @dataclass(frozen=True)
 class Similarity:
-    """How one variant turns a source's embeddings into scores: kind cos | fc | rerank, on embedding `emb`."""
+    """How one variant turns a source's embeddings into scores: kind cos | fc | rerank | tr, on embedding `emb`; for
+    kind tr, `agg` names the re-scoring recipe in `RESCORINGS`."""
 
     kind: str
     emb: str
@@ -49,15 +59,23 @@ class Similarity:
     def label(self) -> str:
         if self.kind == "rerank":
             return f"rerank{self.top_n}-{self.emb}"
+        if self.kind == "tr":
+            return f"{self.agg}-{self.emb}"
         return f"{self.kind}-{self.emb}-{self.agg}" if self.kind == "cos" else f"fc-{self.agg}"
 
 
-def similarities(emb_names: Sequence[str], has_fc: bool, top_n: int = 100) -> list[Similarity]:
-    """Cosine per embedding and aggregation; with a trained pair head, FC per aggregation and the FC re-rank of the
-    cosine shortlist of the model's embedding."""
+def similarities(emb_names: Sequence[str], has_fc: bool, top_n: int = 100, fc_all: bool = False,
+                 rescore_emb: str | None = None) -> list[Similarity]:
+    """Cosine per embedding and aggregation; each re-scoring recipe of `RESCORINGS` on the cosine of `rescore_emb`
+    (the source's main embedding), when given; with a trained pair head, the FC re-rank of the cosine shortlist of
+    the model's embedding, and only with `fc_all` the FC head over every probe-photo x gallery pair per aggregation
+    (it never beat the cosine of the same model and costs M x N head calls a split)."""
     out = [Similarity("cos", e, a) for e in emb_names for a in COSINE_AGGREGATIONS]
+    if rescore_emb is not None:
+        out += [Similarity("tr", rescore_emb, r) for r in RESCORINGS]
     if has_fc:
-        out += [Similarity("fc", "emb", a) for a in FC_AGGREGATIONS]
+        if fc_all:
+            out += [Similarity("fc", "emb", a) for a in FC_AGGREGATIONS]
         out.append(Similarity("rerank", "emb", "mean", top_n))
     return out
 
@@ -65,12 +83,14 @@ def similarities(emb_names: Sequence[str], has_fc: bool, top_n: int = 100) -> li
 @dataclass
 class Group:
     """Variants that share their sources: `sources` maps a fold to its model (None: one source for every split,
-    e.g. a training-free feature); `scores_dir` set means precomputed external matrices (one variant)."""
+    e.g. a training-free feature); `scores_dir` set means precomputed external matrices (one variant);
+    `on_request` are variants scored only when named (e.g. FC over all pairs), never listed in `variants`."""
 
     name: str
     sims: list[Similarity]
     sources: dict[int | None, object] = field(default_factory=dict)
     scores_dir: Path | None = None
+    on_request: list[Similarity] = field(default_factory=list)
 
     def variant(self, sim: Similarity | None) -> str:
         return self.name if sim is None else f"{self.name}:{sim.label}"
@@ -90,7 +110,10 @@ class Group:
         return [self.sources[k] for k in sorted(self.sources)]
 
 
-def _score_one(source, sims: list[Similarity], sd: SplitData) -> dict[Similarity, np.ndarray]:
+def _score_one(source, sims: list[Similarity], sd: SplitData
+               ) -> tuple[dict[Similarity, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """This source's matrix of every variant but the transductive ones, and for those, per embedding, the unit
+    (probe mean embedding, gallery embedding) pair they re-score (see `joint_vectors`)."""
     emb = source.embeddings(sd.images)
     n = len(sd.split.probes)
     per_image: dict[str, np.ndarray] = {}  # the FC head over every probe-photo x gallery pair, computed once
@@ -103,20 +126,31 @@ def _score_one(source, sims: list[Similarity], sd: SplitData) -> dict[Similarity
             per_image[name] = fc_matrix(source.pair_fn, pe, ge)
         return aggregate(per_image[name], sd.owner, n, how)
 
-    out = {}
+    out, views = {}, {}
     for sim in sims:
         pe, ge = emb[sim.emb][sd.probe_rows], emb[sim.emb][sd.gallery_rows]
         if sim.kind == "cos":
             out[sim] = cosine_variant(pe, sd.owner, n, ge, sim.agg)
         elif sim.kind == "fc":
             out[sim] = fc(sim.emb, sim.agg)
-        else:
-            out[sim] = rerank(cosine_variant(pe, sd.owner, n, ge, "meanemb"), fc(sim.emb, sim.agg), sim.top_n)
-    return out
+        elif sim.kind == "rerank":
+            out[sim] = fc_rerank(source.pair_fn, pe, sd.owner, n, ge, sim.top_n)
+        elif sim.emb not in views:
+            views[sim.emb] = (mean_embedding(pe, sd.owner, n), l2_normalize(ge))
+    return out, views
+
+
+def joint_vectors(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """K models' unit (probe, gallery) vectors concatenated and scaled by 1/sqrt(K): their cosine is the mean of the
+    K models' cosines, the fold average every plain variant takes."""
+    scale = np.float32(1.0 / np.sqrt(len(views)))
+    return (np.hstack([q for q, _ in views]) * scale, np.hstack([g for _, g in views]) * scale)
 
 
 def group_key(group: Group, sim: Similarity, sd: SplitData) -> str:
     parts = [SCORE_CODE_VERSION, sim, ids_digest(sd.probe_ids, sd.gallery_ids)]
+    if sim.kind == "tr":  # the recipe's parameters and code: a changed recipe is a changed variant
+        parts += [RESCORE_CODE_VERSION, RESCORINGS[sim.agg]]
     parts += [s.key(sd.images) for s in group.sources_for(sd)]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -142,11 +176,18 @@ def group_scores(group: Group, sd: SplitData, scores_dir: Path) -> dict[str, np.
     if todo:
         sources = group.sources_for(sd)
         total: dict[Similarity, np.ndarray] = {}
+        views: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for source in progress(sources, desc=f"score {group.name} {sd.name}", total=len(sources)):
-            for sim, s in _score_one(source, todo, sd).items():
+            mats, source_views = _score_one(source, todo, sd)
+            for sim, s in mats.items():
                 total[sim] = s if sim not in total else total[sim] + s
+            for emb, pair in source_views.items():
+                views.setdefault(emb, []).append(pair)
         for sim in todo:
-            scores = total[sim] / np.float32(len(sources))
+            if sim.kind == "tr":
+                scores = rescore(*joint_vectors(views[sim.emb]), RESCORINGS[sim.agg])
+            else:
+                scores = total[sim] / np.float32(len(sources))
             save_scores(paths[sim], scores, sd.probe_ids, sd.gallery_ids, keys[sim])
             out[group.variant(sim)] = scores
     return {v: out[v] for v in group.variants}
