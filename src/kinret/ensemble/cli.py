@@ -63,6 +63,10 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
                    help="the variant every interval is taken against; default: zero-shot SFace "
                         f"({REFERENCES[0]}) when present, else raw pixels ({REFERENCES[1]})")
     p.add_argument("--top-n", type=int, default=100, help="cosine shortlist re-ranked by the FC head")
+    p.add_argument("--fc-all", action="store_true",
+                   help="also score every pair head's FC similarity over every probe-photo x gallery pair (slow, and "
+                        "it never beat the cosine out of fold; without it these variants are scored only when named "
+                        "in --variants)")
     p.add_argument("--protocol-seed", type=int, default=0,
                    help="seed of the probe/gallery protocols drawn from labelled folders (out-of-fold, val)")
 
@@ -72,7 +76,7 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[list, dict[str, Split
     n_folds, fold_seed = fold_plan(jobs)
     splits = build_splits(root, n_folds, fold_seed, args.protocol_seed)
     groups = discover_groups(jobs, args.runs / "_cache", args.ensemble_dir / "external", not args.no_raw_pixels,
-                             args.top_n)
+                             args.top_n, args.fc_all)
     return jobs, splits, filter_groups(groups, args.variants)
 
 
@@ -152,7 +156,7 @@ def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None =
 def settings(args: argparse.Namespace) -> dict[str, object]:
     """The options a choice depends on, saved in selection.json beside the submission they produced."""
     keys = ("experiments", "variants", "no_raw_pixels", "choose", "normalise", "max_steps", "blend_pool", "bootstrap",
-            "reference", "top_n", "protocol_seed")
+            "reference", "top_n", "fc_all", "protocol_seed")
     return {k: getattr(args, k) for k in keys}
 
 
