@@ -13,6 +13,7 @@ from kinret.errors import KinretInputError
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.splits import SplitData
 from kinret.scoring.transductive import (
+    DEFAULT_RESCORINGS,
     RESCORINGS,
     Rescoring,
     cluster_fused_scores,
@@ -257,7 +258,10 @@ def test_dba_joins_a_noisy_face_to_its_identity():
 # ---- wiring into the variants ----------------------------------------------------------------------------------------
 def test_the_listed_variants():
     names = [s.label for s in similarities(["emb"], True, 100, rescore_emb="emb")]
-    assert names == ["cos-emb-meanemb", "cos-emb-max", *(f"{r}-emb" for r in RESCORINGS), "rerank100-emb"]
+    assert names == ["cos-emb-meanemb", "cos-emb-max", *(f"{r}-emb" for r in DEFAULT_RESCORINGS), "rerank100-emb"]
+    every = [s.label for s in similarities(["emb"], True, 100, rescore_emb="emb", every_rescoring=True)]
+    assert [n for n in every if n not in names] == ["qe5-emb", "sink-emb"]
+    assert set(DEFAULT_RESCORINGS) < set(RESCORINGS)
     assert "fc-mean" in [s.label for s in similarities(["emb"], True, fc_all=True)]
     assert len(similarities(["a", "b"], False)) == 4
     assert 4 <= len(RESCORINGS) <= 8
@@ -305,8 +309,11 @@ def test_fc_over_all_pairs_only_on_request(tmp_path):
     np.savez(ext / "embeddings.npz", image_ids=np.array(["a"]), embeddings=np.zeros((1, 4), dtype=np.float32))
     groups = discover_groups([], tmp_path / "cache", tmp_path / "external")
     variants = [v for g in groups for v in g.variants]
-    assert "raw_pixels:dba10-pixels" in variants and "team:clus-div5-emb" in variants
+    assert "team:clus-div5-emb" in variants and "team:qe5-emb" not in variants
     assert not any(":fc-" in v for v in variants)
+    assert not any(v.startswith("raw_pixels:") and not v.startswith("raw_pixels:cos-") for v in variants)
+    kept = filter_groups(groups, ["raw_pixels:dba10-pixels", "team:qe5-emb"])  # the rest is scored when named
+    assert [v for g in kept for v in g.variants] == ["raw_pixels:dba10-pixels", "team:qe5-emb"]
     pair = Group("pairs", similarities(["emb"], True, rescore_emb="emb"), {},
                  on_request=[s for s in similarities(["emb"], True, fc_all=True) if s.kind == "fc"])
     assert not any(":fc-" in v for v in pair.variants)

@@ -50,10 +50,11 @@ def main_pooling(backbone: str) -> str:
 
 
 def _group(name: str, embs: Sequence[str], has_fc: bool, top_n: int, fc_all: bool, main: str | None,
-           sources: dict) -> Group:
-    """A group listing its variants (FC over all pairs only with `fc_all`) and holding the rest on request."""
-    listed = similarities(embs, has_fc, top_n, fc_all, main)
-    every = similarities(embs, has_fc, top_n, True, main)
+           sources: dict, rescore_listed: bool = True) -> Group:
+    """A group listing its variants (FC over all pairs only with `fc_all`; the default re-scorings of `main` unless
+    `rescore_listed` is False) and holding the rest on request, scored when named."""
+    listed = similarities(embs, has_fc, top_n, fc_all, main if rescore_listed else None)
+    every = similarities(embs, has_fc, top_n, True, main, every_rescoring=True)
     return Group(name, listed, sources, on_request=[s for s in every if s not in listed])
 
 
@@ -65,8 +66,8 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
     backbones: dict = {}
     groups: list[Group] = []
     if raw_pixels:
-        groups.append(_group("raw_pixels", ["pixels"], False, top_n, fc_all, "pixels",
-                             {None: RawPixelSource(cache_dir)}))
+        groups.append(_group("raw_pixels", ["pixels"], False, top_n, fc_all, "pixels",  # a baseline, kept plain
+                             {None: RawPixelSource(cache_dir)}, rescore_listed=False))
     seen_backbones = set()
     by_variant: dict[str, Group] = {}
     for cfg, fold, _ in jobs:

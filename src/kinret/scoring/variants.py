@@ -39,7 +39,7 @@ from kinret.scoring.similarity import (
 )
 from kinret.scoring.splits import SplitData
 from kinret.scoring.store import ids_digest, load_scores, safe_name, save_scores, stored_key
-from kinret.scoring.transductive import RESCORE_CODE_VERSION, RESCORINGS, rescore
+from kinret.scoring.transductive import DEFAULT_RESCORINGS, RESCORE_CODE_VERSION, RESCORINGS, rescore
 
 log = logging.getLogger(__name__)
 SCORE_CODE_VERSION = 1  # bump when a similarity's formula changes
@@ -65,14 +65,15 @@ class Similarity:
 
 
 def similarities(emb_names: Sequence[str], has_fc: bool, top_n: int = 100, fc_all: bool = False,
-                 rescore_emb: str | None = None) -> list[Similarity]:
+                 rescore_emb: str | None = None, every_rescoring: bool = False) -> list[Similarity]:
     """Cosine per embedding and aggregation; each re-scoring recipe of `RESCORINGS` on the cosine of `rescore_emb`
-    (the source's main embedding), when given; with a trained pair head, the FC re-rank of the cosine shortlist of
-    the model's embedding, and only with `fc_all` the FC head over every probe-photo x gallery pair per aggregation
-    (it never beat the cosine of the same model and costs M x N head calls a split)."""
+    (the source's main embedding), when given (the `DEFAULT_RESCORINGS`, or all with `every_rescoring`); with a
+    trained pair head, the FC re-rank of the cosine shortlist of the model's embedding, and only with `fc_all` the
+    FC head over every probe-photo x gallery pair per aggregation (it never beat the cosine of the same model and
+    costs M x N head calls a split)."""
     out = [Similarity("cos", e, a) for e in emb_names for a in COSINE_AGGREGATIONS]
     if rescore_emb is not None:
-        out += [Similarity("tr", rescore_emb, r) for r in RESCORINGS]
+        out += [Similarity("tr", rescore_emb, r) for r in (RESCORINGS if every_rescoring else DEFAULT_RESCORINGS)]
     if has_fc:
         if fc_all:
             out += [Similarity("fc", "emb", a) for a in FC_AGGREGATIONS]
