@@ -36,10 +36,11 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "data.json", "state.json",
                                                         "summary.csv"]
     rows = list(csv.DictReader((run_dir / "summary.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the held-out scores before any step
     for r in rows:  # every column is a real number: the held-out protocol and pairs exist for fold 0
         assert all(0 <= float(r[k]) <= 1 for k in ("pair_auc_cos", "pair_auc_fc", "mAP", "rank5", "average"))
-        assert float(r["train_loss"]) > 0 and float(r["images_per_s"]) > 0
+        assert r["epoch"] == "0" or float(r["train_loss"]) > 0 and float(r["images_per_s"]) > 0
+    assert rows[0]["train_loss"] == "nan"
     assert json.loads((run_dir / "config.json").read_text())["backbone"] == "test_resnet"
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
     before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
@@ -92,7 +93,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_data):
     whole, resumed = weights(out, "whole"), weights(out, "kill")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     rows = list(csv.DictReader((out / "kill" / "fold0" / "summary.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
 
 
 @pytest.mark.slow

@@ -73,6 +73,19 @@ class TrainConfig:
     amp: bool = True                    # CUDA only
     channels_last: bool = True          # memory format for convolutions (CPU and CUDA)
     threads: int = 0                    # torch threads on CPU; 0 = torch's default
+    # fine-tuning from a pretrained network (see experiments/sface_finetune.py); the defaults keep the older behaviour
+    class_init: str = "random"          # margin-loss class weights: random | means (the normalised family means of
+                                        # the starting embeddings, so training starts at the pretrained network)
+    classifier_lr: float = 0.0          # lr of the loss's own parameters (class weights); 0: the same as lr
+    batching: str = "families"          # family losses: families (images_per_family images a family) | random
+    grey_p: float = 0.0                 # e2e: probability that a training image is turned greyscale (style invariance)
+    freeze_bn: bool = False             # e2e: backbone BatchNorms keep their running statistics (sface always does)
+    cache_prefix: bool = False          # e2e: the frozen leading blocks run once per image, their output cached
+    prefix_dtype: str = "float16"       # float16 | float32: storage of the cached prefix output
+    prefix_cache_gb: float = 8.0        # refuse a prefix cache larger than this (it is memory-mapped from disk)
+    amp_cpu: bool = False               # bfloat16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX) too
+    # views of an image in frozen features and embeddings
+    flip_views: bool = True             # include the mirror image (feature arrays (2, N, D)); False: (1, N, D)
 
     def __post_init__(self) -> None:
         choices = {"mode": ("e2e", "head"), "neck": ("none", "residual", "linear"), "optimizer": ("sgd", "adamw"),
@@ -142,6 +155,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_pairs": (_at_least(1), ">= 1"),
     "eval_batch_size": (_at_least(1), ">= 1"),
     "threads": (_at_least(0), ">= 0 (0: torch's default)"),
+    "class_init": (lambda v: v in ("random", "means"), "one of ('random', 'means')"),
+    "classifier_lr": (_at_least(0), ">= 0 (0: the same as lr)"),
+    "batching": (lambda v: v in ("families", "random"), "one of ('families', 'random')"),
+    "grey_p": (_in(0, 1), "a probability in [0, 1]"),
+    "prefix_dtype": (lambda v: v in ("float16", "float32"), "one of ('float16', 'float32')"),
+    "prefix_cache_gb": (lambda v: v > 0, "> 0"),
 }
 
 

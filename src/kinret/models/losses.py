@@ -15,13 +15,27 @@ from kinret.models.config import TrainConfig
 
 
 class Loss(nn.Module):
-    """A registered loss: `kind` says how the trainer samples batches; `from_config` builds it for a run."""
+    """A registered loss: `kind` says how the trainer samples batches; `from_config` builds it for a run. A loss with
+    one weight vector per family (`has_classes`) can start them at the families' mean embeddings (`init_classes`)."""
 
     kind = "pair"
+    has_classes = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, dim: int, n_families: int) -> Loss:
         return cls()
+
+    def init_classes(self, means: torch.Tensor) -> None:
+        raise TypeError(f"{type(self).__name__} has no class weights to initialise")
+
+
+def family_means(emb: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(n_classes, D) class prototypes: w_c = normalize(sum_{i: y_i = c} normalize(e_i)), the L2-normalised mean of
+    the unit embeddings of class c (the "mean embedding" a probe gets at scoring time). A class without a sample gets
+    a zero row (its cosine with anything is 0). Vectorised: one index_add over all rows."""
+    unit = F.normalize(emb.float(), dim=1)
+    sums = torch.zeros(n_classes, emb.shape[1], dtype=unit.dtype, device=emb.device).index_add_(0, labels, unit)
+    return F.normalize(sums, dim=1)
 
 
 class BCEPairLoss(Loss):
@@ -57,6 +71,7 @@ class CosFaceFamilyLoss(Loss):
     logits s·(cos θ_c − m·[c = family])."""
 
     kind = "family"
+    has_classes = True
 
     def __init__(self, dim: int, n_families: int, margin: float = 0.35, scale: float = 30.0):
         super().__init__()
@@ -66,6 +81,14 @@ class CosFaceFamilyLoss(Loss):
     @classmethod
     def from_config(cls, cfg: TrainConfig, dim: int, n_families: int) -> Loss:
         return cls(dim, n_families, cfg.margin, cfg.scale)
+
+    @torch.no_grad()
+    def init_classes(self, means: torch.Tensor) -> None:
+        """Start every family's weight at its (normalised) mean embedding: the first logits are then the cosines
+        to the family prototypes, and the loss trains from the pretrained network's own geometry."""
+        if means.shape != self.weight.shape:
+            raise ValueError(f"class means of shape {tuple(means.shape)} for weights {tuple(self.weight.shape)}")
+        self.weight.copy_(means.to(self.weight))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = F.normalize(emb, dim=1) @ F.normalize(self.weight, dim=1).t()

@@ -119,6 +119,44 @@ class SFaceBackbone(nn.Module):
     def forward_native(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.net.forward_head(fmap)
 
+    # forward_features as a chain of units, so a frozen leading part can run once and be cached (see train.prefix)
+    def unit_prefixes(self) -> list[str]:
+        """The parameter-name prefix of each unit of the chain, in order (net.body.0. ... net.body.26.)."""
+        return [f"net.body.{name}." for name, _ in self.net.body.named_children()]
+
+    def forward_prefix(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """The first `cut` units on the kit's input (RGB, 0..255): input normalisation, then body[:cut]."""
+        return self.net.body[:cut]((x.flip(1) - self.net.input_mean) * self.net.input_scale)
+
+    def forward_rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        """The units after `cut` and bn1: forward_rest(forward_prefix(x, k), k) == forward_features(x) for every k."""
+        return self.net.bn1(self.net.body[cut:](h))
+
+
+SFACE_UNITS = ["conv_1"] + [f"conv_{i}{kind}" for i in range(2, 15) for kind in ("_dw", "")]  # the body, in order
+
+
+def sface_freeze(cut: int) -> tuple[str, ...]:
+    """`freeze` prefixes of SFace's first `cut` units (conv_1, conv_2_dw, conv_2, ...), for experiment files."""
+    if not 0 <= cut <= len(SFACE_UNITS):
+        raise KinretInputError(None, f"sface has {len(SFACE_UNITS)} units; cannot freeze the first {cut}")
+    return tuple(f"net.body.{name}." for name in SFACE_UNITS[:cut])
+
+
+def frozen_cut(backbone: nn.Module, freeze: tuple[str, ...]) -> int:
+    """How many leading units of the backbone's chain (`unit_prefixes`) the `freeze` name prefixes freeze entirely:
+    the deepest cut whose prefix has no trained parameter. 0 for a backbone without a chain of units."""
+    if not hasattr(backbone, "unit_prefixes"):
+        return 0
+    params = dict(backbone.named_parameters())
+    cut = 0
+    for unit in backbone.unit_prefixes():
+        names = [n for n in params if n.startswith(unit)]
+        if not all(any(n.startswith(f) for f in freeze) for n in names):
+            break
+        cut += 1
+    return cut
+
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
@@ -233,6 +271,11 @@ class KinNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_pooled(self.pooled(images))
+
+    def embed_rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        """The embedding from the output of the backbone's first `cut` units: forward(x) == embed_rest(
+        backbone.forward_prefix(x, cut), cut)."""
+        return self.embed_pooled(self.pool(self.backbone.forward_rest(h, cut)))
 
     def pair_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.head(a, b)

@@ -76,24 +76,39 @@ def cache_dir(cfg: TrainConfig) -> Path:
 
 def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: ImageTable, cfg: TrainConfig,
                     device: torch.device) -> torch.Tensor:
-    """(2, N, D) pooled features of the table's images and their mirror images, from the shared feature cache."""
+    """(V, N, D) pooled features of the table's images and (V = 2, `flip_views`) their mirror images, from the shared
+    feature cache."""
     cache = cache_dir(cfg)
     feats = cached_features(backbone, digest, data_cfg, table.paths,
                             lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache,
-                            cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p, cfg.channels_last)
+                            cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p, cfg.channels_last,
+                            flip=cfg.flip_views, threads=cfg.threads)
     return torch.from_numpy(feats[cfg.pool])
 
 
-def autocast(device: torch.device, amp: bool):
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): elsewhere bf16 autocast is emulated and
+    slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, amp: bool, cpu: bool = False):
+    """bfloat16 autocast on CUDA when `amp`; on the CPU only when `cpu` (config `amp_cpu`) is asked for too and the
+    CPU has native bf16, since results then depend on the CPU; otherwise float32."""
     if device.type == "cuda" and amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp and cpu and cpu_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------------------
 @dataclass
 class RowEmbedder:
-    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (2, N, D)) or
+    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (V, N, D)) or
     from decoded images (end to end: `pixels`)."""
 
     model: KinNet
@@ -106,7 +121,8 @@ class RowEmbedder:
 
     @torch.no_grad()
     def embed(self, rows: np.ndarray) -> np.ndarray:
-        """Embeddings of table rows with flip test-time augmentation (mean of the image's and its mirror's)."""
+        """Embeddings of table rows with flip test-time augmentation (mean of the image's and its mirror's; the image
+        alone with `flip_views` off)."""
         self.model.eval()
         if self.features is not None:
             pooled = self.features[:, torch.as_tensor(rows)].mean(0).to(self.device)
@@ -118,8 +134,9 @@ class RowEmbedder:
                           self.data_cfg["mean"], self.data_cfg["std"])
             if self.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.cfg.amp):
-                e = (self.model(x).float() + self.model(x.flip(3)).float()) / 2
+            with autocast(self.device, self.cfg.amp, self.cfg.amp_cpu):
+                views = (x, x.flip(3)) if self.cfg.flip_views else (x,)  # flip TTA unless flip_views is off
+                e = sum(self.model(v).float() for v in views) / len(views)
             out.append(e.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
 

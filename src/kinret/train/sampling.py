@@ -66,10 +66,34 @@ def family_batches(family: np.ndarray, rows: np.ndarray, batch_size: int, per_fa
     return batches
 
 
+def random_batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The rows shuffled and cut into full batches of `batch_size` (the last partial batch dropped): every image
+    once an epoch, families as they fall. The alternative to `family_batches` for the family losses."""
+    order = rng.permutation(np.asarray(rows))
+    n = len(order) // batch_size * batch_size
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B (torchvision's rgb_to_grayscale)
+
+
+def grey_images(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> the same shape, every channel = 0.299 R + 0.587 G + 0.114 B."""
+    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True).expand_as(x)
+
+
+def pixel_views(x: torch.Tensor, flip: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """Each image as the view a cached prefix stores for it: mirrored where `flip`, then greyscale where `grey`."""
+    x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    return torch.where(grey.to(x.device).view(-1, 1, 1, 1), grey_images(x), x)
+
+
 def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, offset: int = 0, total: int | None = None
             ) -> torch.Tensor:
-    """Random flip, colour (brightness, contrast, saturation) and small affine, drawn per image from `gen` (a CPU
-    generator, so a run is reproducible on any device) and applied to the whole batch at once.
+    """Random flip, colour (brightness, contrast, saturation), small affine and greyscale (`grey_p`; drawn last and
+    only when on, so older configs draw the same numbers), drawn per image from `gen` (a CPU generator, so a run is
+    reproducible on any device) and applied to the whole batch at once.
 
     Under DDP `x` is rows offset..offset+n of a global batch of `total`: parameters are drawn for the global batch
     and sliced, so N processes augment exactly as one process would."""
@@ -101,4 +125,7 @@ def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, offset: int
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if cfg.grey_p > 0:
+        grey = (draw() < cfg.grey_p).to(x.device)
+        x = torch.where(grey.view(-1, 1, 1, 1), grey_images(x), x)
     return x

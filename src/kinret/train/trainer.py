@@ -1,7 +1,10 @@
 """The training loop of one variant on one fold: `Trainer` builds the model, loss and optimizer for a run folder,
-draws each epoch's seeded batches, trains epoch by epoch and, after every epoch, evaluates on the held-out families
-and saves the run (`fit`). It re-seeds from `seed_of(...)` at every epoch and step, so a resumed run ends with the
-same weights as an uninterrupted one; under torchrun the global batch is split over the DDP processes.
+draws each epoch's seeded batches, trains epoch by epoch and, before the first epoch (summary row 0, checked against
+the starting network's zero-shot score) and after every epoch, evaluates on the held-out families and saves the run
+(`fit`). A fine-tune can start its margin loss's class weights at the family means (`class_init`), give them their
+own learning rate (`classifier_lr`) and feed the cached output of its frozen leading units (`kinret.train.prefix`).
+It re-seeds from `seed_of(...)` at every epoch and step, so a resumed run ends with the same weights as an
+uninterrupted one; under torchrun the global batch is split over the DDP processes.
 
 Held-out evaluation lives in `kinret.train.evaluation`, the run's files in `kinret.train.checkpointing`, the command
 (``python -m kinret.train``) in `kinret.train.cli`.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -22,7 +26,7 @@ from kinret.data.pixels import decode_pixels, gather, normalize, to_float
 from kinret.errors import KinretInputError
 from kinret.log import progress
 from kinret.models.config import TrainConfig, seed_of
-from kinret.models.losses import build_loss
+from kinret.models.losses import build_loss, family_means
 from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_digest
 from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
 from kinret.train.evaluation import (
@@ -37,20 +41,26 @@ from kinret.train.evaluation import (
     row_index,
     training_families,
 )
-from kinret.train.sampling import augment, family_batches, sample_pairs
+from kinret.train.prefix import cached_prefix, gather_prefix, prefix_cut, prefix_views
+from kinret.train.sampling import augment, family_batches, random_batches, sample_pairs
 
 log = logging.getLogger("kinret.train")
 
 
 class Objective(nn.Module):
-    """Model and loss in one forward, so DDP sees (and synchronises) every trained parameter, the loss's included."""
+    """Model and loss in one forward, so DDP sees (and synchronises) every trained parameter, the loss's included.
+    Inputs are cached pooled features (`head_only`), the cached output of the backbone's first `cut` units, or
+    images."""
 
-    def __init__(self, model: KinNet, loss: nn.Module, head_only: bool):
+    def __init__(self, model: KinNet, loss: nn.Module, head_only: bool, cut: int = 0):
         super().__init__()
-        self.model, self.loss, self.head_only = model, loss, head_only
+        self.model, self.loss, self.head_only, self.cut = model, loss, head_only, cut
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, n_pairs: int = 0) -> torch.Tensor:
-        emb = self.model.embed_pooled(x) if self.head_only else self.model(x)
+        if self.head_only:
+            emb = self.model.embed_pooled(x)
+        else:
+            emb = self.model.embed_rest(x, self.cut) if self.cut else self.model(x)
         if self.loss.kind == "pair":  # x holds the pairs' first images, then their second images
             return self.loss(self.model.pair_logits(emb[:n_pairs], emb[n_pairs:]), target)
         return self.loss(emb, target)
@@ -80,12 +90,15 @@ class Trainer:
         self.label_of = {position[f.fid]: i for i, f in enumerate(train_fams)}
         self.head_only = cfg.mode == "head"
         self.features: torch.Tensor | None = None  # head-only inputs: (2, N, D) cached features, image and mirror
+        self.frozen: torch.Tensor | None = None  # the starting network's pooled features, when a run needs them
         self.pixels: np.ndarray | None = None  # end-to-end inputs: the decoded images
+        self.prefix: np.ndarray | None = None  # with cache_prefix: (views, N, C, H, W) outputs of the frozen units
+        self.cut, self.zero_shot = 0, {}
         self.build_model()
         self.held_out = held_out_setup(cfg, fold, self.table, eval_fams, root, self.row_of)
         self.embedder = RowEmbedder(self.model, cfg, self.device, self.data_cfg, self.loss.kind == "pair",
                                     features=self.features, pixels=self.pixels)
-        self.objective, self.ddp = self.wrap(Objective(self.model, self.loss, self.head_only))
+        self.objective, self.ddp = self.wrap(Objective(self.model, self.loss, self.head_only, self.cut))
         self.opt = self.build_optimizer()
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
@@ -106,6 +119,8 @@ class Trainer:
         if self.world > 1 and self.rank == 0:
             tdist.barrier()
         self.loss = build_loss(cfg, self.model.embed_dim, self.n_train_families)
+        if cfg.class_init == "means" and self.loss.has_classes:
+            self.loss.init_classes(self.class_means())
         if self.loss.kind == "family":  # the FC head is not trained by a family loss
             self.model.head.requires_grad_(False)
             if self.head_only and cfg.neck == "none":
@@ -130,30 +145,58 @@ class Trainer:
         """Head-only: the head alone, fed the backbone's cached features. End to end: the whole network, fed the
         decoded images, with the `freeze` prefixes of the backbone kept fixed."""
         cfg = self.cfg
+        backbone.to(self.device)
         if self.head_only:
             self.backbone_digest = state_digest(backbone)
-            self.features = frozen_features(backbone, self.backbone_digest, self.data_cfg, self.table, cfg,
-                                            self.device)
+            self.features = self.frozen = frozen_features(backbone, self.backbone_digest, self.data_cfg, self.table,
+                                                          cfg, self.device)
             return KinNet(None, dim, cfg)
         self.backbone_digest = ""
+        if cfg.class_init == "means":  # the class weights start at the frozen network's family means
+            self.frozen = frozen_features(backbone, state_digest(backbone), self.data_cfg, self.table, cfg, self.device)
         self.pixels = decode_pixels(self.table.paths, self.data_cfg["input_size"][-1], cache_dir(cfg))
         model = KinNet(backbone, dim, cfg)
+        names = [name for name, _ in model.backbone.named_parameters()]
+        unmatched = [f for f in cfg.freeze if not any(n.startswith(f) for n in names)]
+        if unmatched:  # a prefix that freezes nothing is a typo, not a recipe
+            raise KinretInputError(None, f"{cfg.name}: freeze prefix {unmatched[0]!r} matches no parameter of the "
+                                         f"backbone {cfg.backbone!r} (its names look like {names[0]!r})")
         for name, p in model.backbone.named_parameters():
             if any(name.startswith(prefix) for prefix in cfg.freeze):
                 p.requires_grad_(False)
+        if cfg.cache_prefix:
+            self.cut = prefix_cut(cfg, backbone)
+            self.prefix = cached_prefix(backbone, state_digest(backbone), self.cut, cfg, self.data_cfg,
+                                        self.table.paths, lambda: self.pixels, cache_dir(cfg), self.device)
         return model
+
+    @torch.no_grad()
+    def class_means(self) -> torch.Tensor:
+        """(training families, D) normalised mean embeddings of each family's training images and their mirror
+        images, through the model as it starts (a neck starting as the identity passes the features unchanged)."""
+        rows = self.train_rows
+        feats = self.frozen[:, torch.as_tensor(rows)].reshape(-1, self.frozen.shape[-1])
+        self.model.eval()
+        emb = self.model.embed_pooled(feats.to(self.device)).float()
+        labels = torch.as_tensor([self.label_of[f] for f in self.table.family[rows]], device=emb.device)
+        return family_means(emb, labels.repeat(len(self.frozen)), self.n_train_families)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """SGD (the paper) or AdamW over every trained parameter, the loss's included; the backbone's group gets
-        `backbone_lr_mult` times the learning rate."""
+        `backbone_lr_mult` times the learning rate and, with `classifier_lr`, the loss's own parameters (class
+        weights) a group of their own at that rate. Every group follows the same schedule."""
         cfg = self.cfg
-        backbone = [p for n, p in self.objective.named_parameters() if n.startswith("model.backbone.")
-                    and p.requires_grad]
-        other = [p for n, p in self.objective.named_parameters() if not n.startswith("model.backbone.")
-                 and p.requires_grad]
+        named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        own = cfg.classifier_lr > 0
+        backbone = [p for n, p in named if n.startswith("model.backbone.")]
+        classes = [p for n, p in named if own and n.startswith("loss.")]
+        other = [p for n, p in named if not n.startswith("model.backbone.") and not (own and n.startswith("loss."))]
         groups = [{"params": other, "lr_mult": 1.0}]
         if backbone:
             groups.append({"params": backbone, "lr_mult": cfg.backbone_lr_mult})
+        if classes:
+            groups.append({"params": classes, "lr_mult": cfg.classifier_lr / cfg.lr})
+        groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -168,7 +211,10 @@ class Trainer:
             n = len(y) // cfg.batch_size * cfg.batch_size  # drop the last partial batch: every process gets equal work
             return [(np.concatenate([a[i:i + cfg.batch_size], b[i:i + cfg.batch_size]]), y[i:i + cfg.batch_size])
                     for i in range(0, n, cfg.batch_size)]
-        batches = family_batches(self.table.family, self.train_rows, cfg.batch_size, cfg.images_per_family, rng)
+        if cfg.batching == "random":
+            batches = random_batches(self.train_rows, cfg.batch_size, rng)
+        else:
+            batches = family_batches(self.table.family, self.train_rows, cfg.batch_size, cfg.images_per_family, rng)
         return [(rows, np.array([self.label_of[f] for f in self.table.family[rows]])) for rows in batches
                 if len(rows) == cfg.batch_size]
 
@@ -187,8 +233,11 @@ class Trainer:
         target_t = torch.as_tensor(target[sl], device=self.device)
         if self.head_only:
             flip = torch.rand(total, generator=gen)[pos] < (self.cfg.flip_p if self.cfg.augment else 0.0)
-            x = self.features[flip.long(), torch.as_tensor(rows)].to(self.device)
+            view = flip.long().clamp(max=len(self.features) - 1)  # one view (flip_views off): no flip to draw
+            x = self.features[view, torch.as_tensor(rows)].to(self.device)
             return x, target_t, per
+        if self.prefix is not None:
+            return self.prefix_inputs(rows, pos, total, gen), target_t, per
         x = to_float(gather(self.pixels, rows), self.device)
         if self.cfg.augment:
             parts = []  # pair inputs are two slices of the global batch (first images, second images)
@@ -201,16 +250,49 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, target_t, per
 
+    def prefix_inputs(self, rows: np.ndarray, pos: np.ndarray, total: int, gen: torch.Generator) -> torch.Tensor:
+        """The cached prefix outputs of the views drawn as `augment` draws them (flip, then greyscale when on), so
+        a family-loss run on the cache takes the views a run on pixels would."""
+        on = self.cfg.augment
+        view = (torch.rand(total, generator=gen)[pos] < (self.cfg.flip_p if on else 0.0)).long()
+        if prefix_views(self.cfg) == 4:
+            view += 2 * (torch.rand(total, generator=gen)[pos] < self.cfg.grey_p).long()
+        x = torch.from_numpy(gather_prefix(self.prefix, rows, view.numpy())).to(self.device).float()
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     # ---- evaluation and checkpoints --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return held_out_metrics(self.held_out, self.embedder)
+
+    def epoch_zero(self) -> dict[str, float]:
+        """The held-out scores before any step (summary row epoch 0) and, when the starting network's features are
+        at hand, its zero-shot cosine scores on the same protocol: a model whose neck starts as the identity must
+        score the same, or the evaluation and the features disagree (warned)."""
+        nan = float("nan")
+        row = {"epoch": 0, "lr": nan, "train_loss": nan, "images_per_s": nan, "seconds": nan, **self.evaluate()}
+        if self.frozen is not None:
+            with torch.random.fork_rng(devices=[]):  # building a KinNet draws its head's weights: keep the stream
+                plain = KinNet(None, self.frozen.shape[-1], replace(self.cfg, neck="none")).to(self.device)
+            self.zero_shot = held_out_metrics(self.held_out, RowEmbedder(plain, self.cfg, self.device, self.data_cfg,
+                                                                         False, features=self.frozen))
+        zs, now = self.zero_shot.get("average", nan), row["average"]
+        log.info("%s fold%d epoch 0 (before training): held-out mAP %.4f, Rank@5 %.3f, Average %.4f (zero-shot "
+                 "cosine of the starting network: %.4f)", self.cfg.name, self.fold, row["mAP"], row["rank5"], now, zs)
+        gap = max((abs(row[k] - self.zero_shot[k]) for k in ("pair_auc_cos", "mAP", "average")
+                   if k in self.zero_shot), default=0.0)
+        if self.cfg.neck != "linear" and gap > 1e-6:  # NaN (nothing to compare) never warns
+            log.warning("%s fold%d: held-out Average %.4f before training differs from the zero-shot %.4f of the "
+                        "same network: the model does not start at the pretrained network", self.cfg.name, self.fold,
+                        now, zs)
+        return row
 
     def checkpoint(self) -> dict:
         return {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.opt.state_dict(),
                 "epoch": self.epoch, "step": self.step, "rows": self.rows, "config": self.cfg.to_dict(),
                 "fold": self.fold, "data_config": self.data_cfg, "backbone_digest": self.backbone_digest,
                 "pooled_dim": self.features.shape[-1] if self.head_only else None,
-                "fc_trained": self.loss.kind == "pair", "train_families": self.n_train_families}
+                "fc_trained": self.loss.kind == "pair", "train_families": self.n_train_families,
+                "zero_shot": self.zero_shot}
 
     def save(self) -> None:
         """Checkpoint, summary and state, each written to a temporary name and renamed (rank 0 only)."""
@@ -222,6 +304,7 @@ class Trainer:
         self.loss.load_state_dict(ckpt["loss"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step, self.rows = ckpt["epoch"], ckpt["step"], ckpt["rows"]
+        self.zero_shot = ckpt.get("zero_shot", {})
         if self.rank == 0:  # the checkpoint is the commit point: a kill after it may have left these behind
             write_derived(self.run_dir, self.rows, self.epoch, self.cfg.epochs)
         log.info("resumed %s after epoch %d", self.run_dir, self.epoch)
@@ -233,6 +316,10 @@ class Trainer:
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
         torch.manual_seed(seed_of(cfg.seed, epoch, 1, self.rank))  # dropout; reseeded per epoch so resume matches
         self.ddp.train()
+        if cfg.freeze_bn and self.model.backbone is not None:  # BatchNorm keeps its pretrained running statistics
+            for m in self.model.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         losses, n_img, t0 = [], 0, time.perf_counter()
         bar = progress(self.epoch_batches(epoch), desc=f"{cfg.name} fold{self.fold} epoch {epoch + 1}/{cfg.epochs}",
                        total=self.steps_per_epoch, unit="batch")
@@ -242,7 +329,7 @@ class Trainer:
             factor = lr_factor(self.step, total, warmup, cfg.min_lr_ratio)
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * factor * g["lr_mult"]
-            with autocast(self.device, self.cfg.amp):
+            with autocast(self.device, self.cfg.amp, self.cfg.amp_cpu):
                 loss = self.ddp(x, t, n_pairs)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,6 +344,11 @@ class Trainer:
                 "images_per_s": n_img / seconds, "seconds": seconds}
 
     def fit(self) -> list[dict]:
+        if self.epoch == 0 and not self.rows:  # a fresh run: where training starts, kept as the summary's epoch 0
+            if self.rank == 0:
+                self.rows.append(self.epoch_zero())
+            if self.world > 1:
+                tdist.barrier()
         while self.epoch < self.cfg.epochs:
             row = self.train_epoch()
             self.epoch += 1

@@ -1,0 +1,92 @@
+"""Fine-tuning throughput with the cached frozen prefix against the full forward-backward, side by side in one run.
+
+Both trainers train the same layers (everything after the cut) with the same recipe; one feeds the cached output of
+the frozen units (`cache_prefix=true`), the other runs the whole network on pixels. Two measures, interleaved,
+median of repeats:
+- step: forward + backward + optimizer step on one fixed batch of tensors (the model alone);
+- epoch: the trainer's own epoch (sampling, gather, augmentation or cached views included).
+
+    python benchmarks/bench_finetune.py                        # the sface_finetune recipe's cut
+    python benchmarks/bench_finetune.py --cut 6 --cut 12 --cut 23
+
+Data: a small synthetic FIW set generated in a temporary folder. The prefix cache's size per image is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kinret.data.synth import SynthConfig, generate
+from kinret.log import setup_logging
+from kinret.models.config import TrainConfig
+from kinret.models.networks import sface_freeze
+from kinret.train.experiments import load_experiment
+from kinret.train.trainer import Trainer
+
+
+def step_rate(trainer: Trainer, steps: int) -> float:
+    """images/s of forward + backward + step on tensors made once, shaped like the trainer's batches."""
+    x, t, n_pairs = trainer.local_inputs(*trainer.epoch_batches(0)[0], torch.Generator().manual_seed(0))
+    x, t = x.detach().clone(), t.clone()
+    trainer.ddp.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = trainer.ddp(x, t, n_pairs)
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.opt.step()
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
+    freeze = sface_freeze(cut)
+    cached = Trainer(replace(base, name=f"bench_cached_{cut}", freeze=freeze, cache_prefix=True), fold=0)
+    full = Trainer(replace(base, name=f"bench_full_{cut}", freeze=freeze, cache_prefix=False, grey_p=0.0), fold=0)
+    per_image = cached.prefix[:, 0].nbytes
+    trained = sum(p.numel() for p in cached.model.parameters() if p.requires_grad)
+    for t in (cached, full):
+        step_rate(t, 2)  # warm-up: allocator, first-call overheads
+    rates: dict[str, list[float]] = {"cached step": [], "full step": [], "cached epoch": [], "full epoch": []}
+    for _ in range(repeats):
+        rates["cached step"].append(step_rate(cached, steps))
+        rates["full step"].append(step_rate(full, steps))
+        rates["cached epoch"].append(cached.train_epoch()["images_per_s"])
+        rates["full epoch"].append(full.train_epoch()["images_per_s"])
+    m = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"cut {cut:2d} (prefix {tuple(cached.prefix.shape[2:])}, {per_image / 1e3:.0f} KB an image with its "
+          f"views, {trained / 1e6:.2f}M trained parameters)")
+    for kind in ("step", "epoch"):
+        c, f = m[f"cached {kind}"], m[f"full {kind}"]
+        print(f"  {kind:<5}  cached prefix {c:7.1f} img/s   full forward-backward {f:7.1f} img/s   ratio {c / f:5.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cut", type=int, action="append", help="units frozen and cached (default: the recipe's)")
+    p.add_argument("--families", type=int, default=12, help="synthetic training families")
+    p.add_argument("--steps", type=int, default=4, help="steps per measured step rate")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    setup_logging(quiet=True)
+    recipe = load_experiment("sface_finetune")[0]
+    cuts = args.cut or [len(recipe.freeze)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate(Path(tmp) / "synthetic", SynthConfig(seed=0, n_train=args.families, n_val=0, n_test=2,
+                                                             max_members=5, max_images=4))
+        base = replace(recipe, data_root=str(root), out_root=str(Path(tmp) / "runs"), epochs=100, eval_pairs=10,
+                       class_init="random")
+        print(f"sface_finetune recipe, batch {base.batch_size} ({base.batching}), {torch.get_num_threads()} threads, "
+              f"device cpu, float32 storage {base.prefix_dtype == 'float32'}")
+        for cut in cuts:
+            compare(base, cut, args.repeats, args.steps)
+
+
+if __name__ == "__main__":
+    main()
