@@ -10,13 +10,15 @@ expression, glasses) that carry no family information. Everything depends only o
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
+from kinret.data.synth_photo import OldPhoto, photograph
 from kinret.errors import KinretInputError
 
 N_TRAITS = 16
@@ -45,6 +47,9 @@ _FEATURES: dict[str, tuple[tuple[int, float], ...]] = {
 _SKIN = np.array([(255, 226, 200), (238, 196, 164), (206, 152, 116), (150, 100, 70), (96, 62, 44)], np.float32)
 _HAIR = np.array([(28, 24, 22), (66, 44, 30), (116, 78, 48), (166, 124, 78), (218, 188, 124)], np.float32)
 _IRIS = np.array([(58, 36, 22), (112, 72, 36), (100, 118, 60), (70, 116, 168)], np.float32)
+_ANGLES = np.linspace(0, 2 * math.pi, 48, endpoint=False)  # the face outline's 48 points
+_OUTLINE_COS, _OUTLINE_SIN = np.cos(_ANGLES), np.sin(_ANGLES)
+_FRINGE_X, _LIP_X = np.linspace(-1, 1, 17), np.linspace(-1, 1, 9)  # sample points across the fringe and the lips
 # a photo's face on the 2x canvas in pixels: s, centre cx cy, half width/height fw fh, eye/mouth line ey my, stroke lw
 _Frame = tuple[int, float, float, float, float, float, float, int]
 
@@ -163,9 +168,16 @@ def _mix(palette: np.ndarray, pos: float) -> np.ndarray:
     return palette[i] + (x - i) * (palette[i + 1] - palette[i])
 
 
-def _rgb(c: np.ndarray, alpha: int = 255) -> tuple[int, int, int, int]:
-    c = np.clip(c, 0, 255)
-    return int(c[0]), int(c[1]), int(c[2]), alpha
+def _rgb(c: np.ndarray) -> tuple[int, int, int, int]:
+    """An opaque fill. Every fill is opaque, so the layer's pixels are either opaque or (0, 0, 0, 0) and the straight
+    colours drawn into the "RGBa" layer are its premultiplied colours too."""
+    return tuple(int(min(max(float(v), 0.0), 255.0)) for v in c[:3]) + (255,)  # plain floats: np.clip is slow here
+
+
+def _over(base: np.ndarray, ink: np.ndarray, alpha: float) -> tuple[int, int, int, int]:
+    """The opaque colour of `ink` at opacity `alpha` laid over `base` (ImageDraw would instead write the alpha into
+    the layer and punch a translucent hole through the face)."""
+    return _rgb((1 - alpha) * np.asarray(base, np.float32) + alpha * np.asarray(ink, np.float32))
 
 
 def _appearance(m: SynthMember) -> dict:
@@ -173,12 +185,18 @@ def _appearance(m: SynthMember) -> dict:
 
     The personal part (hairstyle, beard, greying, glasses habit) is seeded from the member's own traits, so it is
     stable across photos but independent between relatives: extra within-family variation, like in real life.
+    Computed once per member (cached on its traits, age and gender) and only read by the drawing code.
     """
-    t = np.asarray(m.traits, np.float64)
+    return _look(np.asarray(m.traits, np.float32).tobytes(), m.age, m.gender)
+
+
+@functools.lru_cache(maxsize=256)
+def _look(traits: bytes, age: str, gender: str) -> dict:
+    t = np.frombuffer(traits, np.float32).astype(np.float64)
     z = {k: float(np.clip(sum(w * t[d] for d, w in v) / math.sqrt(sum(w * w for _, w in v)), -2.5, 2.5))
          for k, v in _FEATURES.items()}
-    own = np.random.default_rng(zlib.crc32(np.asarray(m.traits, np.float32).tobytes() + (m.age + m.gender).encode()))
-    child, elder, male = m.age == "child", m.age == "elder", m.gender == "M"
+    own = np.random.default_rng(zlib.crc32(traits + (age + gender).encode()))
+    child, elder, male = age == "child", age == "elder", gender == "M"
     hs = 0.86 if child else 1.0
     a = {"child": child, "elder": elder, "male": male}
     a["fw"] = hs * 0.225 * (1 + 0.1 * z["face_w"]) * (1.06 if male else 0.96) * (1.08 if child else 1.0)
@@ -217,58 +235,30 @@ def _appearance(m: SynthMember) -> dict:
     a["beard"] = ("none", "stubble", "full", "moustache")[int(own.choice(4, p=(0.45, 0.3, 0.15, 0.1)))] \
         if male and not child else "none"
     a["glasses_p"] = 0.8 if own.random() < (0.05 if child else 0.4 if elder else 0.15) else 0.03
+    for v in a.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)  # the cached look is shared by every photo of the member
     return a
 
 
-def render_face(member: SynthMember, rng: np.random.Generator, size: int = 112) -> Image.Image:
+def render_face(member: SynthMember, rng: np.random.Generator, size: int = 112,
+                old_photo: OldPhoto | None = None) -> Image.Image:
     """One RGB photo (mode "RGB", size x size) of `member`; all per-photo randomness comes from rng.
 
-    Drawn at 2x with ImageDraw, downsampled for anti-aliasing, posed with one affine warp, composited on a random
-    background, then degraded (blur, lighting gradient, colour cast, gamma/contrast, sensor noise).
+    Drawn at 2x with ImageDraw, downsampled for anti-aliasing, then photographed by `synth_photo.photograph`: posed
+    with one affine warp, composited on a random background, degraded (blur, lighting gradient, colour cast,
+    gamma/contrast, sensor noise) and, when `old_photo` is given, made an old print (greyscale or sepia, faded,
+    grainy, vignetted). The print changes nothing else: the same rng gives the same face, pose and light.
     """
     a = _appearance(member)
     s = 2 * size
     m = size // 4  # margin around the canvas, so the warp never pulls clipped edges (shoulders) into view
-    layer = Image.new("RGBA", (s + 4 * m, s + 4 * m), (0, 0, 0, 0))
-    _draw_face(ImageDraw.Draw(layer, "RGBA"), a, rng, s, 2 * m)
-    layer = layer.reduce(2)  # premultiplied 2x2 box: the anti-aliasing step; the warp below then runs at 1x
-    ang = math.radians(rng.uniform(-15, 15))
-    sc, sq = rng.uniform(0.85, 1.15), rng.uniform(0.86, 1.0)
-    dx, dy = rng.uniform(-0.04, 0.04, 2) * size
-    ca, sa, c = math.cos(ang), math.sin(ang), size / 2
-    # inverse map output -> input: diag(1/(sc*sq), 1/sc) @ R(-ang) applied around the centre, minus the shift
-    ia, ib, id_, ie = ca / (sc * sq), sa / (sc * sq), -sa / sc, ca / sc
-    ox, oy, ci = -c - dx, -c - dy, c + m
-    coeffs = (ia, ib, ia * ox + ib * oy + ci, id_, ie, id_ * ox + ie * oy + ci)
-    layer = layer.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
-    img = Image.alpha_composite(_background(rng, size), layer).convert("RGB")
-    r = rng.uniform(0.0, 1.3)
-    if r > 0.25:
-        img = img.filter(ImageFilter.GaussianBlur(r))
-    x = np.asarray(img, np.float32) / 255.0
-    phi, k = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.45)
-    g = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    x = x * (1.0 + k * (math.cos(phi) * g[None, :] + math.sin(phi) * g[:, None]))[:, :, None]
-    x = x * (1.0 + rng.normal(0, 0.05, 3)).astype(np.float32)  # white balance
-    x = (x - 0.5) * rng.uniform(0.75, 1.2) + 0.5 + rng.uniform(-0.1, 0.1)
-    x = np.clip(x, 0.0, 1.0) ** rng.uniform(0.75, 1.3)
-    x = x + rng.standard_normal(x.shape, dtype=np.float32) * rng.uniform(0.0, 0.035)
-    return Image.fromarray((np.clip(x, 0.0, 1.0) * 255 + 0.5).astype(np.uint8), "RGB")
-
-
-def _background(rng: np.random.Generator, s: int) -> Image.Image:
-    """Random two-colour gradient, sometimes with a few blocks (a room, a poster): no family information."""
-    corners = np.clip(rng.uniform(40, 215, (2, 2, 1)) + rng.uniform(-60, 60, (2, 2, 3)), 0, 255).astype(np.uint8)
-    if rng.random() < 0.5:
-        corners[1] = corners[0]
-    bg = Image.fromarray(corners, "RGB").resize((s, s), Image.Resampling.BILINEAR).convert("RGBA")
-    if rng.random() < 0.5:
-        d = ImageDraw.Draw(bg)
-        for _ in range(int(rng.integers(1, 4))):
-            x0, y0 = rng.uniform(-0.2, 0.9, 2) * s
-            w, h = rng.uniform(0.1, 0.6, 2) * s
-            d.rectangle((x0, y0, x0 + w, y0 + h), fill=_rgb(rng.uniform(30, 235, 3)))
-    return bg
+    # drawn straight into a premultiplied layer (see _rgb), so the 2x2 box (the anti-aliasing step) and the warp
+    # need no conversions
+    layer = Image.new("RGBa", (s + 4 * m, s + 4 * m), (0, 0, 0, 0))
+    _draw_face(ImageDraw.Draw(layer), a, rng, s, 2 * m)
+    layer = layer.reduce(2)
+    return photograph(layer, rng, size, m, old_photo)
 
 
 def _draw_face(d: ImageDraw.ImageDraw, a: dict, rng: np.random.Generator, s: int, off: int) -> None:
@@ -323,23 +313,23 @@ def _draw_face_shape(d: ImageDraw.ImageDraw, a: dict, f: _Frame) -> None:
     """Draw the face outline, the fringe, a child's cheeks or an elder's wrinkles, and a stubble or full beard."""
     s, cx, cy, fw, fh, ey, my, lw = f
     # face outline: an ellipse on top, a superellipse (exponent = jaw) below: square jaw vs pointed chin
-    th = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-    c, sn = np.cos(th), np.sin(th)
+    c, sn = _OUTLINE_COS, _OUTLINE_SIN
     e = np.where(sn > 0, 2.0 / a["jaw"], 1.0)
     pts = np.stack([cx + fw * np.sign(c) * np.abs(c) ** e, cy + fh * np.sign(sn) * np.abs(sn) ** e], 1)
     d.polygon([tuple(p) for p in pts.tolist()], fill=_rgb(a["skin"]))
     if not a["bald"]:  # fringe: hair between the top of the face and a hairline curve reaching the temples
-        xs = np.linspace(-1, 1, 17)
+        xs = _FRINGE_X
         top = cy - fh * np.sqrt(1 - xs ** 2) - 1
         y0 = cy - fh * (a["hl"] if a["style"] != "bangs" else 0.32)
         hline = np.maximum(top, np.minimum(y0 + (ey - 0.2 * fh - y0) * xs ** 4, ey - 0.2 * fh))
         hx = (cx + fw * xs).tolist()
         d.polygon(list(zip(hx, top.tolist(), strict=True)) + list(zip(hx, hline.tolist(), strict=True))[::-1],
                   fill=_rgb(a["hair"]))
-    if a["child"]:
+    if a["child"]:  # rosy cheeks
+        blush = _over(a["skin"], np.array([235, 110, 110]), 60 / 255)
         for sx in (-1, 1):
             bx = cx + sx * 0.55 * fw
-            d.ellipse((bx - 0.18 * fw, my - 0.3 * fh, bx + 0.18 * fw, my - 0.15 * fh), fill=(235, 110, 110, 60))
+            d.ellipse((bx - 0.18 * fw, my - 0.3 * fh, bx + 0.18 * fw, my - 0.15 * fh), fill=blush)
     if a["elder"]:  # wrinkles: forehead lines, nasolabial folds, crow's feet
         line = _rgb(a["skin"] * 0.7)
         for i in range(3):
@@ -354,8 +344,8 @@ def _draw_face_shape(d: ImageDraw.ImageDraw, a: dict, f: _Frame) -> None:
     if a["beard"] in ("stubble", "full"):
         lower = pts[(pts[:, 1] > my - 0.15 * fh)]
         lower = lower[np.argsort(np.arctan2(lower[:, 1] - cy, lower[:, 0] - cx))]
-        alpha = 70 if a["beard"] == "stubble" else 255
-        d.polygon([tuple(p) for p in lower.tolist()], fill=_rgb(a["hair"] * 0.9, alpha))
+        alpha = 70 / 255 if a["beard"] == "stubble" else 1.0
+        d.polygon([tuple(p) for p in lower.tolist()], fill=_over(a["skin"], a["hair"] * 0.9, alpha))
 
 
 def _draw_expression(d: ImageDraw.ImageDraw, a: dict, rng: np.random.Generator, f: _Frame) -> None:
@@ -384,7 +374,7 @@ def _draw_expression(d: ImageDraw.ImageDraw, a: dict, rng: np.random.Generator, 
         d.polygon([(cx - a["mw"] * s * 1.05, my), (cx, nt + 0.4 * nw), (cx + a["mw"] * s * 1.05, my),
                    (cx, my - 0.5 * a["lt"] * s)], fill=_rgb(a["hair"] * 0.9))
     mw, lt, bend = a["mw"] * s, a["lt"] * s, smile * 0.025 * s  # lips: corners lift when smiling
-    xs = np.linspace(-1, 1, 9)
+    xs = _LIP_X
     mid = my + bend * (1 - xs ** 2) - bend
     upper = mid - lt * (1 - xs ** 2) * 0.8
     lower = mid + lt * (1 - xs ** 2) * 1.2
