@@ -14,7 +14,7 @@ from kinret.models.config import TrainConfig
 
 cfg = replace(TrainConfig(), backbone="sface", mode="head", pool="native", neck="residual", loss="bce",
               combination="comb2", head_widths=(128,), dropout=0.1, epochs=10, batch_size=128, lr=1e-2,
-              weight_decay=1e-4, pairs_per_epoch=5000, n_folds=3)
+              weight_decay=1e-4, pairs_per_epoch=5000, n_folds=3, class_init="means")
 GRID = [
     {"loss": ["cosface", "supcon"]},
     {"loss": ["bce"], "combination": ["comb2"]},
