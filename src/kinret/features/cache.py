@@ -2,7 +2,8 @@
 `.npz` (ids + arrays) under a key that covers everything that changes the numbers.
 
 Two caches live here: the pooled features of a frozen backbone (`cached_features`, keyed by the backbone's weight
-digest, shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
+digest and the runtime that computed them (`kinret.features.runtime`: cv2.dnn for the shipped SFace, torch for any
+other network), shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
 (`kinret.features.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in chunks of
 images, each chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not saved;
 under torchrun the processes split the chunks between them (`build_in_chunks`).
@@ -25,6 +26,15 @@ from torch import nn
 
 from kinret.data.pixels import decode_pixels, file_list_digest, normalize, to_float
 from kinret.dist import dist_rank_world
+from kinret.features.runtime import (
+    CV2_BATCH,
+    CV2_INT8,
+    TORCH_FP32,
+    cv2_engine,
+    cv2_pooled,
+    default_threads,
+    frozen_runtime,
+)
 from kinret.io import atomic_path
 from kinret.log import progress
 from kinret.models.networks import POOLS, pool_names
@@ -37,10 +47,10 @@ CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part
 @torch.no_grad()
 def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, device: torch.device, batch: int = 128,
                    gem_p: float = 3.0, desc: str = "features", channels_last: bool = True,
-                   neck: nn.Module | None = None, neck_pool: str = "avg") -> dict[str, np.ndarray]:
-    """For each pooling, float32 (2, N, D): row 0 the image, row 1 its mirror image. The backbone runs in eval mode
-    once per batch and view; every pooling is read off the same feature map. With a `neck`, the key "emb" holds
-    neck(`neck_pool` features): a trained model's embedding, from the same pass."""
+                   neck: nn.Module | None = None, neck_pool: str = "avg", flip: bool = True) -> dict[str, np.ndarray]:
+    """For each pooling, float32 (V, N, D): row 0 the image, row 1 (with `flip`, V = 2) its mirror image. The
+    backbone runs in eval mode once per batch and view; every pooling is read off the same feature map. With a
+    `neck`, the key "emb" holds neck(`neck_pool` features): a trained model's embedding, from the same pass."""
     backbone.eval()
     if neck is not None:
         neck.eval()
@@ -53,22 +63,25 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         views = []
-        for view in (x, x.flip(3)):
+        for view in (x, x.flip(3)) if flip else (x,):
             fmap = backbone.forward_features(view)
             pooled = {k: (backbone.forward_native(fmap) if k == "native" else POOLS[k](fmap, gem_p)) for k in names}
             if neck is not None:
                 pooled["emb"] = neck(pooled[neck_pool])
             views.append(pooled)
         for k in out:
-            out[k].append(torch.stack([views[0][k], views[1][k]]).float().cpu().numpy())
+            out[k].append(torch.stack([v[k] for v in views]).float().cpu().numpy())
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}
 
 
-def feature_key(backbone_digest: str, data_cfg: dict, paths: Sequence[Path], gem_p: float, channels_last: bool
-                ) -> str:
+def feature_key(backbone_digest: str, data_cfg: dict, paths: Sequence[Path], gem_p: float, channels_last: bool,
+                runtime: str = TORCH_FP32, views: int = 2) -> str:
+    """Names a frozen backbone's feature cache by everything that changes its numbers: the weights, the input
+    convention, the GeM power, the memory format, the runtime that computed them, the views (2: with the mirror
+    image) and the images (paths and content)."""
     parts = [backbone_digest, str(tuple(data_cfg["input_size"])), str(tuple(data_cfg["mean"])),
              str(tuple(data_cfg["std"])), f"gem{gem_p}", f"cl{int(channels_last)}", f"v{FEATURE_CODE_VERSION}",
-             file_list_digest(paths)]
+             runtime, f"views{views}", file_list_digest(paths)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -91,7 +104,7 @@ def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
                     chunk: int = CHUNK, shard: bool = False) -> dict[str, np.ndarray]:
-    """`compute(start, stop)` -> arrays of shape (2, stop - start, ...) for every chunk of rows, each chunk saved
+    """`compute(start, stop)` -> arrays of shape (views, stop - start, ...) for every chunk of rows, each chunk saved
     under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
     parts removed. A chunk already saved by a killed run is read, not recomputed.
 
@@ -128,28 +141,47 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
 
 def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, paths: Sequence[Path],
                     pixels: Callable[[], np.ndarray], cache_dir: Path, label: str, device: torch.device,
-                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True, shard: bool = False
-                    ) -> dict[str, np.ndarray]:
-    """`forward_pooled` of `paths` (pooling -> (2, N, D)), read from `cache_dir` when the key matches, else computed
-    in saved chunks and written atomically. `pixels` is only called on a cache miss; with `shard` under torchrun,
-    each process computes (and decodes) only its share of the chunks."""
+                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True, shard: bool = False,
+                    flip: bool = True, threads: int = 0, runtime: str | None = None) -> dict[str, np.ndarray]:
+    """Every pooling of `paths` (pooling -> (V, N, D); V = 2 with `flip`: the image, then its mirror image), read
+    from `cache_dir` when the key matches, else computed in saved chunks and written atomically.
+
+    The runtime (`runtime`, or `kinret.features.runtime.frozen_runtime` when None) is part of the key: "cv2-int8"
+    (the shipped SFace file, unchanged weights, CPU) runs `threads` cv2 nets side by side (0: torch's thread count),
+    each decoding its own batches of `paths`; "torch-fp32" runs `forward_pooled` on `pixels()` (all images
+    decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and decodes) only
+    its share of the chunks."""
     sharded = shard and dist_rank_world()[1] > 1
-    key = feature_key(backbone_digest, data_cfg, paths, gem_p, channels_last)
+    runtime = runtime or frozen_runtime(backbone, backbone_digest, data_cfg, device)
+    if runtime not in (CV2_INT8, TORCH_FP32):
+        raise ValueError(f"unknown feature runtime {runtime!r}; one of {(CV2_INT8, TORCH_FP32)}")
+    key = feature_key(backbone_digest, data_cfg, paths, gem_p, channels_last, runtime, 2 if flip else 1)
     cache = Path(cache_dir) / f"features_{label}_{key}.npz"
     ids = np.array([str(p) for p in paths])
     if not cache.is_file():
-        log.info("computing %s features of %d images into %s", label, len(paths), cache)
-    source: list[np.ndarray] = []
+        log.info("computing %s features of %d images into %s (%s)", label, len(paths), cache, runtime)
+    size = data_cfg["input_size"][-1]
+    source: list[np.ndarray] = []  # the decoded pixels (torch runtime), read at the first chunk computed
+
+    def compute_cv2(start: int, stop: int) -> dict[str, np.ndarray]:
+        workers = default_threads(threads)
+        return cv2_pooled(cv2_engine(workers, backbone, gem_p),
+                          lambda a, b: decode_pixels(paths[start + a:start + b], size, None),
+                          stop - start, pool_names(backbone), gem_p, flip, min(batch, CV2_BATCH), workers,
+                          desc=f"features {label} {start}-{stop}")
 
     def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        if sharded:  # a process decodes only its own chunks
-            chunk_pixels = decode_pixels(paths[start:stop], data_cfg["input_size"][-1], None)
+        if runtime == CV2_INT8:
+            feats = compute_cv2(start, stop)
         else:
-            if not source:
-                source.append(pixels())
-            chunk_pixels = source[0][start:stop]
-        feats = forward_pooled(backbone, chunk_pixels, data_cfg, device, batch, gem_p,
-                               f"features {label} {start}-{stop}", channels_last)
+            if sharded:  # a process decodes only its own chunks
+                chunk_pixels = decode_pixels(paths[start:stop], size, None)
+            else:
+                if not source:
+                    source.append(pixels())
+                chunk_pixels = source[0][start:stop]
+            feats = forward_pooled(backbone, chunk_pixels, data_cfg, device, batch, gem_p,
+                                   f"features {label} {start}-{stop}", channels_last, flip=flip)
         return {f"pool_{k}": v for k, v in feats.items()}
 
     found = build_in_chunks(cache, ids, compute, shard=shard)

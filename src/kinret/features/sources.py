@@ -1,6 +1,7 @@
 """Where per-image embeddings come from: raw pixels, a frozen backbone, a trained checkpoint, or a file of
 embeddings a team computed elsewhere. Each source maps an image set to {embedding name: (N, D) float32}, the
-image and its mirror image averaged (flip test-time augmentation), and names its own content in `key`."""
+image and its mirror image averaged (flip test-time augmentation; one view with the config's `flip_views` False),
+and names its own content in `key`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kinret.dist import dist_rank_world, local_device
 from kinret.errors import KinretInputError
 from kinret.features.cache import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
 from kinret.features.raw_pixels import RawPixels
+from kinret.features.runtime import frozen_runtime
 from kinret.models.checkpoint import load_model, shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
 from kinret.models.losses import loss_kind
@@ -46,6 +48,7 @@ def _key(*parts: object) -> str:
 
 
 def _views_mean(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(V, N, D) -> (N, D): the mean over the views (the image and its mirror image, or the image alone)."""
     return {k: v.mean(axis=0) for k, v in feats.items()}
 
 
@@ -74,7 +77,8 @@ class RawPixelSource:
 
 @dataclass
 class BackboneSource:
-    """A frozen backbone's pooled features (every pooling), shared by the head-only checkpoints trained on it."""
+    """A frozen backbone's pooled features (every pooling), shared by the head-only checkpoints trained on it;
+    computed by the runtime `kinret.features.runtime.frozen_runtime` picks (cv2.dnn for the shipped SFace)."""
 
     cfg: TrainConfig
     cache_dir: Path
@@ -88,15 +92,23 @@ class BackboneSource:
     @cached_property
     def _model(self) -> tuple[torch.nn.Module, dict, str]:
         backbone, data_cfg = shared_backbone(self.cfg, self.backbones)
-        return backbone, data_cfg, state_digest(backbone)
+        memo = ("state_digest", id(backbone))  # a backbone kept in `backbones` is frozen: hashed once, not per source
+        if memo not in self.backbones:
+            self.backbones[memo] = state_digest(backbone)
+        return backbone, data_cfg, self.backbones[memo]
+
+    @cached_property
+    def runtime(self) -> str:
+        backbone, data_cfg, digest = self._model
+        return frozen_runtime(backbone, digest, data_cfg, _device())
 
     def key(self, images: ImageSet) -> str:
         _, data_cfg, digest = self._model
         return _key(digest, sorted(data_cfg.items()), self.cfg.gem_p, self.cfg.channels_last, FEATURE_CODE_VERSION,
-                    images.digest)
+                    self.runtime, f"views{2 if self.cfg.flip_views else 1}", images.digest)
 
     def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
-        """pooling -> (2, N, D) features of the image and its mirror image."""
+        """pooling -> (V, N, D) features of the image and (V = 2, `flip_views`) its mirror image."""
         if images.parent is not None:
             return {k: v[:, list(images.rows)] for k, v in self.raw(images.parent).items()}
         backbone, data_cfg, digest = self._model
@@ -104,7 +116,8 @@ class BackboneSource:
         return cached_features(backbone, digest, data_cfg, images.paths,
                                lambda: decode_pixels(images.paths, size, self.cache_dir), self.cache_dir,
                                self.cfg.backbone, _device(), self.cfg.eval_batch_size, self.cfg.gem_p,
-                               self.cfg.channels_last, shard=True)
+                               self.cfg.channels_last, shard=True, flip=self.cfg.flip_views, threads=self.cfg.threads,
+                               runtime=self.runtime)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))
@@ -150,8 +163,17 @@ class CheckpointSource:
     def _loaded(self):
         return load_model(self.run_dir, _device(), self.backbones)
 
+    @cached_property
+    def frozen(self) -> BackboneSource:
+        """The frozen backbone's features a head-only checkpoint embeds."""
+        return BackboneSource(self.cfg, self.cache_dir, self.backbones)
+
     def key(self, images: ImageSet) -> str:
-        return _key(self.digest, FEATURE_CODE_VERSION, images.digest)
+        """The checkpoint's content, the views and, for a head-only run, the key of the frozen features it embeds
+        (their runtime included)."""
+        frozen = self.frozen.key(images) if self.cfg.mode == "head" else ""
+        return _key(self.digest, FEATURE_CODE_VERSION, f"views{2 if self.cfg.flip_views else 1}", frozen,
+                    images.digest)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
@@ -172,10 +194,10 @@ class CheckpointSource:
                       else decode_pixels(images.paths[start:stop], data_cfg["input_size"][-1], None))
             return forward_pooled(model.backbone, pixels, data_cfg, _device(), cfg.eval_batch_size,
                                   cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
-                                  cfg.pool)
+                                  cfg.pool, flip=cfg.flip_views)
 
         if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
-            inputs.append(BackboneSource(cfg, self.cache_dir, self.backbones).raw(images)[cfg.pool])
+            inputs.append(self.frozen.raw(images)[cfg.pool])
         return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True))
 
     @property

