@@ -16,7 +16,7 @@ def test_plain_progress_reports_count_rate_and_eta(capsys, monkeypatch):
     monkeypatch.setattr(klog, "_on_screen", lambda: False)
     monkeypatch.setenv("KINRET_PROGRESS_SECONDS", "0")
     monkeypatch.delenv("KINRET_NO_PROGRESS", raising=False)
-    klog.setup_logging()
+    klog.setup_logging(verbose=True)  # the start line is debug level: stages announce themselves
     assert list(klog.progress(range(5), desc="work", unit="img")) == list(range(5))
     lines = [line.split("kinret.progress: ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines[0] == "work: 5 img to do"

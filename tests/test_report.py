@@ -74,8 +74,14 @@ def test_make_submission_writes_the_report(tiny_data, tmp_path, capsys):
     stale.write_bytes(b"from an older run")
     assert submit.main(fast(tiny_data, out, "--quiet")) == 0
     assert "report: " in capsys.readouterr().out
-    names = sorted(p.name for p in (out / "report").iterdir())
+    names = sorted(p.name for p in (out / "report").iterdir() if not p.name.startswith("."))
     assert names == sorted(report.REPORT_FILES)
+    drawn = {n: (out / "report" / n).stat().st_mtime_ns for n in names}
+    assert submit.main(fast(tiny_data, out, "--quiet")) == 0  # nothing new: nothing redrawn
+    assert {n: (out / "report" / n).stat().st_mtime_ns for n in names} == drawn
+    (out / "report" / "cmc.png").unlink()  # a file gone: the report is drawn again
+    assert submit.main(fast(tiny_data, out, "--quiet")) == 0
+    assert (out / "report" / "cmc.png").is_file()
     for name in names:
         if name.endswith(".png"):
             assert (out / "report" / name).stat().st_size < LIMIT
@@ -95,7 +101,7 @@ def test_report_without_labels_says_so_and_drops_old_figures(tiny_data, tmp_path
     (out / "report").mkdir(parents=True)
     (out / "report" / "cmc.png").write_bytes(b"old")
     assert submit.main(fast(data, out, "--quiet")) == 0
-    assert sorted(p.name for p in (out / "report").iterdir()) == ["variants.md"]
+    assert sorted(p.name for p in (out / "report").iterdir() if not p.name.startswith(".")) == ["variants.md"]
     assert "Nothing is labelled" in (out / "report" / "variants.md").read_text()
 
 

@@ -50,8 +50,8 @@ def minutes(seconds: float) -> str:
 
 
 class PlainProgress:
-    """The file/pipe form of a progress bar: a start line, a line about every `every` seconds with the ETA, and an
-    end line with the wall time (the last two only when the loop took longer than `every`)."""
+    """The file/pipe form of a progress bar: a start line (debug level), a line about every `every` seconds with the
+    ETA, and an end line with the wall time (the last two only when the loop took longer than `every`)."""
 
     def __init__(self, iterable: Iterable[T], desc: str, total: int | None, unit: str, every: float):
         self.iterable, self.desc, self.unit, self.every = iterable, desc, unit, every
@@ -67,7 +67,8 @@ class PlainProgress:
 
     def __iter__(self) -> Iterator[T]:
         start = last = time.monotonic()
-        log.info("%s: %s %s to do", self.desc, self.total if self.total is not None else "?", self.unit)
+        # the start line is for --verbose: stages announce themselves, and a short inner loop would repeat it per batch
+        log.debug("%s: %s %s to do", self.desc, self.total if self.total is not None else "?", self.unit)
         done = 0
         for item in self.iterable:
             yield item

@@ -103,7 +103,7 @@ def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
-                    chunk: int = CHUNK, shard: bool = False) -> dict[str, np.ndarray]:
+                    chunk: int = CHUNK, shard: bool = False, desc: str | None = None) -> dict[str, np.ndarray]:
     """`compute(start, stop)` -> arrays of shape (views, stop - start, ...) for every chunk of rows, each chunk saved
     under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
     parts removed. A chunk already saved by a killed run is read, not recomputed.
@@ -117,9 +117,11 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
     parts_dir = cache.with_name(cache.name + ".parts")
     bounds = [(a, min(a + chunk, len(ids))) for a in range(0, max(len(ids), 1), chunk)]
     pieces: dict[int, dict[str, np.ndarray]] = {}
-    for i, (start, stop) in enumerate(bounds):
+    mine = [i for i in range(len(bounds)) if i % world == rank]
+    for i in progress(mine, desc=f"{desc or cache.stem} ({len(ids):,} images)", unit="chunk"):
+        start, stop = bounds[i]
         part = parts_dir / f"rows{start:09d}-{stop:09d}.npz"
-        if i % world != rank or part.is_file():
+        if part.is_file():
             continue
         pieces[i] = compute(start, stop)
         with atomic_path(part, suffix=".npz") as tmp:
@@ -184,5 +186,5 @@ def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, p
                                    f"features {label} {start}-{stop}", channels_last, flip=flip)
         return {f"pool_{k}": v for k, v in feats.items()}
 
-    found = build_in_chunks(cache, ids, compute, shard=shard)
+    found = build_in_chunks(cache, ids, compute, shard=shard, desc=f"features {label}")
     return {k.removeprefix("pool_"): v for k, v in found.items()}

@@ -71,7 +71,8 @@ class RawPixelSource:
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
         found = build_in_chunks(cache, np.asarray(images.ids),
-                                lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True)
+                                lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True,
+                                desc=f"raw pixels {images.label}")
         return _views_mean(found)
 
 
@@ -198,7 +199,8 @@ class CheckpointSource:
 
         if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
             inputs.append(self.frozen.raw(images)[cfg.pool])
-        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True))
+        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True,
+                                           desc=f"embed {cfg.name} {images.label}"))
 
     @property
     def pair_fn(self) -> PairFn | None:

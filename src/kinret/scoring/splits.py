@@ -52,9 +52,16 @@ class SplitData:
 
 
 def _image_set(label: str, paths: Sequence[Path], root: Path) -> ImageSet:
+    resolved_root = root.resolve()
+
     def rel(p: Path) -> str:
+        if p.is_absolute() == root.is_absolute() and ".." not in p.parts:
+            try:  # the readers give root/...: no need to ask the file system
+                return p.relative_to(root).as_posix()
+            except ValueError:
+                pass
         try:
-            return p.resolve().relative_to(root.resolve()).as_posix()
+            return p.resolve().relative_to(resolved_root).as_posix()
         except ValueError:
             return str(p)
 

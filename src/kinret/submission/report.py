@@ -8,7 +8,9 @@ and the variant table with the choice, each file through a temporary name.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +33,7 @@ KIN, NON_KIN = "#1b9e77", "#d95f02"  # colour-blind safe pair, used for kin / re
 DPI = 90
 PNG_BUDGET = 120 * 1024  # report PNGs over this are palette-encoded (the notebooks' limit is 200 KiB a plot)
 REPORT_FILES = ("cmc.png", "score_histogram.png", "retrieval_grid.png", "variants.md")
+REPORT_CODE_VERSION = 1  # bump when a figure or the text changes, so a rerun redraws them
 
 
 # ---- the dataset ----------------------------------------------------------------------------------------------------
@@ -357,14 +360,35 @@ def cmc_curves(result, split: str, top: int = 5) -> dict[str, np.ndarray]:
     return {k: cmc_curve(hits_in_rank_order(rank_gallery(m), rel)) for k, m in matrices.items()}
 
 
+def report_key(result, top: int, k: int) -> str:
+    """A digest of everything the report is drawn from: the variant table, the choice, and every score matrix and id
+    list of every split. Equal keys give the same report, so a rerun with nothing new redraws nothing."""
+    h = hashlib.sha256(f"{REPORT_CODE_VERSION}|{top}|{k}|{result.table_md}|{result.selection.name}".encode())
+    for name in sorted(result.splits):
+        sd = result.splits[name]
+        h.update("|".join([name, *sd.probe_ids, *sd.gallery_ids]).encode())
+        for matrix in [result.chosen[name], *(result.scores[name][v] for v in sorted(result.scores[name]))]:
+            h.update(np.ascontiguousarray(matrix).tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_report(result, out_dir: str | Path, top: int = 5, k: int = 10) -> list[Path]:
     """Write `out_dir/` (cmc.png, score_histogram.png, retrieval_grid.png, variants.md) for an `EnsembleResult`;
-    files of an earlier report that this one does not draw are removed, so the folder never mixes two runs."""
+    files of an earlier report that this one does not draw are removed, so the folder never mixes two runs. When
+    `.report_key` says the folder already holds the report of these inputs (every file present), nothing is redrawn."""
     out_dir = Path(out_dir)
+    key, stamp = report_key(result, top, k), out_dir / ".report_key"
+    try:
+        previous = json.loads(stamp.read_text())
+        if previous["key"] == key and all((out_dir / n).is_file() for n in previous["files"]):
+            return [out_dir / n for n in previous["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     figs, text = report_figures(result, top, k)
     written = [save_png(fig, out_dir / name) for name, fig in figs.items()]
     written.append(write_text_atomic(out_dir / "variants.md", text))
     for name in REPORT_FILES:
         if (out_dir / name) not in written and (out_dir / name).exists():
             (out_dir / name).unlink()
+    write_text_atomic(stamp, json.dumps({"key": key, "files": [p.name for p in written]}) + "\n")
     return written
