@@ -206,10 +206,15 @@ def ensemble_args(work, *extra) -> argparse.Namespace:
                          "--bootstrap", "300", *extra])
 
 
+# raw pixels and their re-scorings (scored when named): enough variants for a blend to be weighed
+NAMED = ["raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max"] + [
+    f"raw_pixels:{v}-pixels" for v in ("dba10", "qe5", "clus-div5", "dba10-clus-div5", "dsm", "sink")]
+
+
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("choice")
-    args = ensemble_args(work)
+    args = ensemble_args(work, "--variants", *NAMED)
     _, splits, groups = prepare(args, tiny_data)
     result = run_ensemble(groups, splits, work / "ens" / "scores", work / "ens", settings=settings(args))
     return result, work
@@ -298,7 +303,7 @@ def test_the_command_prints_the_glance_and_refuses_an_unknown_reference(run, tin
 
 def test_per_probe_file_is_the_same_bytes_on_a_rerun(run, tiny_data, tmp_path):
     result, work = run
-    args = ensemble_args(tmp_path)
+    args = ensemble_args(tmp_path, "--variants", *NAMED)
     _, splits, groups = prepare(args, tiny_data)
     run_ensemble(groups, splits, work / "ens" / "scores", tmp_path, settings=settings(args))
     assert (tmp_path / "per_probe.csv.gz").read_bytes() == (work / "ens" / "per_probe.csv.gz").read_bytes()
