@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_train import bare_loop  # this folder is on sys.path when a benchmark runs as a script
 
 from kinret.data.synth import SynthConfig, generate
 from kinret.log import setup_logging
@@ -31,20 +31,6 @@ from kinret.train.experiments import load_experiment
 from kinret.train.trainer import Trainer
 
 
-def step_rate(trainer: Trainer, steps: int) -> float:
-    """images/s of forward + backward + step on tensors made once, shaped like the trainer's batches."""
-    x, t, n_pairs = trainer.local_inputs(*trainer.epoch_batches(0)[0], torch.Generator().manual_seed(0))
-    x, t = x.detach().clone(), t.clone()
-    trainer.ddp.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = trainer.ddp(x, t, n_pairs)
-        trainer.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.opt.step()
-    return steps * len(x) / (time.perf_counter() - start)
-
-
 def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
     freeze = sface_freeze(cut)
     cached = Trainer(replace(base, name=f"bench_cached_{cut}", freeze=freeze, cache_prefix=True), fold=0)
@@ -52,11 +38,11 @@ def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
     per_image = cached.prefix[:, 0].nbytes
     trained = sum(p.numel() for p in cached.model.parameters() if p.requires_grad)
     for t in (cached, full):
-        step_rate(t, 2)  # warm-up: allocator, first-call overheads
+        bare_loop(t, 2)  # warm-up: allocator, first-call overheads
     rates: dict[str, list[float]] = {"cached step": [], "full step": [], "cached epoch": [], "full epoch": []}
     for _ in range(repeats):
-        rates["cached step"].append(step_rate(cached, steps))
-        rates["full step"].append(step_rate(full, steps))
+        rates["cached step"].append(bare_loop(cached, steps))
+        rates["full step"].append(bare_loop(full, steps))
         rates["cached epoch"].append(cached.train_epoch()["images_per_s"])
         rates["full epoch"].append(full.train_epoch()["images_per_s"])
     m = {k: statistics.median(v) for k, v in rates.items()}

@@ -18,8 +18,8 @@ from kinret.data.lists import (
 from kinret.errors import KinretInputError
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="the real Track-3 index lists are not in the repo: they are read from "
-                    "../shared/fixtures/rfiw_test_index beside the checkout (see README, Tests)")
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="the real Track-3 index lists are not in the repo: they are read "
+                    "from ../shared/fixtures/rfiw_test_index beside the checkout (see README, Set-up)")
 def test_real_organiser_lists_parse():
     raw = (FIXTURES / "probe.txt").read_bytes()
     assert b"\r\n" in raw and not raw.endswith(b"\n")  # the file really is CRLF without a trailing newline

@@ -65,18 +65,20 @@ def _attempt(report: Report, what: Callable[[], str | None]) -> None:
         report.errors.append(str(exc))
 
 
+def read_families(folder: Path, label: str, report: Report) -> str:
+    """Read a FIW folder, remember its images for --decode, and say what it holds."""
+    families = read_fiw(folder)
+    report.images += [p for f in families for m in f.members for p in m.images]
+    return families_line(label, families)
+
+
 def check_train(root: Path, report: Report) -> None:
     if not (root / "train").is_dir():
         report.missing.append("DATA/train (FIW family folders F*/MID*/): no training, no out-of-fold choice; only "
                               "training-free variants (frozen SFace, raw pixels) with nothing to choose on")
         return
 
-    def read() -> str:
-        families = read_fiw(root / "train")
-        report.images += [p for f in families for m in f.members for p in m.images]
-        return families_line("DATA/train", families)
-
-    _attempt(report, read)
+    _attempt(report, lambda: read_families(root / "train", "DATA/train", report))
 
 
 def check_val(root: Path, report: Report) -> None:
@@ -96,12 +98,7 @@ def check_val(root: Path, report: Report) -> None:
     if any(lists):
         report.errors.append(f"{val}: probe_list.csv and gallery_list.csv come together (only one is there)")
 
-    def read_folders() -> str:
-        families = read_fiw(val)
-        report.images += [p for f in families for m in f.members for p in m.images]
-        return families_line("DATA/val (a protocol is drawn from the folders)", families)
-
-    _attempt(report, read_folders)
+    _attempt(report, lambda: read_families(val, "DATA/val (a protocol is drawn from the folders)", report))
 
 
 def check_test(root: Path, report: Report) -> None:
