@@ -356,10 +356,11 @@ class Trainer:
                 row.update(self.evaluate())
                 self.rows.append(row)
                 self.save()
-                log.info("%s fold%d epoch %d/%d: loss %.4f, %.0f img/s, held-out pair AUC cos %.3f fc %.3f, "
+                fc = "" if math.isnan(row["pair_auc_fc"]) else f" fc {row['pair_auc_fc']:.3f}"  # no FC head: no figure
+                log.info("%s fold%d epoch %d/%d: loss %.4f, %.0f img/s, held-out pair AUC cos %.3f%s, "
                          "mAP %.4f, Rank@5 %.3f, Average %.4f", self.cfg.name, self.fold, row["epoch"],
-                         self.cfg.epochs, row["train_loss"], row["images_per_s"], row["pair_auc_cos"],
-                         row["pair_auc_fc"], row["mAP"], row["rank5"], row["average"])
+                         self.cfg.epochs, row["train_loss"], row["images_per_s"], row["pair_auc_cos"], fc,
+                         row["mAP"], row["rank5"], row["average"])
             if self.world > 1:
                 tdist.barrier()
         return self.rows
