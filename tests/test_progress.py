@@ -79,4 +79,4 @@ def test_quiet_run_keeps_warnings_and_the_final_summary(tiny_data, tmp_path):
                           env={**os.environ, "KINRET_PROGRESS_SECONDS": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "] score and choose" not in proc.stdout and " INFO " not in proc.stderr
-    assert "chose " in proc.stdout and "done in " in proc.stdout
+    assert "submitted: " in proc.stdout and "why: " in proc.stdout and "done in " in proc.stdout

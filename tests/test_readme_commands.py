@@ -44,7 +44,8 @@ def test_readme_main_command_runs_make_submission():
 
 # ---- every kinret command line of the README, runnable or not, uses options that exist ----------------------------
 ENTRY = {"make_submission.py": "kinret.submission.make", "ensemble/choose.py": "kinret.ensemble.cli",
-         "kinret.ensemble": "kinret.ensemble.cli", "kinret.train": "kinret.train.cli"}
+         "kinret.ensemble": "kinret.ensemble.cli", "kinret.train": "kinret.train.cli",
+         "kinret.data": "kinret.data.check"}
 
 
 def command_lines() -> list[list[str]]:
@@ -65,7 +66,7 @@ def command_lines() -> list[list[str]]:
 def test_readme_mentions_every_entry_point():
     used = {cmd[0] for cmd in command_lines()}
     assert {"kinret.submission.make", "kinret.ensemble.cli", "kinret.train.cli", "kinret.grid", "kinret.evaluate",
-            "kinret.protocol", "kinret.synth"} <= used
+            "kinret.protocol", "kinret.synth", "kinret.data.check"} <= used
 
 
 @pytest.mark.parametrize("cmd", command_lines(), ids=lambda c: " ".join(c)[:60])
