@@ -136,9 +136,9 @@ def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir:
 def dry_run(args: argparse.Namespace, root: Path, groups: list[Group], splits: dict[str, SplitData], jobs) -> None:
     scores_dir = args.ensemble_dir / "scores"
     print("\n".join(plan(groups, splits, scores_dir, jobs)))
-    fingerprints: dict = {}
-    untrained = {c.name for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"}
-    runs_todo = sum(1 for c, f, _ in jobs if c.name in untrained and run_status(c, f, fingerprints)[0] != "finished")
+    fingerprints: dict = {}  # the data is read once for every run of the sweep
+    todo = [c.name for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"]
+    untrained, runs_todo = set(todo), len(todo)
     matrices = sum(len(g.variants) * len(splits) if g.name in untrained else
                    sum(len(missing_scores(g, sd, scores_dir)) for sd in splits.values()) for g in groups)
     work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": runs_todo, "score": matrices}
