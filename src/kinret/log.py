@@ -34,10 +34,6 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
                         force=True)
 
 
-def is_quiet() -> bool:
-    return _QUIET
-
-
 def _on_screen() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 

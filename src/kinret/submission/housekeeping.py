@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 from kinret.io import write_text_atomic
@@ -53,15 +52,14 @@ def cache_paths(runs: Path, ensemble_dir: Path) -> list[Path]:
     return [p for p in found if p.exists()]
 
 
-def disk_use(runs: Path, ensemble_dir: Path, extra: Iterable[Path] = ()) -> list[tuple[str, int]]:
-    """(label, bytes) of the run folders, the caches inside them, the ensemble folder and any `extra` folders."""
+def disk_use(runs: Path, ensemble_dir: Path) -> list[tuple[str, int]]:
+    """(label, bytes) of the run folder, the ensemble folder and, last, the caches inside them."""
     caches = sum(tree_bytes(p) for p in cache_paths(runs, ensemble_dir))
-    rows = [(f"{runs}/", tree_bytes(runs)), (f"{ensemble_dir}/", tree_bytes(ensemble_dir))]
-    return rows + [(f"{p}/", tree_bytes(p)) for p in extra] + [("caches", caches)]
+    return [(f"{runs}/", tree_bytes(runs)), (f"{ensemble_dir}/", tree_bytes(ensemble_dir)), ("caches", caches)]
 
 
-def disk_line(runs: Path, ensemble_dir: Path, extra: Iterable[Path] = ()) -> str:
-    *folders, (_, caches) = disk_use(runs, ensemble_dir, extra)
+def disk_line(runs: Path, ensemble_dir: Path) -> str:
+    *folders, (_, caches) = disk_use(runs, ensemble_dir)
     return ("disk: " + ", ".join(f"{label} {human_bytes(n)}" for label, n in folders)
             + f"; {human_bytes(caches)} of it caches (make_submission.py --clean-cache frees them; checkpoints stay)")
 

@@ -133,7 +133,7 @@ def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir:
     return todo, count
 
 
-def dry_run(args: argparse.Namespace, root: Path, groups: list[Group], splits: dict[str, SplitData], jobs) -> None:
+def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], jobs) -> None:
     scores_dir = args.ensemble_dir / "scores"
     print("\n".join(plan(groups, splits, scores_dir, jobs)))
     fingerprints: dict = {}  # the data is read once for every run of the sweep
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> Outcome | None:
     for sd in splits.values():
         print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"))
     if args.dry_run:
-        dry_run(args, root, groups, splits, jobs)
+        dry_run(args, groups, splits, jobs)
         return None
     scores_dir = args.ensemble_dir / "scores"
     todo, n_images = frozen_images(groups, splits, scores_dir)
