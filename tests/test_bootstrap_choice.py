@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kinret.data.layout import DataLayout
 from kinret.ensemble import bootstrap as bs
 from kinret.ensemble.blend import blend, normalise
-from kinret.ensemble.cli import add_ensemble_args, glance, prepare, settings
+from kinret.ensemble.cli import add_ensemble_args, glance, settings_from_args
 from kinret.ensemble.cli import main as ensemble_main
-from kinret.ensemble.run import reference_intervals, run_ensemble
+from kinret.ensemble.run import prepare, reference_intervals, run_ensemble
 from kinret.ensemble.selection import (
     Scorer,
     coordinate_ascent,
@@ -206,6 +207,13 @@ def ensemble_args(work, *extra) -> argparse.Namespace:
                          "--bootstrap", "300", *extra])
 
 
+def prepared(args: argparse.Namespace, data):
+    """(settings, splits, groups) of the ensemble options `args` on the data folder `data`."""
+    settings = settings_from_args(args, data)
+    _, splits, groups = prepare(settings, DataLayout.of(data), args.runs, args.ensemble_dir)
+    return settings, splits, groups
+
+
 # raw pixels and their re-scorings (scored when named): enough variants for a blend to be weighed
 NAMED = ["raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max"] + [
     f"raw_pixels:{v}-pixels" for v in ("dba10", "qe5", "clus-div5", "dba10-clus-div5", "dsm", "sink")]
@@ -215,8 +223,8 @@ NAMED = ["raw_pixels:cos-pixels-meanemb", "raw_pixels:cos-pixels-max"] + [
 def run(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("choice")
     args = ensemble_args(work, "--variants", *NAMED)
-    _, splits, groups = prepare(args, tiny_data)
-    result = run_ensemble(groups, splits, work / "ens" / "scores", work / "ens", settings=settings(args))
+    settings, splits, groups = prepared(args, tiny_data)
+    result = run_ensemble(groups, splits, settings, work / "ens" / "scores", work / "ens")
     return result, work
 
 
@@ -296,16 +304,16 @@ def test_the_command_prints_the_glance_and_refuses_an_unknown_reference(run, tin
     assert ensemble_main([*base, "--reference", "nope"]) == 2
     assert "--reference 'nope' is not a variant" in capsys.readouterr().err
     args = ensemble_args(work, "--reference", "nope")
-    _, splits, groups = prepare(args, tiny_data)
+    settings, splits, groups = prepared(args, tiny_data)
     with pytest.raises(KinretInputError, match="raw_pixels:cos-pixels-meanemb"):
-        run_ensemble(groups, splits, work / "ens" / "scores", None, settings=settings(args))
+        run_ensemble(groups, splits, settings, work / "ens" / "scores", None)
 
 
 def test_per_probe_file_is_the_same_bytes_on_a_rerun(run, tiny_data, tmp_path):
     result, work = run
     args = ensemble_args(tmp_path, "--variants", *NAMED)
-    _, splits, groups = prepare(args, tiny_data)
-    run_ensemble(groups, splits, work / "ens" / "scores", tmp_path, settings=settings(args))
+    settings, splits, groups = prepared(args, tiny_data)
+    run_ensemble(groups, splits, settings, work / "ens" / "scores", tmp_path)
     assert (tmp_path / "per_probe.csv.gz").read_bytes() == (work / "ens" / "per_probe.csv.gz").read_bytes()
 
 

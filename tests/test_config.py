@@ -9,8 +9,7 @@ import pytest
 
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
-from kinret.train.experiments import EXPERIMENTS_DIR, load_experiment
-from kinret.train.grid import expand
+from kinret.train.experiments import EXPERIMENTS_DIR, expand, load_experiment
 
 
 def test_overrides_are_typed_and_checked():
@@ -55,7 +54,7 @@ def test_experiment_files_by_path_and_errors(tmp_path):
     single = tmp_path / "single.py"  # no GRID: the grid trains the folders `kinret.train -C single` writes
     single.write_text("from kinret.models.config import TrainConfig\ncfg = TrainConfig(n_folds=2)\n")
     cfg, grid = load_experiment(str(single))
-    assert [(c.run_dir(f), sets) for c, f, sets in expand(cfg, grid)] == [(cfg.run_dir(0), []), (cfg.run_dir(1), [])]
+    assert [(c.run_dir(f), sets) for c, f, sets in expand(cfg, grid)] == [(cfg.run_dir(0), ()), (cfg.run_dir(1), ())]
     (tmp_path / "nocfg.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="must define `cfg"):
         load_experiment(str(tmp_path / "nocfg.py"))

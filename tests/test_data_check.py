@@ -48,7 +48,7 @@ def test_no_test_folder_stops_and_truth_rows_must_match(data):
     (data / "test_truth" / "gallery_list.csv").write_text(
         "\n".join((data / "test_truth" / "gallery_list.csv").read_text().splitlines()[:-1]) + "\n")
     errors = check(data).errors
-    assert len(errors) == 1 and "gallery_list.csv" in errors[0] and "rows but DATA/test has" in errors[0]
+    assert len(errors) == 1 and "gallery_list.csv" in errors[0] and "rows but the test split has" in errors[0]
     shutil.rmtree(data / "test")
     assert any("does not exist: a submission needs DATA/test" in e for e in check(data).errors)
 

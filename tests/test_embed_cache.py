@@ -9,7 +9,7 @@ import timm
 import torch
 from conftest import write_image
 
-from kinret.features.cache import build_in_chunks, cached_features, forward_pooled, read_cache
+from kinret.features.cache import FrozenFeatures, build_in_chunks, forward_pooled, read_cache
 from kinret.models.networks import POOLS, ResidualNeck, state_digest
 
 
@@ -74,8 +74,8 @@ def test_feature_cache_is_keyed_by_images_and_weights(backbone, tmp_path):
         return decode_pixels(paths, 32, None)
 
     def feats(model):
-        return cached_features(model, state_digest(model), DATA, paths, pixels, tmp_path / "cache", "t",
-                               torch.device("cpu"), channels_last=False)
+        return FrozenFeatures(model, state_digest(model), DATA, "t", torch.device("cpu"), channels_last=False).cached(
+            paths, pixels, tmp_path / "cache")
 
     first = feats(backbone)
     assert feats(backbone)["avg"].tobytes() == first["avg"].tobytes() and len(calls) == 1  # served from the cache

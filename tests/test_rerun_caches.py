@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_fiw, write_image
 
 from kinret.data import pixels
 from kinret.data.fiw import read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, file_list_digest
-from kinret.features.cache import feature_key
+from kinret.features.cache import FrozenFeatures
 from kinret.features.sources import ImageSet
 
 
@@ -51,10 +52,14 @@ def test_pixel_cache_sees_a_face_swapped_in_at_the_same_size_and_mtime(tmp_path,
 def test_feature_and_source_keys_follow_the_content(faces):
     data_cfg = {"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.25,) * 3}
     paths = faces.paths
-    before = (file_list_digest(paths), feature_key("w" * 16, data_cfg, paths, 3.0, True),
+    def feature_key() -> str:
+        return FrozenFeatures(torch.nn.Identity(), "w" * 16, data_cfg, "t", runtime="torch-fp32").key(
+            file_list_digest(paths))
+
+    before = (file_list_digest(paths), feature_key(),
               ImageSet("test", paths, tuple(p.name for p in paths)).digest)
     swap_in(paths[0], paths[-1])
-    after = (file_list_digest(paths), feature_key("w" * 16, data_cfg, paths, 3.0, True),
+    after = (file_list_digest(paths), feature_key(),
              ImageSet("test", paths, tuple(p.name for p in paths)).digest)
     assert all(a != b for a, b in zip(before, after, strict=True))
 

@@ -16,7 +16,7 @@ from kinret.data.pixels import decode_pixels
 from kinret.data.synth_faces import make_family, render_face
 from kinret.features import cache as feature_cache
 from kinret.features import runtime as rt
-from kinret.features.cache import cached_features, feature_key
+from kinret.features.cache import FrozenFeatures
 from kinret.features.sources import BackboneSource, ImageSet
 from kinret.models.config import TrainConfig
 from kinret.models.networks import POOLS, SFaceBackbone, build_backbone, state_digest
@@ -47,8 +47,8 @@ def sface() -> tuple[SFaceBackbone, dict, str]:
 
 def features(sface, paths, cache_dir, **kw) -> dict[str, np.ndarray]:
     backbone, data_cfg, digest = sface
-    return cached_features(backbone, digest, data_cfg, paths, lambda: decode_pixels(paths, 112, None), cache_dir,
-                           "t", CPU, **kw)
+    return FrozenFeatures(backbone, digest, data_cfg, "t", CPU, **kw).cached(
+        paths, lambda: decode_pixels(paths, 112, None), cache_dir)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,7 +71,9 @@ def test_shipped_sface_runs_on_cv2_and_agrees_with_torch_everywhere(sface, faces
 
 def test_the_runtime_and_the_views_are_in_the_key(sface, faces, tmp_path, monkeypatch):
     _, data_cfg, digest = sface
-    keys = {feature_key(digest, data_cfg, faces, 3.0, True, r, v) for r in (rt.CV2_INT8, rt.TORCH_FP32) for v in (1, 2)}
+    backbone = sface[0]
+    keys = {FrozenFeatures(backbone, digest, data_cfg, "t", CPU, runtime=r, flip=v == 2).key("files")
+            for r in (rt.CV2_INT8, rt.TORCH_FP32) for v in (1, 2)}
     assert len(keys) == 4
     ref = features(sface, faces, tmp_path, runtime=rt.TORCH_FP32)
     (torch_cache,) = tmp_path.glob("features_t_*.npz")

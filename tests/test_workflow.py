@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from kinret.data.layout import DataLayout
 from kinret.features.sources import CheckpointSource
 from kinret.scoring.splits import build_splits
 from kinret.scoring.store import load_scores, save_scores
@@ -33,7 +34,7 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
     sel = json.loads((done / "sub" / "selection.json").read_text())
     zips = list((done / "sub").glob("*.zip"))
     assert [z.name for z in zips] == [f"{sel['name']}.zip"]
-    splits = build_splits(tiny_data, 2)
+    splits = build_splits(DataLayout.of(tiny_data), 2)
     test = splits["test"].split
     ranking = read_predictions(zips[0], len(test.probes), len(test.gallery))
     assert np.array_equal(ranking, read_predictions(done / "sub" / "predictions.csv", *ranking.shape))
@@ -43,7 +44,8 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
                     "tiny:clus-div5-emb", "tiny:dba10-clus-div5-emb", "tiny:dsm-emb",
                     "best single (cross-fitted out-of-fold)"):
         assert f"| {variant} |" in table
-    for named_only in ("tiny:fc-mean", "tiny:cos-gem-dba10", "tiny:qe5-emb", "tiny:sink-emb", "raw_pixels:dba10-pixels"):
+    for named_only in ("tiny:fc-mean", "tiny:cos-gem-dba10", "tiny:qe5-emb", "tiny:sink-emb",
+                       "raw_pixels:dba10-pixels"):
         assert f"| {named_only} |" not in table  # FC over all pairs, QE, Sinkhorn, re-scored pixels: when named
     assert "oof_average" in table and "val_average" in table and "test_average" in table
     csv = (done / "ens" / "variants.csv").read_text().splitlines()
@@ -57,7 +59,7 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
 
 
 def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data):
-    splits = build_splits(tiny_data, 2)
+    splits = build_splits(DataLayout.of(tiny_data), 2)
     sd = splits["test"]
     stored = load_scores(done / "ens" / "scores" / "tiny_cos-emb-meanemb" / "test.npy", sd.probe_ids,
                          sd.gallery_ids)
@@ -80,14 +82,14 @@ def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
         raise AssertionError("recomputed a cached stage")
 
     monkeypatch.setattr("kinret.scoring.variants._score_one", fail)
-    monkeypatch.setattr("kinret.submission.make.grid_main", fail)
+    monkeypatch.setattr("kinret.submission.make.train_experiment", fail)
     assert submit.main(args(tiny_data, done)) == 0
 
 
 def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tmp_path):
     run = tmp_path / "fold0"
     shutil.copytree(done / "runs" / "tiny" / "fold0", run)
-    images = build_splits(tiny_data, 2)["test"].images
+    images = build_splits(DataLayout.of(tiny_data), 2)["test"].images
     before = CheckpointSource(run, tmp_path / "cache")
     emb = before.embeddings(images)["emb"]
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -101,7 +103,7 @@ def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tm
 
 
 def external_matrices(done, tiny_data, folder):
-    splits = build_splits(tiny_data, 2)
+    splits = build_splits(DataLayout.of(tiny_data), 2)
     for name, sd in splits.items():
         base = load_scores(done / "ens" / "scores" / "tiny_cos-emb-max" / f"{name}.npy", sd.probe_ids,
                            sd.gallery_ids)
@@ -241,7 +243,7 @@ def test_torchrun_shares_the_embedding_and_gives_the_same_scores(tiny_data, tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "submitted: " in proc.stdout and "full table: " in proc.stdout
-    splits = build_splits(tiny_data, 2)
+    splits = build_splits(DataLayout.of(tiny_data), 2)
     for variant in ("tiny_cos-emb-meanemb", "tiny_rerank100-emb", "tiny_dba10-clus-div5-emb",
                     "raw_pixels_cos-pixels-max"):
         for name, sd in splits.items():

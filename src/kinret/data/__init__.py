@@ -5,3 +5,7 @@ protocol builder (`split`), and the synthetic default in the FIW layout (`synth`
 
 May import: kinret's base modules (errors, io, log, metrics).
 """
+
+from pathlib import Path
+
+DEFAULT_ROOT = Path("data") / "synthetic"  # the embedded default: the synthetic dataset, generated on first use

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kinret.cli import parser, run_command
-from kinret.data.fiw import Family, read_fiw
+from kinret.data.fiw import Family
 from kinret.data.images import load_image
-from kinret.data.split import Track3Split, read_codalab, read_labelled
+from kinret.data.layout import DataLayout
+from kinret.data.split import Track3Split
 from kinret.errors import KinretInputError
 from kinret.log import progress
 
@@ -65,74 +66,58 @@ def _attempt(report: Report, what: Callable[[], str | None]) -> None:
         report.errors.append(str(exc))
 
 
-def read_families(folder: Path, label: str, report: Report) -> str:
-    """Read a FIW folder, remember its images for --decode, and say what it holds."""
-    families = read_fiw(folder)
+def read_families(families: Sequence[Family], label: str, report: Report) -> str:
+    """Remember a FIW folder's images for --decode, and say what it holds."""
     report.images += [p for f in families for m in f.members for p in m.images]
     return families_line(label, families)
 
 
-def check_train(root: Path, report: Report) -> None:
-    if not (root / "train").is_dir():
+def read_split(split: Track3Split, label: str, report: Report) -> str:
+    """Remember a split's images for --decode, and say what it holds."""
+    report.images += [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
+    return split_line(label, split)
+
+
+def check_train(layout: DataLayout, report: Report) -> None:
+    if layout.train is None:
         report.missing.append("DATA/train (FIW family folders F*/MID*/): no training, no out-of-fold choice; only "
                               "training-free variants (frozen SFace, raw pixels) with nothing to choose on")
         return
+    _attempt(report, lambda: read_families(layout.train_families, "DATA/train", report))
 
-    _attempt(report, lambda: read_families(root / "train", "DATA/train", report))
 
-
-def check_val(root: Path, report: Report) -> None:
-    val = root / "val"
-    if not val.is_dir():
+def check_val(layout: DataLayout, report: Report) -> None:
+    if layout.val is None:
         report.missing.append("DATA/val (optional labelled families): scores on a second labelled split")
         return
-    lists = (val / "probe_list.csv").is_file(), (val / "gallery_list.csv").is_file()
-    if all(lists):
-        def read() -> str:
-            split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
-            report.images += [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
-            return split_line("DATA/val (its probe_list.csv/gallery_list.csv)", split)
-
-        _attempt(report, read)
+    try:
+        lists = layout.val_lists
+    except KinretInputError as exc:
+        report.errors.append(str(exc))
+        lists = None
+    if lists is not None:
+        _attempt(report, lambda: read_split(layout.val_split(0), "DATA/val (its probe_list.csv/gallery_list.csv)",
+                                            report))
         return
-    if any(lists):
-        report.errors.append(f"{val}: probe_list.csv and gallery_list.csv come together (only one is there)")
-
-    _attempt(report, lambda: read_families(val, "DATA/val (a protocol is drawn from the folders)", report))
+    _attempt(report, lambda: read_families(layout.val_families, "DATA/val (a protocol is drawn from the folders)",
+                                           report))
 
 
-def check_test(root: Path, report: Report) -> None:
-    test = root / "test"
-    if not test.is_dir():
+def check_test(layout: DataLayout, report: Report) -> None:
+    test = layout.root / "test"
+    if layout.test is None:
         report.errors.append(f"{test} does not exist: a submission needs {NEEDED}")
         return
     for name in ("probe.txt", "gallery.txt"):
         if not (test / name).is_file():
             report.missing.append(f"DATA/test/{name}: the order is taken from the numbers in the folder names")
-    holder: list[Track3Split] = []
-
-    def read() -> str:
-        holder.append(read_codalab(test, name="test"))
-        split = holder[0]
-        report.images += [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
-        return split_line("DATA/test", split)
-
-    _attempt(report, read)
-    truth = root / "test_truth"
-    if not (truth / "probe_list.csv").is_file():
+    errors = len(report.errors)
+    _attempt(report, lambda: read_split(layout.test_split, "DATA/test", report))
+    if layout.truth is None:
         report.missing.append("DATA/test_truth/probe_list.csv, gallery_list.csv (optional): no local test score")
         return
-
-    def read_truth() -> str:
-        labels = read_labelled(truth / "probe_list.csv", truth / "gallery_list.csv", None, name="test truth")
-        if holder:
-            for kind, a, b in (("probe", len(labels.probes), len(holder[0].probes)),
-                               ("gallery", len(labels.gallery), len(holder[0].gallery))):
-                if a != b:
-                    raise KinretInputError(truth / f"{kind}_list.csv", f"has {a} rows but DATA/test has {b}")
-        return split_line("DATA/test_truth", labels)
-
-    _attempt(report, read_truth)
+    test_read = len(report.errors) == errors  # else the truth's row counts have nothing to be held against
+    _attempt(report, lambda: split_line("DATA/test_truth", layout.test_labels if test_read else layout.truth_lists()))
 
 
 def decode_all(paths: Iterable[Path], report: Report) -> None:
@@ -152,14 +137,15 @@ def decode_all(paths: Iterable[Path], report: Report) -> None:
 
 def check(root: str | Path, decode: bool = False) -> Report:
     """Everything `make_submission.py --data-root root` would read, read; problems collected, not raised."""
-    root = Path(root)
     report = Report()
-    if not root.is_dir():
-        report.errors.append(f"{root}: data folder does not exist")
+    try:
+        layout = DataLayout.of(root)
+    except KinretInputError as exc:
+        report.errors.append(str(exc))
         return report
-    check_train(root, report)
-    check_val(root, report)
-    check_test(root, report)
+    check_train(layout, report)
+    check_val(layout, report)
+    check_test(layout, report)
     if decode:
         decode_all(report.images, report)
     return report

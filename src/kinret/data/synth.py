@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kinret.data import DEFAULT_ROOT
 from kinret.data.fiw import read_fiw
 from kinret.data.split import GALLERY_DIR, PROBE_DIR, Track3Split, build_protocol, write_codalab, write_labelled
 from kinret.data.synth_faces import SynthFamily, make_family, render_face
@@ -165,8 +166,9 @@ def _render_all(root: Path, plan: list[FamilyJob], cfg: SynthConfig, jobs: int |
         pass
 
 
-def _config_matches(root: Path, cfg: SynthConfig) -> bool:
-    path = root / "synth_config.json"
+def made_from(root: str | Path, cfg: SynthConfig) -> bool:
+    """Whether `root` holds the dataset `cfg` makes (so `generate` would reuse it)."""
+    path = Path(root) / "synth_config.json"
     if not path.is_file():
         return False
     try:
@@ -185,7 +187,7 @@ def generate(root: str | Path, cfg: SynthConfig = SynthConfig(), force: bool = F
     root = Path(root)
     if jobs is not None and jobs < 1:
         raise KinretInputError(None, f"need jobs >= 1, got {jobs}")
-    if not force and _config_matches(root, cfg):
+    if not force and made_from(root, cfg):
         log.info("reusing synthetic dataset in %s", root)
         return root
     log.info("generating synthetic dataset in %s (%s)", root, cfg)
@@ -210,6 +212,16 @@ def generate(root: str | Path, cfg: SynthConfig = SynthConfig(), force: bool = F
                  photo_style=np.array(list(photos.values()), np.int8))
         write_text_atomic(tmp / "synth_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     return root
+
+
+def ensure_default(seed: int | None = None, regenerate: bool = False) -> Path:
+    """The embedded default data folder (`kinret.data.DEFAULT_ROOT`): with `seed`, generated from that seed unless
+    it already was (`regenerate` forces it); without, generated from the default seed only when it holds no data."""
+    if seed is None:
+        if (DEFAULT_ROOT / "train").is_dir():
+            return DEFAULT_ROOT
+        seed = SynthConfig.seed
+    return generate(DEFAULT_ROOT, SynthConfig(seed=seed), force=regenerate)
 
 
 def _final_paths(test: Track3Split, tmp: Path, styles: dict[str, int]) -> dict[str, int]:

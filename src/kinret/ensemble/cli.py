@@ -19,17 +19,18 @@ import pandas as pd
 import torch
 
 from kinret.cli import parser, run_command
+from kinret.data import DEFAULT_ROOT
+from kinret.data.layout import DataLayout
 from kinret.dist import env_rank_world, process_group
-from kinret.ensemble.bootstrap import N_BOOT, describe
-from kinret.ensemble.discovery import DEFAULT_EXPERIMENTS, discover_groups, experiment_jobs, filter_groups, fold_plan
-from kinret.ensemble.run import REFERENCES, EnsembleResult, embed_missing, group_of, run_ensemble
+from kinret.ensemble.bootstrap import N_BOOT
+from kinret.ensemble.run import REFERENCES, EnsembleResult, embed_missing, prepare, run_ensemble
 from kinret.ensemble.selection import POOL
-from kinret.ensemble.tables import GROUPS, METRICS, interval_text
+from kinret.ensemble.settings import DEFAULT_EXPERIMENTS, EnsembleSettings
+from kinret.ensemble.tables import GROUPS, interval_text
 from kinret.errors import KinretInputError
 from kinret.io import check_writable, remove_stale_temporaries
-from kinret.scoring.splits import SplitData, build_splits
-from kinret.scoring.variants import Group
-from kinret.train.runs import run_status
+from kinret.scoring.splits import split_group
+from kinret.train.runs import unfinished
 
 
 def _positive(text: str) -> int:
@@ -71,29 +72,6 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the probe/gallery protocols drawn from labelled folders (out-of-fold, val)")
 
 
-def prepare(args: argparse.Namespace, root: Path) -> tuple[list, dict[str, SplitData], list[Group]]:
-    jobs = [j for exp in args.experiments for j in experiment_jobs(exp, root, args.runs)]
-    n_folds, fold_seed = fold_plan(jobs)
-    splits = build_splits(root, n_folds, fold_seed, args.protocol_seed)
-    groups = discover_groups(jobs, args.runs / "_cache", args.ensemble_dir / "external", not args.no_raw_pixels,
-                             args.top_n, args.fc_all)
-    return jobs, splits, filter_groups(groups, args.variants)
-
-
-def summary(result: EnsembleResult) -> str:
-    """The choice, its reason, the blend's weights and the cross-fitted comparison with its interval."""
-    sel = result.selection
-    lines = [f"chose {sel.name}: {sel.reason}"]
-    if len(sel.weights) > 1:
-        lines += [f"  {w:.3f}  {v}" for v, w in sorted(sel.weights.items(), key=lambda x: -x[1])]
-    for label, m in sel.crossfit.items():
-        lines.append(f"{label:>12}, cross-fitted out of fold: " + ", ".join(f"{k} {m[k]:.4f}" for k in METRICS
-                                                                              if k in m))
-    if sel.gain:
-        lines.append(f"{'gain':>12}, cross-fitted out of fold: {describe(sel.gain)} (Average, 95% interval)")
-    return "\n".join(lines)
-
-
 def _scores_text(row: pd.Series, groups: Sequence[str]) -> str:
     return ", ".join(f"{g} {row[f'{g}_average']:.3f}" for g in groups
                      if f"{g}_average" in row and pd.notna(row[f"{g}_average"]))
@@ -104,7 +82,7 @@ def _chance_text(chance: pd.DataFrame) -> str:
     for group in GROUPS:
         rows = chance[chance["split"] == group]
         if rows.empty:
-            rows = chance[chance["split"].map(group_of) == group]
+            rows = chance[chance["split"].map(split_group) == group]
         if len(rows) == 1:
             found[group] = float(rows["average"].iloc[0])
     return ", ".join(f"{g} {v:.3f}" for g, v in found.items())
@@ -153,39 +131,40 @@ def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None =
     return "\n".join(lines)
 
 
-def settings(args: argparse.Namespace) -> dict[str, object]:
-    """The options a choice depends on, saved in selection.json beside the submission they produced."""
-    keys = ("experiments", "variants", "no_raw_pixels", "choose", "normalise", "max_steps", "blend_pool", "bootstrap",
-            "reference", "top_n", "fc_all", "protocol_seed")
-    return {k: getattr(args, k) for k in keys}
+def settings_from_args(args: argparse.Namespace, data_root: Path, data_seed: int | None = None) -> EnsembleSettings:
+    """The settings the ensemble options (`add_ensemble_args`) ask for, on this data folder."""
+    return EnsembleSettings(
+        experiments=tuple(args.experiments), variants=None if args.variants is None else tuple(args.variants),
+        raw_pixels=not args.no_raw_pixels, choose=args.choose, normalise=args.normalise, max_steps=args.max_steps,
+        blend_pool=args.blend_pool, bootstrap=args.bootstrap, reference=args.reference, top_n=args.top_n,
+        fc_all=args.fc_all, protocol_seed=args.protocol_seed, data_root=str(data_root), data_seed=data_seed)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
+    settings = settings_from_args(args, args.data_root)
     with process_group(torch.cuda.is_available()) as (rank, world):
         if rank == 0:
             for folder in (args.ensemble_dir, args.ensemble_dir / "scores", args.runs):
                 check_writable(folder)
             remove_stale_temporaries([args.ensemble_dir, args.runs], before=started)
-        jobs, splits, groups = prepare(args, args.data_root)
-        fingerprints: dict = {}  # the data is read once for every run of the sweep
-        untrained = [c.run_dir(f) for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"]
-        if untrained:
-            raise KinretInputError(untrained[0], f"not trained ({len(untrained)} run(s) are not): run "
-                                                 "make_submission.py (or python -m kinret.grid) first")
+        runs, splits, groups = prepare(settings, DataLayout.of(args.data_root), args.runs, args.ensemble_dir)
+        todo = unfinished(runs)
+        if todo:
+            raise KinretInputError(todo[0][0].run_dir, f"not trained ({len(todo)} run(s) are not): run "
+                                                       "make_submission.py (or python -m kinret.grid) first")
         if world > 1:  # the processes share the embedding; rank 0 alone scores and chooses
             embed_missing(groups, splits, args.ensemble_dir / "scores")
             if rank > 0:
                 return 0
-        result = run_ensemble(groups, splits, args.ensemble_dir / "scores", args.ensemble_dir, args.choose,
-                              args.normalise, args.max_steps, settings(args))
+        result = run_ensemble(groups, splits, settings, args.ensemble_dir / "scores", args.ensemble_dir)
     print(glance(result, table_path=f"{args.ensemble_dir / 'variants.md'} (also variants.csv, per_probe.csv.gz)"))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("python -m kinret.ensemble", __doc__)
-    p.add_argument("--data-root", type=Path, default=Path("data") / "synthetic", help="the data folder")
+    p.add_argument("--data-root", type=Path, default=DEFAULT_ROOT, help="the data folder")
     add_ensemble_args(p)
     args = p.parse_args(argv)
     if env_rank_world()[0] > 0:

@@ -12,18 +12,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kinret.data.layout import DataLayout
 from kinret.data.split import write_labelled
-from kinret.ensemble.bootstrap import N_BOOT, average_terms, paired_intervals
-from kinret.ensemble.selection import POOL, Scorer, Selection, combine, pooled, select
+from kinret.ensemble.bootstrap import average_terms, paired_intervals
+from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
+from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
+from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
-from kinret.models.config import TrainConfig
-from kinret.scoring.splits import SplitData
+from kinret.scoring.splits import SplitData, build_splits, split_group
 from kinret.scoring.store import safe_name
 from kinret.scoring.variants import Group, group_scores, missing_scores
-from kinret.train.runs import run_status
+from kinret.train.experiments import Run, experiment_runs
 
 log = logging.getLogger("kinret.ensemble")
 REFERENCES = ("sface:cos-native-meanemb", "raw_pixels:cos-pixels-meanemb")  # zero-shot SFace, else raw pixels
@@ -36,7 +38,7 @@ class EnsembleResult:
     selection: Selection
     table: pd.DataFrame  # one row per variant (and the chosen, cross-fitted and chance lines), metrics per split group
     chosen: dict[str, np.ndarray]  # split -> the chosen (P, N) scores
-    settings: dict[str, object] = field(default_factory=dict)  # the options the choice was made with
+    settings: EnsembleSettings = EnsembleSettings()  # the options the choice was made with
     per_probe: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variant's per-probe results, every split
     chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # each labelled split's size and chance level
     key: str = "oof"  # the split group the choice was made on
@@ -44,9 +46,7 @@ class EnsembleResult:
     @property
     def table_md(self) -> str:
         """The variant table with its interval column, legend and the splits' chance levels, as markdown."""
-        n_boot = self.settings.get("bootstrap", N_BOOT)
-        return variants_markdown(self.table, self.chance, self.selection.reference, self.key,
-                                 int(n_boot) if isinstance(n_boot, int) else None)
+        return variants_markdown(self.table, self.chance, self.selection.reference, self.key, self.settings.bootstrap)
 
 
 def score_everything(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
@@ -70,11 +70,6 @@ def embed_missing(groups: list[Group], splits: dict[str, SplitData], scores_dir:
                     source.embeddings(sd.images)
 
 
-def group_of(split: str) -> str:
-    """The table's split group of a split: every out-of-fold protocol is "oof"."""
-    return "oof" if split.startswith("oof") else split
-
-
 def chance_table(splits: dict[str, SplitData]) -> pd.DataFrame:
     """Every labelled split's probes, gallery faces and the mAP, Rank@5 and Average a random ranking expects; and,
     with several out-of-fold protocols, their pool "oof" (probe-weighted means: the expectations are per probe)."""
@@ -85,7 +80,7 @@ def chance_table(splits: dict[str, SplitData]) -> pd.DataFrame:
             rows.append({"split": name, "probes": len(sd.labels.probes), "gallery": len(sd.labels.gallery),
                          "mAP": c["mAP"], "rank5": c["rank@5"], "average": c["average"]})
     table = pd.DataFrame(rows, columns=["split", "probes", "gallery", "mAP", "rank5", "average"])
-    oof = table[table["split"].str.startswith("oof")]
+    oof = table[table["split"].map(split_group) == "oof"]
     if len(oof) > 1:
         weights = oof["probes"] / oof["probes"].sum()
         pool = {"split": "oof", "probes": int(oof["probes"].sum()), "gallery": "/".join(map(str, oof["gallery"]))}
@@ -111,8 +106,8 @@ def reference_intervals(pp: dict[str, dict[str, pd.DataFrame]], reference: str, 
     group's probes (resampled within each split); every row against the same resamples."""
     rows = list(pp)
     out: dict[str, dict[str, dict[str, float]]] = {r: {} for r in rows}
-    for group in dict.fromkeys(group_of(n) for n in pp[reference]):
-        names = [n for n in pp[reference] if group_of(n) == group]
+    for group in dict.fromkeys(split_group(n) for n in pp[reference]):
+        names = [n for n in pp[reference] if split_group(n) == group]
         strata = np.concatenate([[n] * len(pp[reference][n]) for n in names])
         terms = [np.concatenate([average_terms(pp[r][n]["ap"], pp[r][n]["first"]) for n in names]) for r in rows]
         found = paired_intervals(np.column_stack(terms), terms[rows.index(reference)], strata, n_boot, seed)
@@ -123,8 +118,8 @@ def reference_intervals(pp: dict[str, dict[str, pd.DataFrame]], reference: str, 
 
 def per_probe_long(pp: dict[str, dict[str, pd.DataFrame]], splits: dict[str, SplitData]) -> pd.DataFrame:
     """One row per (row name, split, probe): variant, split, group, probe (row index), probe_id, then the results."""
-    frames = [df.assign(variant=v, split=n, group=group_of(n), probe=np.arange(len(df)), probe_id=splits[n].probe_ids)
-              for v, by_split in pp.items() for n, df in by_split.items()]
+    frames = [df.assign(variant=v, split=n, group=split_group(n), probe=np.arange(len(df)),
+                        probe_id=splits[n].probe_ids) for v, by_split in pp.items() for n, df in by_split.items()]
     if not frames:
         return pd.DataFrame()
     long = pd.concat(frames, ignore_index=True)
@@ -141,47 +136,41 @@ def write_per_probe(path: Path, table: pd.DataFrame) -> Path:
     return Path(path)
 
 
-def _choose(scores, scorers, pp, splits, how, normalisation, max_steps, opts) -> tuple[Selection, str]:
+def _choose(scores, scorers, pp, splits, settings: EnsembleSettings) -> tuple[Selection, str]:
     variants = list(scores["test"])
     chooser = [n for n in splits if splits[n].fold is not None] or [n for n in ("val",) if n in scorers]
     if not chooser:
         log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
-        return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, normalisation, variants[0],
+        return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, settings.normalise, variants[0],
                          reason="the first variant: nothing labelled to choose on"), "oof"
     sel = select({v: {n: scores[n][v] for n in chooser} for v in variants}, {n: scorers[n] for n in chooser},
-                 how, normalisation, max_steps, opts["blend_pool"], opts["bootstrap"],
+                 settings.choose, settings.normalise, settings.max_steps, settings.blend_pool, settings.bootstrap,
                  per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
-    return sel, group_of(chooser[0])
+    return sel, split_group(chooser[0])
 
 
-def run_ensemble(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, out_dir: Path | None,
-                 how: str = "auto", normalisation: str = "z", max_steps: int = 10,
-                 settings: dict[str, object] | None = None) -> EnsembleResult:
-    """Score every variant on every split, evaluate, choose; then (all inputs checked) write the table,
-    per_probe.csv.gz and selection.json (the choice, and the `settings` it was made with). The choice's own options
-    come from `settings`: `reference` (default: zero-shot SFace, else raw pixels), `bootstrap` (resamples) and
-    `blend_pool` (variants a blend is searched over)."""
-    settings = dict(settings or {})
-    opts = {"reference": settings.get("reference"), "bootstrap": int(settings.get("bootstrap") or N_BOOT),
-            "blend_pool": int(settings.get("blend_pool") or POOL)}
-    if opts["reference"]:  # a misspelt name fails before any scoring
-        pick_reference([v for g in groups for v in g.variants], opts["reference"], "")
+def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: EnsembleSettings, scores_dir: Path,
+                 out_dir: Path | None) -> EnsembleResult:
+    """Score every variant on every split, evaluate, choose as `settings` say; then (all inputs checked) write the
+    table, per_probe.csv.gz and selection.json (the choice and the settings it was made with) into `out_dir`."""
+    if settings.reference:  # a misspelt name fails before any scoring
+        pick_reference([v for g in groups for v in g.variants], settings.reference, "")
     scores = score_everything(groups, splits, scores_dir)
     variants = list(scores["test"])
     scorers = {n: Scorer(sd.labels.probe_fids, sd.labels.gallery_fids) for n, sd in splits.items()
                if sd.labels is not None}
     pp = {v: {n: scorers[n].per_probe(scores[n][v]) for n in scorers} for v in variants}
-    sel, key = _choose(scores, scorers, pp, splits, how, normalisation, max_steps, opts)
+    sel, key = _choose(scores, scorers, pp, splits, settings)
     chosen = {n: combine(scores[n], sel) for n in splits}
     chosen_row = f"chosen: {sel.name}"
     single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
     pp[chosen_row] = {n: pp[single][n] if single else scorers[n].per_probe(chosen[n]) for n in scorers}
     intervals: dict[str, tuple[str, dict[str, dict[str, float]]]] = {}
     if scorers:
-        sel.reference = pick_reference(variants, opts["reference"], sel.best_single)
-        found = reference_intervals(pp, sel.reference, opts["bootstrap"])
-        intervals = {r: (sel.reference, by_group) for r, by_group in found.items()}
-        sel.intervals = {v: found[v][key] for v in variants if key in found[v]}
+        reference = pick_reference(variants, settings.reference, sel.best_single)
+        found = reference_intervals(pp, reference, settings.bootstrap)
+        intervals = {r: (reference, by_group) for r, by_group in found.items()}
+        sel = sel.with_reference(reference, {v: found[v][key] for v in variants if key in found[v]})
     if sel.gain:
         intervals["blend (cross-fitted out-of-fold)"] = ("best single (cross-fitted out-of-fold)", {"oof": sel.gain})
     chance = chance_table(splits)
@@ -197,8 +186,8 @@ def _table(pp: dict[str, dict[str, pd.DataFrame]], sel: Selection, variants: lis
     """The variant table: the chosen line, the cross-fitted lines, every variant (best first on `key`), and the
     chance line (each group's expected scores under a random ranking)."""
     def metrics(by_split: dict[str, pd.DataFrame]) -> dict[str, dict[str, float]]:
-        groups = dict.fromkeys(group_of(n) for n in by_split)
-        return {g: pooled([df for n, df in by_split.items() if group_of(n) == g]) for g in groups}
+        groups = dict.fromkeys(split_group(n) for n in by_split)
+        return {g: pooled([df for n, df in by_split.items() if split_group(n) == g]) for g in groups}
 
     chosen_row = f"chosen: {sel.name}"
     results = {chosen_row: metrics(pp[chosen_row])}
@@ -207,9 +196,9 @@ def _table(pp: dict[str, dict[str, pd.DataFrame]], sel: Selection, variants: lis
     per_variant = {v: metrics(pp[v]) for v in variants}
     for v in sorted(variants, key=lambda v: -per_variant[v].get(key, {}).get("average", 0.0)):
         results[v] = per_variant[v]
-    groups = dict.fromkeys(group_of(n) for n in chance["split"])
+    groups = dict.fromkeys(split_group(n) for n in chance["split"])
     by_group = {g: chance[chance["split"] == g] if (chance["split"] == g).any()
-                else chance[chance["split"].map(group_of) == g] for g in groups}
+                else chance[chance["split"].map(split_group) == g] for g in groups}
     results[CHANCE_ROW] = {g: rows.iloc[0][["mAP", "rank5", "average"]].astype(float).to_dict()
                            for g, rows in by_group.items() if len(rows) == 1}
     return variant_table(results, intervals)
@@ -224,18 +213,26 @@ def write_outputs(result: EnsembleResult, out_dir: Path) -> None:
     write_text_atomic(out_dir / "variants.md", result.table_md)
     if len(result.per_probe):
         write_per_probe(out_dir / "per_probe.csv.gz", result.per_probe)
-    write_text_atomic(out_dir / "selection.json", result.selection.to_json(result.settings))
+    write_text_atomic(out_dir / "selection.json", result.selection.to_json(result.settings.to_dict()))
 
 
-def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path,
-         jobs: Sequence[tuple[TrainConfig, int, list[str]]]) -> list[str]:
-    """The stages a run would build, one line each (what `--dry-run` prints)."""
-    lines = []
-    fingerprints: dict = {}  # the data is read once for every run of the sweep
-    todo = [(c, f, state) for c, f, _ in jobs if (state := run_status(c, f, fingerprints)[0]) != "finished"]
-    for c, f, state in todo:
-        lines.append(f"train  {c.run_dir(f)} ({state})")
-    untrained = {c.name for c, _, _ in todo}
+def prepare(settings: EnsembleSettings, layout: DataLayout, runs_dir: Path, ensemble_dir: Path
+            ) -> tuple[list[Run], dict[str, SplitData], list[Group]]:
+    """The runs of the settings' experiments on this data, the splits they are scored on (one fold plan for all),
+    and the groups of variants (narrowed to `settings.variants`)."""
+    runs = [r for exp in settings.experiments for r in experiment_runs(exp, layout.root, runs_dir)[1]]
+    n_folds, fold_seed = fold_plan(runs)
+    splits = build_splits(layout, n_folds, fold_seed, settings.protocol_seed)
+    groups = discover_groups(runs, runs_dir / "_cache", ensemble_dir / "external", settings.raw_pixels,
+                             settings.top_n, settings.fc_all)
+    return runs, splits, filter_groups(groups, settings.variants)
+
+
+def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, todo: Sequence[tuple[Run, str]]
+         ) -> list[str]:
+    """The stages a run would build, one line each (what `--dry-run` prints); `todo` are the unfinished runs."""
+    lines = [f"train  {r.run_dir} ({state})" for r, state in todo]
+    untrained = {r.cfg.name for r, _ in todo}
     for g in groups:
         if g.name in untrained:
             lines.append(f"score  {g.name}: {len(g.variants)} variant(s) x {len(splits)} split(s), after training")

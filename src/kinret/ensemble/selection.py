@@ -18,7 +18,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,6 @@ from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.store import safe_name
 
 log = logging.getLogger(__name__)
-METRICS = ("average", "mAP", "mAP_trapezoid", "rank1", "rank5", "rank10")
 STEPS = (0.4, 0.2, 0.1, 0.05)  # coordinate-ascent step sizes: the share of weight moved to or from one variant
 POOL = 8  # variants a blend is searched over: the best by out-of-fold Average
 
@@ -137,11 +136,11 @@ def search_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Sc
     return coordinate_ascent(norm, scorers, folds, start)[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Selection:
     """What was chosen and why: the weights (one variant at weight 1 for a single pick), the cross-fitted
     comparison, the paired-bootstrap interval of the blend's cross-fitted gain (`gain`: delta, lo, hi), the name the
-    submission files carry; and, filled by the run, every variant's out-of-fold interval against `reference`."""
+    submission files carry; and every variant's out-of-fold interval against `reference` (`with_reference`)."""
 
     name: str
     weights: dict[str, float]
@@ -153,6 +152,10 @@ class Selection:
     search: str = ""  # how the blend weights were found
     reference: str = ""
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> delta, lo, hi vs reference
+
+    def with_reference(self, reference: str, intervals: dict[str, dict[str, float]]) -> Selection:
+        """This choice with every variant's interval against `reference` on the split group it was made on."""
+        return replace(self, reference=reference, intervals=intervals)
 
     def to_json(self, settings: dict[str, object] | None = None) -> str:
         """The choice as JSON; `settings`, the options it was made with, are saved beside it."""
@@ -223,11 +226,10 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
     single = {v: pooled([per_probe[v][k] for k in folds])["average"] for v in oof}
     ranked = sorted(oof, key=lambda v: -single[v])
     best = ranked[0]
-    sel = Selection(f"best_{safe_name(best)}", {best: 1.0}, normalisation, best)
+    picked = Selection(f"best_{safe_name(best)}", {best: 1.0}, normalisation, best)
     if how == "best" or len(oof) == 1 or len(folds) < 2:
-        sel.reason = "best single variant by out-of-fold Average" + (
-            " (asked for)" if how == "best" else " (a blend needs two variants and two folds)")
-        return sel
+        return replace(picked, reason="best single variant by out-of-fold Average" + (
+            " (asked for)" if how == "best" else " (a blend needs two variants and two folds)"))
     cache: dict[str, dict[str, np.ndarray]] = {}
 
     def norm(v: str) -> dict[str, np.ndarray]:
@@ -236,17 +238,17 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
         return cache[v]
 
     parts, strata = _crossfit(per_probe, scorers, norm, ranked, pool, max_steps)
-    sel.crossfit = {name: summarise(p) for name, p in parts.items()}
-    sel.gain = interval_of(parts["blend"], parts["best single"], strata, n_boot, seed)
-    sel.search = (f"greedy forward selection ({max_steps} steps) or equal weights, then coordinate ascent, over the "
-                  f"{min(pool, len(ranked))} best variants; interval: {n_boot} paired resamples within folds")
+    gain = interval_of(parts["blend"], parts["best single"], strata, n_boot, seed)
     weights = search_weights({v: norm(v) for v in ranked[:pool]}, scorers, folds, max_steps)
-    blended = decide(how, len(weights), sel.gain)
-    if blended:
-        sel.name, sel.weights = f"blend_{normalisation}_{len(weights)}v", weights
-    sel.reason = _reason(how, weights, sel.gain, blended)
-    log.info("blend gain %s: %s", describe(sel.gain), sel.reason)
-    return sel
+    blended = decide(how, len(weights), gain)
+    reason = _reason(how, weights, gain, blended)
+    log.info("blend gain %s: %s", describe(gain), reason)
+    return replace(picked, **({"name": f"blend_{normalisation}_{len(weights)}v", "weights": weights} if blended
+                              else {}),
+                   crossfit={name: summarise(p) for name, p in parts.items()}, reason=reason, gain=gain,
+                   search=f"greedy forward selection ({max_steps} steps) or equal weights, then coordinate ascent, "
+                          f"over the {min(pool, len(ranked))} best variants; interval: {n_boot} paired resamples "
+                          "within folds")
 
 
 def combine(matrices: dict[str, np.ndarray], sel: Selection) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Per-image features of many images, every pooling from one forward pass, with the horizontal flip, cached as
 `.npz` (ids + arrays) under a key that covers everything that changes the numbers.
 
-Two caches live here: the pooled features of a frozen backbone (`cached_features`, keyed by the backbone's weight
+Two caches live here: the pooled features of a frozen backbone (`FrozenFeatures`, keyed by the backbone's weight
 digest and the runtime that computed them (`kinret.features.runtime`: cv2.dnn for the shipped SFace, torch for any
 other network), shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
 (`kinret.features.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in chunks of
@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from kinret.features.runtime import (
 )
 from kinret.io import atomic_path
 from kinret.log import progress
+from kinret.models.config import TrainConfig
 from kinret.models.networks import POOLS, pool_names
 
 log = logging.getLogger(__name__)
@@ -72,17 +75,6 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
         for k in out:
             out[k].append(torch.stack([v[k] for v in views]).float().cpu().numpy())
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}
-
-
-def feature_key(backbone_digest: str, data_cfg: dict, paths: Sequence[Path], gem_p: float, channels_last: bool,
-                runtime: str = TORCH_FP32, views: int = 2) -> str:
-    """Names a frozen backbone's feature cache by everything that changes its numbers: the weights, the input
-    convention, the GeM power, the memory format, the runtime that computed them, the views (2: with the mirror
-    image) and the images (paths and content)."""
-    parts = [backbone_digest, str(tuple(data_cfg["input_size"])), str(tuple(data_cfg["mean"])),
-             str(tuple(data_cfg["std"])), f"gem{gem_p}", f"cl{int(channels_last)}", f"v{FEATURE_CODE_VERSION}",
-             runtime, f"views{views}", file_list_digest(paths)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def file_digest(path: str | Path) -> str:
@@ -141,50 +133,83 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
     return whole if rank == 0 else read_cache(cache, ids)
 
 
-def cached_features(backbone: nn.Module, backbone_digest: str, data_cfg: dict, paths: Sequence[Path],
-                    pixels: Callable[[], np.ndarray], cache_dir: Path, label: str, device: torch.device,
-                    batch: int = 128, gem_p: float = 3.0, channels_last: bool = True, shard: bool = False,
-                    flip: bool = True, threads: int = 0, runtime: str | None = None) -> dict[str, np.ndarray]:
-    """Every pooling of `paths` (pooling -> (V, N, D); V = 2 with `flip`: the image, then its mirror image), read
-    from `cache_dir` when the key matches, else computed in saved chunks and written atomically.
+@dataclass(frozen=True)
+class FrozenFeatures:
+    """How a frozen backbone's pooled features are computed and cached: the network, the digest of its weights and
+    its input convention (`data_cfg`), the views (with the mirror image when `flip`), the GeM power, and how it runs
+    (device, batch, cv2 worker threads, memory format, and the runtime: "" lets `frozen_runtime` pick). `label`
+    names its cache files."""
 
-    The runtime (`runtime`, or `kinret.features.runtime.frozen_runtime` when None) is part of the key: "cv2-int8"
-    (the shipped SFace file, unchanged weights, CPU) runs `threads` cv2 nets side by side (0: torch's thread count),
-    each decoding its own batches of `paths`; "torch-fp32" runs `forward_pooled` on `pixels()` (all images
-    decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and decodes) only
-    its share of the chunks."""
-    sharded = shard and dist_rank_world()[1] > 1
-    runtime = runtime or frozen_runtime(backbone, backbone_digest, data_cfg, device)
-    if runtime not in (CV2_INT8, TORCH_FP32):
-        raise ValueError(f"unknown feature runtime {runtime!r}; one of {(CV2_INT8, TORCH_FP32)}")
-    key = feature_key(backbone_digest, data_cfg, paths, gem_p, channels_last, runtime, 2 if flip else 1)
-    cache = Path(cache_dir) / f"features_{label}_{key}.npz"
-    ids = np.array([str(p) for p in paths])
-    if not cache.is_file():
-        log.info("computing %s features of %d images into %s (%s)", label, len(paths), cache, runtime)
-    size = data_cfg["input_size"][-1]
-    source: list[np.ndarray] = []  # the decoded pixels (torch runtime), read at the first chunk computed
+    backbone: nn.Module
+    digest: str
+    data_cfg: dict
+    label: str
+    device: torch.device = torch.device("cpu")
+    batch: int = 128
+    gem_p: float = 3.0
+    channels_last: bool = True
+    flip: bool = True
+    threads: int = 0
+    runtime: str = ""
 
-    def compute_cv2(start: int, stop: int) -> dict[str, np.ndarray]:
-        workers = default_threads(threads)
-        return cv2_pooled(cv2_engine(workers, backbone, gem_p),
-                          lambda a, b: decode_pixels(paths[start + a:start + b], size, None),
-                          stop - start, pool_names(backbone), gem_p, flip, min(batch, CV2_BATCH), workers,
-                          desc=f"features {label} {start}-{stop}")
+    @classmethod
+    def of(cls, cfg: TrainConfig, backbone: nn.Module, digest: str, data_cfg: dict, device: torch.device
+           ) -> FrozenFeatures:
+        """A run config's frozen features of `backbone` (its weights hashing to `digest`)."""
+        return cls(backbone, digest, data_cfg, cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p,
+                   cfg.channels_last, cfg.flip_views, cfg.threads)
 
-    def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-        if runtime == CV2_INT8:
-            feats = compute_cv2(start, stop)
-        else:
-            if sharded:  # a process decodes only its own chunks
-                chunk_pixels = decode_pixels(paths[start:stop], size, None)
+    @cached_property
+    def engine(self) -> str:
+        """The runtime that computes them: `runtime`, else the one `frozen_runtime` picks."""
+        engine = self.runtime or frozen_runtime(self.backbone, self.digest, self.data_cfg, self.device)
+        if engine not in (CV2_INT8, TORCH_FP32):
+            raise ValueError(f"unknown feature runtime {engine!r}; one of {(CV2_INT8, TORCH_FP32)}")
+        return engine
+
+    def key(self, files_digest: str) -> str:
+        """Names a cache by everything that changes its numbers: the weights, the input convention, the GeM power,
+        the memory format, the runtime, the views, and the images (`files_digest`: paths and content)."""
+        parts = [self.digest, str(tuple(self.data_cfg["input_size"])), str(tuple(self.data_cfg["mean"])),
+                 str(tuple(self.data_cfg["std"])), f"gem{self.gem_p}", f"cl{int(self.channels_last)}",
+                 f"v{FEATURE_CODE_VERSION}", self.engine, f"views{2 if self.flip else 1}", files_digest]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def cached(self, paths: Sequence[Path], pixels: Callable[[], np.ndarray], cache_dir: Path, shard: bool = False
+               ) -> dict[str, np.ndarray]:
+        """Every pooling of `paths` (pooling -> (V, N, D); V = 2 with `flip`: the image, then its mirror image),
+        read from `cache_dir` when the key matches, else computed in saved chunks and written atomically.
+
+        cv2-int8 (the shipped SFace file, unchanged weights, CPU) runs `threads` cv2 nets side by side (0: torch's
+        thread count), each decoding its own batches of `paths`; torch-fp32 runs `forward_pooled` on `pixels()` (all
+        images decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and
+        decodes) only its share of the chunks."""
+        sharded = shard and dist_rank_world()[1] > 1
+        cache = Path(cache_dir) / f"features_{self.label}_{self.key(file_list_digest(paths))}.npz"
+        ids = np.array([str(p) for p in paths])
+        if not cache.is_file():
+            log.info("computing %s features of %d images into %s (%s)", self.label, len(paths), cache, self.engine)
+        size = self.data_cfg["input_size"][-1]
+        source: list[np.ndarray] = []  # the decoded pixels (torch runtime), read at the first chunk computed
+
+        def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+            desc = f"features {self.label} {start}-{stop}"
+            if self.engine == CV2_INT8:
+                workers = default_threads(self.threads)
+                feats = cv2_pooled(cv2_engine(workers, self.backbone, self.gem_p),
+                                   lambda a, b: decode_pixels(paths[start + a:start + b], size, None), stop - start,
+                                   pool_names(self.backbone), self.gem_p, self.flip, min(self.batch, CV2_BATCH),
+                                   workers, desc=desc)
             else:
-                if not source:
-                    source.append(pixels())
-                chunk_pixels = source[0][start:stop]
-            feats = forward_pooled(backbone, chunk_pixels, data_cfg, device, batch, gem_p,
-                                   f"features {label} {start}-{stop}", channels_last, flip=flip)
-        return {f"pool_{k}": v for k, v in feats.items()}
+                if sharded:  # a process decodes only its own chunks
+                    chunk_pixels = decode_pixels(paths[start:stop], size, None)
+                else:
+                    if not source:
+                        source.append(pixels())
+                    chunk_pixels = source[0][start:stop]
+                feats = forward_pooled(self.backbone, chunk_pixels, self.data_cfg, self.device, self.batch,
+                                       self.gem_p, desc, self.channels_last, flip=self.flip)
+            return {f"pool_{k}": v for k, v in feats.items()}
 
-    found = build_in_chunks(cache, ids, compute, shard=shard, desc=f"features {label}")
-    return {k.removeprefix("pool_"): v for k, v in found.items()}
+        found = build_in_chunks(cache, ids, compute, shard=shard, desc=f"features {self.label}")
+        return {k.removeprefix("pool_"): v for k, v in found.items()}

@@ -17,9 +17,8 @@ import torch
 from kinret.data.pixels import decode_pixels, file_list_digest
 from kinret.dist import dist_rank_world, local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import FEATURE_CODE_VERSION, build_in_chunks, cached_features, file_digest, forward_pooled
+from kinret.features.cache import FEATURE_CODE_VERSION, FrozenFeatures, build_in_chunks, file_digest, forward_pooled
 from kinret.features.raw_pixels import RawPixels
-from kinret.features.runtime import frozen_runtime
 from kinret.models.checkpoint import load_model, shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
 from kinret.models.losses import loss_kind
@@ -99,26 +98,20 @@ class BackboneSource:
         return backbone, data_cfg, self.backbones[memo]
 
     @cached_property
-    def runtime(self) -> str:
+    def features(self) -> FrozenFeatures:
         backbone, data_cfg, digest = self._model
-        return frozen_runtime(backbone, digest, data_cfg, _device())
+        return FrozenFeatures.of(self.cfg, backbone, digest, data_cfg, _device())
 
     def key(self, images: ImageSet) -> str:
-        _, data_cfg, digest = self._model
-        return _key(digest, sorted(data_cfg.items()), self.cfg.gem_p, self.cfg.channels_last, FEATURE_CODE_VERSION,
-                    self.runtime, f"views{2 if self.cfg.flip_views else 1}", images.digest)
+        return self.features.key(images.digest)
 
     def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
         """pooling -> (V, N, D) features of the image and (V = 2, `flip_views`) its mirror image."""
         if images.parent is not None:
             return {k: v[:, list(images.rows)] for k, v in self.raw(images.parent).items()}
-        backbone, data_cfg, digest = self._model
-        size = data_cfg["input_size"][-1]
-        return cached_features(backbone, digest, data_cfg, images.paths,
-                               lambda: decode_pixels(images.paths, size, self.cache_dir), self.cache_dir,
-                               self.cfg.backbone, _device(), self.cfg.eval_batch_size, self.cfg.gem_p,
-                               self.cfg.channels_last, shard=True, flip=self.cfg.flip_views, threads=self.cfg.threads,
-                               runtime=self.runtime)
+        size = self.features.data_cfg["input_size"][-1]
+        return self.features.cached(images.paths, lambda: decode_pixels(images.paths, size, self.cache_dir),
+                                    self.cache_dir, shard=True)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))

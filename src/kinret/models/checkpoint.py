@@ -14,10 +14,9 @@ from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_dig
 
 def shared_backbone(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict]:
     """`build_backbone(cfg)`, built once per backbone and weights and kept in `backbones` (frozen backbones only)."""
-    key = (cfg.backbone, cfg.weights, cfg.pretrained, cfg.input_size)
-    if key not in backbones:
-        backbones[key] = build_backbone(cfg)
-    return backbones[key]
+    if cfg.backbone_key not in backbones:
+        backbones[cfg.backbone_key] = build_backbone(cfg)
+    return backbones[cfg.backbone_key]
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbones: dict | None = None

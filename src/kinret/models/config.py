@@ -110,6 +110,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def backbone_key(self) -> tuple:
+        """Which network the backbone is: runs with equal keys build the same backbone (and share a built one)."""
+        return self.backbone, self.weights, self.pretrained, self.input_size
+
+    @property
+    def features_key(self) -> tuple:
+        """Which frozen features a head-only run trains on: runs with equal keys share one feature cache."""
+        return (*self.backbone_key, self.gem_p, self.channels_last, self.flip_views)
+
 
 def _in(low: float, high: float, high_open: bool = False) -> Callable[[float], bool]:
     return lambda v: low <= v < high if high_open else low <= v <= high

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kinret.data.fiw import family_folds, read_fiw
+from kinret.data.layout import DataLayout
 from kinret.data.pixels import ImageTable
-from kinret.data.split import Track3Split, build_protocol, read_codalab, read_labelled
+from kinret.data.split import Track3Split, build_protocol
 from kinret.errors import KinretInputError
 from kinret.features.sources import ImageSet
 from kinret.models.config import TrainConfig
@@ -47,8 +47,7 @@ class SplitData:
 
     @property
     def fold(self) -> int | None:
-        m = re.fullmatch(r"oof(\d+)", self.name)
-        return int(m.group(1)) if m else None
+        return oof_fold(self.name)
 
 
 def _image_set(label: str, paths: Sequence[Path], root: Path) -> ImageSet:
@@ -85,59 +84,45 @@ def _own_images(label: str, split: Track3Split, root: Path) -> ImageSet:
     return _image_set(label, paths, root)
 
 
-def read_val(val_dir: Path, seed: int) -> Track3Split | None:
-    """DATA/val as a labelled split: its probe_list.csv/gallery_list.csv when present, else a protocol drawn from
-    its family folders (seeded)."""
-    if not val_dir.is_dir():
-        return None
-    if (val_dir / "probe_list.csv").is_file() and (val_dir / "gallery_list.csv").is_file():
-        return read_labelled(val_dir / "probe_list.csv", val_dir / "gallery_list.csv", val_dir, name="val")
-    return build_protocol(read_fiw(val_dir), val_dir, seed=seed, name="val")[0]
+def oof_fold(name: str) -> int | None:
+    """k for an out-of-fold split's name "oof{k}", None for any other split."""
+    m = re.fullmatch(r"oof(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
-def read_test(root: Path) -> tuple[Track3Split, Track3Split | None]:
-    """The Codalab test split and, when DATA/test_truth holds its lists, its labels (row counts checked)."""
-    test = read_codalab(root / "test", name="test")
-    truth_dir = root / "test_truth"
-    if not (truth_dir / "probe_list.csv").is_file():
-        return test, None
-    truth = read_labelled(truth_dir / "probe_list.csv", truth_dir / "gallery_list.csv", None, name="test truth")
-    for kind, n_truth, n_test in (("probe", len(truth.probes), len(test.probes)),
-                                  ("gallery", len(truth.gallery), len(test.gallery))):
-        if n_truth != n_test:
-            raise KinretInputError(truth_dir / f"{kind}_list.csv", f"has {n_truth} rows but the test split has "
-                                                                  f"{n_test} {kind} entries")
-    return test, truth
+def split_group(name: str) -> str:
+    """The group a split is pooled into in tables and choices: every out-of-fold protocol is "oof"."""
+    return "oof" if oof_fold(name) is not None else name
 
 
-def build_splits(root: str | Path, n_folds: int, fold_seed: int = 0, seed: int = 0) -> dict[str, SplitData]:
+def build_splits(layout: DataLayout, n_folds: int, fold_seed: int = 0, seed: int = 0) -> dict[str, SplitData]:
     """oof0..oof{n_folds-1} (when DATA/train exists), val (when DATA/val exists) and test, in that order.
 
     `n_folds` 0 means the trainer's default (fewer on a folder with fewer families). The folds are the trainer's
-    (`family_folds(families, n_folds, fold_seed)`) and the train image set is the trainer's table (families in id
-    order), so a fold model is only ever scored on families it never saw."""
-    root = Path(root)
+    (`DataLayout.fold_families`) and the train image set is the trainer's table (families in id order), so a fold
+    model is only ever scored on families it never saw."""
+    root = layout.root
     out: dict[str, SplitData] = {}
-    if (root / "train").is_dir():
-        families = sorted(read_fiw(root / "train"), key=lambda f: f.fid)
+    if layout.train is not None:
+        families = layout.train_families
         if n_folds == 0:  # no fold models to respect: the trainer's default, or fewer on a small folder
             n_folds = min(TrainConfig.n_folds, len(families))
-    if (root / "train").is_dir() and n_folds > 1:
+    if layout.train is not None and n_folds > 1:
         train = _image_set("train", ImageTable.from_families(families).paths, root)
         position = {p.resolve(): i for i, p in enumerate(train.paths)}
-        folds = family_folds(families, n_folds, fold_seed)
         for k in range(n_folds):
-            held = [f for f in families if folds[f.fid] == k and sum(1 for m in f.members if m.images) >= 2]
+            held = [f for f in layout.fold_families(n_folds, fold_seed, k)[1]
+                    if sum(1 for m in f.members if m.images) >= 2]
             if not held:
                 log.warning("fold %d has no family with two members: no out-of-fold split for it", k)
                 continue
-            split = build_protocol(held, root / "train", seed=seed, name=f"oof{k}")[0]
+            split = build_protocol(held, layout.train, seed=seed, name=f"oof{k}")[0]
             own = _own_images(f"oof{k}", split, root)
             own = replace(own, parent=train, rows=tuple(position[p.resolve()] for p in own.paths))
             out[f"oof{k}"] = _locate(f"oof{k}", split, own, split)
-    val = read_val(root / "val", seed)
+    val = layout.val_split(seed)
     if val is not None:
         out["val"] = _locate("val", val, _own_images("val", val, root), val)
-    test, truth = read_test(root)
-    out["test"] = _locate("test", test, _own_images("test", test, root), truth)
+    test = layout.test_split
+    out["test"] = _locate("test", test, _own_images("test", test, root), layout.test_labels)
     return out

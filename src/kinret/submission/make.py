@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kinret.cli import parser, run_command
-from kinret.data.synth import SynthConfig, generate
-from kinret.ensemble.cli import add_ensemble_args, glance, prepare, settings
-from kinret.ensemble.discovery import experiment_jobs
-from kinret.ensemble.run import EnsembleResult, plan, run_ensemble
+from kinret.data import DEFAULT_ROOT
+from kinret.data.layout import DataLayout
+from kinret.data.synth import SynthConfig, ensure_default, made_from
+from kinret.ensemble.cli import add_ensemble_args, glance, settings_from_args
+from kinret.ensemble.run import EnsembleResult, plan, prepare, run_ensemble
+from kinret.ensemble.settings import EnsembleSettings
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource
 from kinret.io import check_writable, remove_stale_temporaries, write_text_atomic
@@ -47,18 +49,18 @@ from kinret.submission.housekeeping import (
 )
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.report import write_report
-from kinret.train.grid import main as grid_main
-from kinret.train.runs import run_status
+from kinret.train.experiments import Run, experiment_runs
+from kinret.train.grid import train_experiment
+from kinret.train.runs import unfinished
 
 log = logging.getLogger("kinret.submission")
-DEFAULT_SYNTH_ROOT = Path("data") / "synthetic"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("make_submission.py", __doc__)
     p.add_argument("--data-root", type=Path, default=None,
                    help="real data folder laid out as above; default: the synthetic dataset in "
-                        f"{DEFAULT_SYNTH_ROOT} (generated on first use, reused afterwards)")
+                        f"{DEFAULT_ROOT} (generated on first use, reused afterwards)")
     p.add_argument("--out", type=Path, default=Path("submissions"),
                    help="where predictions.csv, the zip and the variant table go")
     p.add_argument("--zip-name", default=None, help="name of the zip in --out (default: named after the choice)")
@@ -74,25 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_missing(args: argparse.Namespace, root: Path) -> None:
-    """Run the grid of every experiment with a run not finished (the grid skips the finished ones)."""
-    for exp in args.experiments:
-        fingerprints: dict = {}  # the data is read once for every run of the sweep
-        jobs = experiment_jobs(exp, root, args.runs)
-        todo = sum(1 for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished")
+def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
+    """Train every unfinished run of the settings' experiments, an experiment at a time."""
+    for exp in settings.experiments:
+        cfg, runs = experiment_runs(exp, settings.data_root, args.runs)
+        todo = unfinished(runs)
         if not todo:
             continue
-        flags = (["--quiet"] if args.quiet else []) + (["--verbose"] if args.verbose else [])
-        with stage(f"train {Path(exp).stem}", f"{todo} of {len(jobs)} runs to train, {args.jobs} at a time"):
+        with stage(f"train {Path(exp).stem}", f"{len(todo)} of {len(runs)} runs to train, {args.jobs} at a time"):
             t0 = time.perf_counter()
-            code = grid_main(["-C", exp, "--set", f"data_root={root}", "--set", f"out_root={args.runs}", "--jobs",
-                              str(args.jobs), *flags])
-            if code == 0:
-                record_rate(args.runs, "train", todo, time.perf_counter() - t0)
-            if code == 2:
+            failed = train_experiment(cfg, runs, jobs=args.jobs, quiet=args.quiet, verbose=args.verbose)
+            if 2 in failed.values():
                 raise KinretInputError(None, f"training the {exp} grid stopped on bad input; see the log above")
-            if code != 0:
-                raise RuntimeError(f"training the {exp} grid failed (exit code {code}); see the log above")
+            if failed:
+                raise RuntimeError(f"training the {exp} grid failed ({len(failed)} run(s)); see the log above")
+            record_rate(args.runs, "train", len(todo), time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def prepare_outputs(args: argparse.Namespace, started: float) -> None:
     """Every folder the run writes, checked writable before any work; temporaries of a killed run removed."""
     folders = [args.out, args.out / "report", args.ensemble_dir, args.ensemble_dir / "scores", args.runs]
     if args.data_root is None:
-        folders.append(DEFAULT_SYNTH_ROOT.parent)
+        folders.append(DEFAULT_ROOT.parent)
     for folder in folders:
         check_writable(folder)
     remove_stale_temporaries([args.out, args.ensemble_dir, args.runs], before=started)
@@ -133,37 +131,52 @@ def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir:
     return todo, count
 
 
-def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], jobs) -> None:
+def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], runs: list[Run]) -> None:
     scores_dir = args.ensemble_dir / "scores"
-    print("\n".join(plan(groups, splits, scores_dir, jobs)))
-    fingerprints: dict = {}  # the data is read once for every run of the sweep
-    todo = [c.name for c, f, _ in jobs if run_status(c, f, fingerprints)[0] != "finished"]
-    untrained, runs_todo = set(todo), len(todo)
+    todo = unfinished(runs)
+    print("\n".join(plan(groups, splits, scores_dir, todo)))
+    untrained = {r.cfg.name for r, _ in todo}
     matrices = sum(len(g.variants) * len(splits) if g.name in untrained else
                    sum(len(missing_scores(g, sd, scores_dir)) for sd in splits.values()) for g in groups)
-    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": runs_todo, "score": matrices}
+    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
     print("\n".join(estimate_lines(args.runs, work)))
 
 
 def get_data(args: argparse.Namespace) -> Path | None:
-    """The data folder: --data-root, or the synthetic default (generated on first use); None on a dry run that
-    would have to generate it (after printing the estimate)."""
+    """The data folder: --data-root, or the synthetic default (generated on first use); on a dry run nothing is
+    generated: None when it would have to be (after printing the estimate)."""
     if args.data_root is not None:
         print(f"data: {args.data_root}")
         return args.data_root
-    root, config = DEFAULT_SYNTH_ROOT, SynthConfig(seed=args.data_seed)
-    if args.dry_run and not (root / "test").is_dir():
-        print(f"data   generate the synthetic dataset in {root}\n(then train, score, select and submit)")
+    root, config = DEFAULT_ROOT, SynthConfig(seed=args.data_seed)
+    fresh = args.regenerate or not made_from(root, config)
+    if args.dry_run:
+        if not fresh:
+            print(f"data: synthetic families in {root} (seed {args.data_seed}), cached")
+            return root
+        print(f"data   generate the synthetic dataset in {root} (seed {args.data_seed})\n(then train, score, "
+              "select and submit)")
         print("\n".join(estimate_lines(args.runs, {"data": expected_images(config)})))
         return None
-    fresh = args.regenerate or not (root / "test").is_dir()
     with stage("data", f"synthetic families in {root} (seed {args.data_seed})"
                + (", generating" if fresh else ", cached") + "; pass --data-root for real FIW data"):
         t0 = time.perf_counter()
-        root = generate(DEFAULT_SYNTH_ROOT, config, force=args.regenerate)
-        if fresh and not args.dry_run:
+        root = ensure_default(args.data_seed, args.regenerate)
+        if fresh:
             record_rate(args.runs, "data", expected_images(config), time.perf_counter() - t0)
     return root
+
+
+def compute_features(groups: list[Group], splits: dict[str, SplitData], args: argparse.Namespace) -> None:
+    """The frozen backbones' features every missing score matrix needs, as a stage of its own."""
+    todo, n_images = frozen_images(groups, splits, args.ensemble_dir / "scores")
+    if not todo:
+        return
+    with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
+        t0 = time.perf_counter()
+        for source, images in todo:
+            source.embeddings(images)
+        record_rate(args.runs, "features", n_images, time.perf_counter() - t0)
 
 
 def run(args: argparse.Namespace) -> Outcome | None:
@@ -175,27 +188,21 @@ def run(args: argparse.Namespace) -> Outcome | None:
     root = get_data(args)
     if root is None:
         return None
-    jobs, splits, groups = prepare(args, root)
+    settings = settings_from_args(args, root, None if args.data_root is not None else args.data_seed)
+    runs, splits, groups = prepare(settings, DataLayout.of(root), args.runs, args.ensemble_dir)
     for sd in splits.values():
         print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"))
     if args.dry_run:
-        dry_run(args, groups, splits, jobs)
+        dry_run(args, groups, splits, runs)
         return None
+    compute_features(groups, splits, args)
+    train_missing(settings, args)
     scores_dir = args.ensemble_dir / "scores"
-    todo, n_images = frozen_images(groups, splits, scores_dir)
-    if todo:
-        with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
-            t1 = time.perf_counter()
-            for source, images in todo:
-                source.embeddings(images)
-            record_rate(args.runs, "features", n_images, time.perf_counter() - t1)
-    train_missing(args, root)
     n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
     with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
                                    f"{n_matrices} score matrices to build"):
         t1 = time.perf_counter()
-        result = run_ensemble(groups, splits, scores_dir, args.ensemble_dir, args.choose, args.normalise,
-                              args.max_steps, run_settings(args, root))
+        result = run_ensemble(groups, splits, settings, scores_dir, args.ensemble_dir)
         record_rate(args.runs, "score", n_matrices, time.perf_counter() - t1)
     with stage("submission and report"):
         sub, report = write_outputs(args, result, splits)
@@ -208,7 +215,7 @@ def write_outputs(args: argparse.Namespace, result: EnsembleResult, splits: dict
     sel, test = result.selection, splits["test"]
     sub = submit(result.chosen["test"], test.split, args.out, test.labels, args.zip_name or f"{sel.name}.zip")
     write_text_atomic(args.out / "variants.md", result.table_md)
-    write_text_atomic(args.out / "selection.json", sel.to_json(result.settings))
+    write_text_atomic(args.out / "selection.json", sel.to_json(result.settings.to_dict()))
     return sub, write_report(result, args.out / "report")
 
 
@@ -231,13 +238,6 @@ def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, 
     print(disk_line(args.runs, args.ensemble_dir))
     times = ", ".join(f"{name} {minutes(s)}" for name, s in stage_times())
     print(f"\ndone in {minutes(seconds)}" + (f" ({times})" if times else ""))
-
-
-def run_settings(args: argparse.Namespace, root: Path) -> dict[str, object]:
-    """The ensemble's settings plus the data they ran on, saved in selection.json."""
-    data = {"data_root": str(args.data_root)} if args.data_root else {"synthetic_data_seed": args.data_seed,
-                                                                        "data_root": str(root)}
-    return {**data, **settings(args)}
 
 
 def make(argv: Sequence[str] | None = None) -> Outcome | None:

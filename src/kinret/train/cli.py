@@ -16,17 +16,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-import torch
-import torch.distributed as tdist
-
 from kinret.cli import parser, run_command
-from kinret.dist import env_rank_world, process_group
+from kinret.dist import env_rank_world
 from kinret.errors import KinretInputError
-from kinret.models.config import TrainConfig, apply_overrides, save_config
-from kinret.train.evaluation import resolve_device
+from kinret.models.config import TrainConfig, apply_overrides
 from kinret.train.experiments import expand, load_experiment
-from kinret.train.runs import fixed_runtime, prepare_run_dir, save_data_fingerprint
-from kinret.train.trainer import Trainer
+from kinret.train.fit import train_run
 
 log = logging.getLogger("kinret.train")
 
@@ -52,9 +47,10 @@ def grid_variants(experiment: str, cfg: TrainConfig) -> dict[str, list[str]]:
     """variant name -> its --set overrides, for every point of the experiment's GRID (empty without a GRID)."""
     _, grid = load_experiment(experiment)
     out: dict[str, list[str]] = {}
-    for vcfg, _, sets in expand(cfg, grid):
-        if sets and vcfg.name != cfg.name:
-            out.setdefault(vcfg.name.removeprefix(f"{cfg.name}/"), [s for s in sets if not s.startswith("name=")])
+    for run in expand(cfg, grid):
+        if run.overrides and run.cfg.name != cfg.name:
+            out.setdefault(run.cfg.name.removeprefix(f"{cfg.name}/"),
+                           [s for s in run.overrides if not s.startswith("name=")])
     return out
 
 
@@ -72,44 +68,6 @@ def show_config(cfg: TrainConfig, variants: dict[str, list[str]], experiment: st
         print(f"  {name:<24} {' '.join(sets)}")
 
 
-def run_status_everywhere(cfg: TrainConfig, args: argparse.Namespace, rank: int, world: int) -> str:
-    """'fresh', 'resume' or 'finished', decided by rank 0 and shared with every process."""
-    status = prepare_run_dir(cfg, args.fold, args.resume, args.restart) if rank == 0 else None
-    if world > 1:
-        box = [status]
-        tdist.broadcast_object_list(box, src=0)
-        status = box[0]
-    return status
-
-
-def train(cfg: TrainConfig, args: argparse.Namespace) -> int:
-    with process_group(resolve_device(cfg).type == "cuda") as (rank, world):
-        if cfg.batch_size % world:
-            raise KinretInputError(None, f"batch_size {cfg.batch_size} must divide evenly over {world} processes")
-        status = run_status_everywhere(cfg, args, rank, world)
-        if status == "finished":
-            log.info("%s is finished; nothing to do (--restart to train again)", cfg.run_dir(args.fold))
-            return 0
-        cfg = fixed_runtime(cfg, args.fold, status)  # a resumed run keeps the thread count it started with
-        torch.set_num_threads(cfg.threads)
-        defaults = TrainConfig().to_dict()
-        log.info("%s fold %d: %s", cfg.name, args.fold,
-                 ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if defaults[k] != v) or "all defaults")
-        trainer = Trainer(cfg, args.fold, rank, world)
-        if rank == 0:
-            if status == "fresh":  # what it trains on, recorded before its first checkpoint (data.json)
-                save_data_fingerprint(cfg, args.fold)
-            save_config(cfg, trainer.run_dir / "config.json")
-        if status == "resume":
-            trainer.load()
-        rows = trainer.fit()
-        if rank == 0 and rows:
-            last = rows[-1]
-            print(f"{cfg.name} fold {args.fold}: held-out Average {last['average']:.4f} (mAP {last['mAP']:.4f}, "
-                  f"Rank@5 {last['rank5']:.3f}), pair AUC cos {last['pair_auc_cos']:.3f} -> {trainer.run_dir}")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     base = apply_overrides(load_experiment(args.config)[0], args.set)
     variants = grid_variants(args.config, base)
@@ -122,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         show_config(cfg, {} if args.variant else variants, args.config)
         return 0
-    return train(cfg, args)
+    train_run(cfg, args.fold, args.resume, args.restart)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

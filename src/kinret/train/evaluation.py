@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kinret.data.fiw import family_folds, read_fiw
+from kinret.data.layout import DataLayout
 from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_float
-from kinret.data.split import Track3Split, build_protocol, read_labelled
-from kinret.data.synth import SynthConfig, generate
+from kinret.data.split import Track3Split, build_protocol
+from kinret.data.synth import DEFAULT_ROOT, ensure_default
 from kinret.dist import local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import cached_features
+from kinret.features.cache import FrozenFeatures
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
 from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig, seed_of
@@ -34,7 +34,6 @@ from kinret.scoring.similarity import l2_normalize, probe_scores
 from kinret.train.sampling import sample_pairs
 
 log = logging.getLogger("kinret.train")
-SYNTH_ROOT = Path("data") / "synthetic"
 METRICS = ("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average")
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # table rows a, b and the label (1 = kin)
 
@@ -48,21 +47,14 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return local_device(False)
 
 
-def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, Path]:
-    """(families to train on, families to evaluate on, the data root)."""
-    root = Path(cfg.data_root)
-    if not (root / "train").is_dir():
-        if root != SYNTH_ROOT:
-            raise KinretInputError(root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
-        generate(root, SynthConfig())
-    families = read_fiw(root / "train")
-    if fold < 0:
-        val = read_fiw(root / "val") if (root / "val").is_dir() else []
-        return families, val, root
-    if fold >= cfg.n_folds:
-        raise KinretInputError(None, f"--fold {fold} is out of range for n_folds={cfg.n_folds}")
-    folds = family_folds(families, cfg.n_folds, cfg.fold_seed)
-    return ([f for f in families if folds[f.fid] != fold], [f for f in families if folds[f.fid] == fold], root)
+def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, DataLayout]:
+    """(families to train on, families to evaluate on, the data folder's layout); the synthetic default is generated
+    on first use."""
+    if Path(cfg.data_root) == DEFAULT_ROOT:
+        ensure_default()
+    layout = DataLayout.of(cfg.data_root)
+    train, held = layout.fold_families(cfg.n_folds, cfg.fold_seed, fold)
+    return train, held, layout
 
 
 def family_table(train_fams: list, eval_fams: list) -> ImageTable:
@@ -79,10 +71,8 @@ def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: Ima
     """(V, N, D) pooled features of the table's images and (V = 2, `flip_views`) their mirror images, from the shared
     feature cache."""
     cache = cache_dir(cfg)
-    feats = cached_features(backbone, digest, data_cfg, table.paths,
-                            lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache,
-                            cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p, cfg.channels_last,
-                            flip=cfg.flip_views, threads=cfg.threads)
+    feats = FrozenFeatures.of(cfg, backbone, digest, data_cfg, device).cached(
+        table.paths, lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache)
     return torch.from_numpy(feats[cfg.pool])
 
 
@@ -180,27 +170,27 @@ def held_out_pairs(cfg: TrainConfig, table: ImageTable, eval_fams: list) -> Pair
     return sample_pairs(table.family, table.member, held, cfg.eval_pairs, np.random.default_rng(seed_of(cfg.seed, 7)))
 
 
-def held_out_protocol(families: list, root: Path, fold: int, seed: int, row_of: dict[Path, int]) -> Track3Split:
+def held_out_protocol(families: list, layout: DataLayout, fold: int, seed: int, row_of: dict[Path, int]
+                      ) -> Track3Split:
     """A fold's protocol is drawn from its held-out families; with --fold -1 the val split's own labelled lists
     (DATA/val/probe_list.csv, gallery_list.csv) are used when present, so scores match the official val."""
-    val = root / "val"
-    if fold < 0 and (val / "probe_list.csv").is_file() and (val / "gallery_list.csv").is_file():
-        split = read_labelled(val / "probe_list.csv", val / "gallery_list.csv", val, name="val")
+    if fold < 0 and layout.val_lists is not None:
+        split = layout.val_split(seed)
         missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery]
                    if p.resolve() not in row_of]
         if missing:
             raise KinretInputError(missing[0], "listed in the val lists but not in the val family folders")
         return split
-    ref_root = val if fold < 0 else root / "train"
+    ref_root = layout.val if fold < 0 else layout.train
     return build_protocol(families, ref_root, seed=seed, name=f"fold{fold} held-out")[0]
 
 
-def held_out_setup(cfg: TrainConfig, fold: int, table: ImageTable, eval_fams: list, root: Path,
+def held_out_setup(cfg: TrainConfig, fold: int, table: ImageTable, eval_fams: list, layout: DataLayout,
                    row_of: dict[Path, int]) -> HeldOut | None:
     """The fold's `HeldOut`, or None when it trains on every family and has nothing to evaluate on."""
     if not eval_fams:
         return None
-    split = held_out_protocol(eval_fams, root, fold, cfg.seed, row_of)
+    split = held_out_protocol(eval_fams, layout, fold, cfg.seed, row_of)
     held = HeldOut(split, held_out_pairs(cfg, table, eval_fams), row_of)
     chance = chance_level(split.probe_fids, split.gallery_fids)
     log.info("%s; a random ranking expects Average %.4f (mAP %.4f, Rank@5 %.4f)", split.describe(),

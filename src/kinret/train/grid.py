@@ -13,7 +13,6 @@ before the parallel part so that workers never race to compute it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,18 +30,23 @@ from kinret.cli import parser, run_command
 from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
 from kinret.log import progress
-from kinret.models.config import TrainConfig, apply_overrides
-from kinret.train.experiments import expand, load_experiment
-from kinret.train.runs import run_status
+from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
+from kinret.train.experiments import Run, expand, load_experiment
+from kinret.train.runs import run_states
 
 log = logging.getLogger("kinret.grid")
 _WATCHED: list[int] = []  # the parent a watch thread follows (platforms without PR_SET_PDEATHSIG)
 
 
-def _train(argv: list[str]) -> int:
-    from kinret.train.cli import main  # imported in the worker process
+def train_in_process(cfg: dict, fold: int, quiet: bool, verbose: bool) -> int:
+    """Train one run from its serialised config with the CLI's logging and exit-code rule (0, 2 on bad input): what
+    a grid worker runs, and the grid's own process for the runs it trains itself."""
+    from kinret.train.fit import train_run  # imported in the worker process
 
-    return main(argv)
+    def body() -> None:
+        train_run(config_from_dict(cfg), fold, resume=True)
+
+    return run_command(body, argparse.Namespace(quiet=quiet, verbose=verbose))
 
 
 def end_with_parent(parent: int) -> None:
@@ -63,33 +68,85 @@ def end_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _train_in_worker(argv: list[str], parent: int) -> int:
+def _in_worker(i: int, cfg: dict, fold: int, parent: int) -> tuple[int, int]:
     end_with_parent(parent)
-    return _train(argv)
+    return i, train_in_process(cfg, fold, quiet=True, verbose=False)
 
 
-def _indexed(i: int, argv: list[str], parent: int) -> tuple[int, int]:
-    return i, _train_in_worker(argv, parent)
-
-
-def _train_rest(rest: list[int], argv, jobs: int, cores: int) -> dict[int, int]:
-    """Exit code of every run in `rest`: `jobs` worker processes sharing the cores (progress over finished runs shown
-    here), or one after another in this process."""
+def _train_rest(rest: list[Run], jobs: int, cores: int, quiet: bool, verbose: bool) -> dict[int, int]:
+    """Exit code of every run in `rest` (by position): `jobs` worker processes sharing the cores (progress over
+    finished runs shown here; a worker's own lines would interleave, so it is quiet), or one after another in this
+    process."""
     if jobs > 1 and len(rest) > 1:
         from joblib import Parallel, delayed
 
         threads = max(1, cores // jobs)
         work = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(_indexed)(i, argv(i, threads, worker=True), os.getpid()) for i in rest)
+            delayed(_in_worker)(i, replace(r.cfg, threads=threads).to_dict(), r.fold, os.getpid())
+            for i, r in enumerate(rest))
         return dict(progress(work, desc=f"grid ({jobs} processes)", total=len(rest), unit="run"))
-    return {i: _train(argv(i, cores)) for i in progress(rest, desc="grid", unit="run")}
+    return {i: train_in_process(replace(r.cfg, threads=cores).to_dict(), r.fold, quiet, verbose)
+            for i, r in progress(list(enumerate(rest)), desc="grid", unit="run")}
 
 
-def summary_table(jobs: list[tuple[TrainConfig, int, list[str]]]) -> pd.DataFrame:
+def train_grid(runs: Sequence[Run], jobs: int = 1, quiet: bool = False, verbose: bool = False) -> dict[int, int]:
+    """Train `runs` (none of them finished) and return each one's exit code by position (0, or 2 on bad input):
+    the first head-only run of each frozen backbone and data folder first, alone with every core, since it builds
+    the feature cache the others share; then the rest in `jobs` worker processes."""
+    cores = os.cpu_count() or 1
+    first: dict[tuple, int] = {}
+    for i, r in enumerate(runs):
+        if r.cfg.mode == "head":
+            first.setdefault((r.cfg.features_key, r.cfg.data_root), i)
+    codes = {i: train_in_process(replace(runs[i].cfg, threads=cores).to_dict(), runs[i].fold, quiet, verbose)
+             for i in first.values()}
+    rest = [i for i in range(len(runs)) if i not in codes]
+    codes.update({rest[j]: code for j, code in _train_rest([runs[i] for i in rest], jobs, cores, quiet,
+                                                           verbose).items()})
+    return codes
+
+
+def write_grid_summary(cfg: TrainConfig, runs: Sequence[Run]) -> str:
+    """`grid_summary.csv` of an experiment (the last epoch of each of its runs), written and returned."""
+    table = summary_table(runs).to_csv(index=False, float_format="%.4f", na_rep="nan", lineterminator="\n")
+    write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
+    return table
+
+
+def train_experiment(cfg: TrainConfig, runs: Sequence[Run], folds: Sequence[int] | None = None, jobs: int = 1,
+                     quiet: bool = False, verbose: bool = False, dry_run: bool = False) -> dict[Path, int]:
+    """Train an experiment's unfinished runs (`cfg` is the experiment's config, `runs` its grid; only `folds` when
+    given): print each run's state, refuse folders that hold another config, train, write grid_summary.csv.
+    Returns the exit code of every run that failed (2: bad input), by run folder."""
+    chosen = [r for r in runs if folds is None or r.fold in folds]
+    if not chosen:
+        raise KinretInputError(None, f"no run of {cfg.name} has fold {list(folds or [])} (its folds: "
+                                     f"{sorted({r.fold for r in runs})})")
+    found = run_states(chosen)
+    for r, (state, detail) in zip(chosen, found, strict=True):
+        print(f"{state:>8}  {r.run_dir}")
+        if state == "stale":
+            log.warning("%s; it will be trained again from the start", detail)
+    conflicts = [detail for state, detail in found if state == "conflict"]
+    if conflicts:
+        raise KinretInputError(None, f"{len(conflicts)} run folder(s) hold another config, e.g. {conflicts[0]}")
+    todo = [r for r, (state, _) in zip(chosen, found, strict=True) if state != "finished"]
+    print(f"{len(chosen)} runs: {len(chosen) - len(todo)} finished, {len(todo)} to train")
+    if dry_run or not todo:
+        return {}
+    codes = train_grid(todo, jobs, quiet, verbose)
+    print(write_grid_summary(cfg, runs), end="")
+    failed = {todo[i].run_dir: code for i, code in sorted(codes.items()) if code != 0}
+    if failed:
+        log.error("%d run(s) failed: %s", len(failed), ", ".join(map(str, failed)))
+    return failed
+
+
+def summary_table(runs: Sequence[Run]) -> pd.DataFrame:
     """The last epoch of each run that has one: the grid's results at a glance."""
     cols = ["average", "mAP", "rank5", "pair_auc_cos", "pair_auc_fc"]
     rows = []
-    for cfg, fold, _ in jobs:
+    for cfg, fold, _ in runs:
         state = cfg.run_dir(fold) / "state.json"
         last = json.loads(state.read_text())["last"] if state.is_file() else None
         if last:
@@ -116,50 +173,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     cfg, grid = load_experiment(args.config)
     cfg = apply_overrides(cfg, args.set)
-    all_jobs = expand(cfg, grid)
-    jobs = [j for j in all_jobs if args.folds is None or j[1] in args.folds]
-    if not jobs:
-        raise KinretInputError(None, f"no run of {args.config} has fold {args.folds} (its folds: "
-                                     f"{sorted({f for _, f, _ in all_jobs})})")
-    fingerprints: dict = {}  # one walk of the data for the whole sweep
-    found = [run_status(c, f, fingerprints) for c, f, _ in jobs]
-    states = [s for s, _ in found]
-    for (c, f, _), s in zip(jobs, states, strict=True):
-        print(f"{s:>8}  {c.run_dir(f)}")
-    for s, detail in found:
-        if s == "stale":
-            log.warning("%s; it will be trained again from the start", detail)
-    conflicts = [detail for s, detail in found if s == "conflict"]
-    if conflicts:
-        raise KinretInputError(None, f"{len(conflicts)} run folder(s) hold another config, e.g. {conflicts[0]}")
-    todo = [(c, f, sets) for (c, f, sets), s in zip(jobs, states, strict=True) if s != "finished"]
-    print(f"{len(jobs)} runs: {len(jobs) - len(todo)} finished, {len(todo)} to train")
-    if args.dry_run or not todo:
-        return 0
-    cores = os.cpu_count() or 1
-    passed = (["--quiet"] if args.quiet else []) + (["--verbose"] if args.verbose else [])
-
-    def argv(i: int, threads: int, worker: bool = False) -> list[str]:
-        _, fold, sets = todo[i]
-        overrides = [*args.set, *sets, f"threads={threads}"]
-        # a worker's own bars would interleave: it is quiet, and this process shows the grid's progress instead
-        return ["-C", args.config, "--fold", str(fold), "--resume", *(["--quiet"] if worker else passed),
-                *itertools.chain.from_iterable(("--set", s) for s in overrides)]
-
-    # the first head-only run of each backbone builds the shared feature cache, with every core, before the
-    # parallel part; it runs in this process with this process's own verbosity
-    first: dict[tuple, int] = {}
-    for i, (c, _, _) in enumerate(todo):
-        if c.mode == "head":
-            first.setdefault((c.backbone, c.weights, c.pretrained, c.input_size, c.gem_p, c.data_root), i)
-    codes = {i: _train(argv(i, cores)) for i in first.values()}
-    rest = [i for i in range(len(todo)) if i not in codes]
-    codes.update(_train_rest(rest, argv, args.jobs, cores))
-    failed = [todo[i][0].run_dir(todo[i][1]) for i, code in codes.items() if code != 0]
-    table = summary_table(all_jobs).to_csv(index=False, float_format="%.4f", na_rep="nan", lineterminator="\n")
-    write_text_atomic(Path(cfg.out_root) / cfg.name / "grid_summary.csv", table)
-    print(table, end="")
-    if failed:
-        log.error("%d run(s) failed: %s", len(failed), ", ".join(map(str, failed)))
-        return 1
-    return 0
+    failed = train_experiment(cfg, expand(cfg, grid), args.folds, args.jobs, args.quiet, args.verbose, args.dry_run)
+    return 1 if failed else 0

@@ -14,17 +14,19 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from kinret.data.images import IMAGE_SUFFIXES
+from kinret.data.layout import DataLayout
 from kinret.data.pixels import content_hashes
 from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
 from kinret.models.config import TrainConfig, config_from_dict
 from kinret.train.checkpointing import derived_state
+from kinret.train.experiments import Run
 
 log = logging.getLogger("kinret.train")
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
@@ -35,35 +37,14 @@ HOW_TO_PROCEED = ("to keep it, train this config under another experiment name (
                   "(python -m kinret.train ... --restart does that)")
 
 
-def _image_files(root: Path, part: str) -> tuple[list[str], list[str]]:
-    """(family folder names, every image at F*/MID*/ as a path relative to `root`) of the FIW folder root/part, by
-    a plain directory walk on strings, in no particular order: a status check of many runs walks the data once a
-    run (see `run_status`), so it must cost far less than reading the layout."""
-    families, images = [], []
-    for fam in os.scandir(root / part):
-        if not fam.is_dir() or fam.name.startswith("."):
-            continue
-        families.append(fam.name)
-        for member in os.scandir(fam.path):
-            if member.is_dir() and not member.name.startswith("."):
-                images += [f"{part}/{fam.name}/{member.name}/{e.name}" for e in os.scandir(member.path)
-                           if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_SUFFIXES)]
-    return families, images
-
-
 def data_fingerprint(cfg: TrainConfig, fold: int) -> dict | None:
     """The families a run reads (DATA/train; with --fold -1 also DATA/val and its lists) and the SHA-1 of each of
     their images, by path relative to the data root. None when DATA/train does not exist (nothing to compare)."""
     root = Path(cfg.data_root)
-    if not (root / "train").is_dir():
+    layout = DataLayout.of(root) if root.is_dir() else None
+    if layout is None or layout.train is None:
         return None
-    families, names = [], []
-    for part in ("train", "val") if fold < 0 else ("train",):
-        if (root / part).is_dir():
-            fams, images = _image_files(root, part)
-            families += [f"{part}/{name}" for name in fams]
-            names += images + [f"{part}/{n}" for n in ("probe_list.csv", "gallery_list.csv")
-                               if (root / part / n).is_file()]
+    families, names = layout.training_files(with_val=fold < 0)
     prefix = f"{root}{os.sep}"
     hashes = content_hashes([prefix + n for n in names])
     return {"families": sorted(families), "files": dict(zip(names, hashes, strict=True))}
@@ -151,6 +132,17 @@ def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) ->
     if state is None:
         return "partial", f"{run_dir}: its state and summary lag behind its checkpoint: resume it"
     return ("finished", "") if state["finished"] else ("partial", "")
+
+
+def run_states(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """`run_status` of every run, the data of each folder walked once for the whole sweep."""
+    fingerprints: dict = {}
+    return [run_status(r.cfg, r.fold, fingerprints) for r in runs]
+
+
+def unfinished(runs: Sequence[Run]) -> list[tuple[Run, str]]:
+    """The runs not finished, each with its state (todo, partial, stale or conflict): what is left to train."""
+    return [(r, state) for r, (state, _) in zip(runs, run_states(runs), strict=True) if state != "finished"]
 
 
 def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) -> str:

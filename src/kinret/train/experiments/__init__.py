@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from kinret.errors import KinretInputError
 
@@ -56,12 +57,24 @@ def load_experiment(name: str) -> tuple[TrainConfig, list[dict[str, list]]]:
     return replace(cfg, name=path.stem if cfg.name == "default" else cfg.name), [dict(b) for b in blocks if b]
 
 
+class Run(NamedTuple):
+    """One run of an experiment: its config, its fold, and the grid point's overrides (empty without a GRID)."""
+
+    cfg: TrainConfig
+    fold: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir(self.fold)
+
+
 def _text(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainConfig, int, list[str]]]:
-    """(config, fold, --set overrides) for every grid point, in a stable order; a point listed twice runs once."""
+def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[Run]:
+    """The run of every grid point and fold, in a stable order; a point listed twice runs once."""
     jobs, seen = [], set()
     for block in grid or [{}]:
         folds = list(block.get("fold", range(cfg.n_folds)))
@@ -75,5 +88,12 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[tuple[TrainCon
             for fold in folds:
                 if (vcfg.name, fold) not in seen:
                     seen.add((vcfg.name, fold))
-                    jobs.append((vcfg, fold, sets))
+                    jobs.append(Run(vcfg, fold, tuple(sets)))
     return jobs
+
+
+def experiment_runs(name: str, data_root: str | Path, out_root: str | Path) -> tuple[TrainConfig, list[Run]]:
+    """The experiment's config and every run of its grid, on this data folder and into this runs folder."""
+    cfg, grid = load_experiment(name)
+    cfg = replace(cfg, data_root=str(data_root), out_root=str(out_root))
+    return cfg, expand(cfg, grid)

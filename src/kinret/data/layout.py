@@ -1,0 +1,150 @@
+"""A Track-3 data folder, read once: which parts it holds and each part as a typed object.
+
+    DATA/train/F0001/MID1/*.jpg                 labelled FIW folders (training, the out-of-fold protocols)
+    DATA/val/                                   labelled FIW folders, and optionally probe_list.csv + gallery_list.csv
+    DATA/test/probes/probe_subjects/s{i}/, DATA/test/gallery/gallery_faces/face{j}.jpg, probe.txt, gallery.txt
+    DATA/test_truth/probe_list.csv, gallery_list.csv    optional test labels
+
+`DataLayout.of(root)` looks at the folder once; its methods read a part when first asked (and keep it), and raise
+`KinretInputError` naming the file and line when a part is malformed. Training, scoring, the data check and the run
+status all ask it: nothing else looks at the folder's layout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from kinret.data.fiw import Family, family_folds, read_fiw
+from kinret.data.images import IMAGE_SUFFIXES
+from kinret.data.split import Track3Split, build_protocol, read_codalab, read_labelled
+from kinret.errors import KinretInputError
+
+LISTS = ("probe_list.csv", "gallery_list.csv")  # the RFIW2021 labelled lists, always a pair
+
+
+def _pair(folder: Path) -> tuple[Path, Path] | None:
+    """The labelled lists in `folder` when both are there; one without the other is refused."""
+    found = [(folder / name).is_file() for name in LISTS]
+    if all(found):
+        return folder / LISTS[0], folder / LISTS[1]
+    if any(found):
+        raise KinretInputError(folder, f"{LISTS[0]} and {LISTS[1]} come together (only "
+                                       f"{LISTS[found.index(True)]} is there)")
+    return None
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The parts of one data folder. `train`, `val`, `test` are the folders that exist (None otherwise);
+    `truth` is DATA/test_truth when its probe list is there."""
+
+    root: Path
+    train: Path | None
+    val: Path | None
+    test: Path | None
+    truth: Path | None
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, root: str | os.PathLike) -> DataLayout:
+        """The layout of `root`; a folder that does not exist is refused."""
+        root = Path(root)
+        if not root.is_dir():
+            raise KinretInputError(root, "data folder does not exist")
+
+        def part(name: str) -> Path | None:
+            return root / name if (root / name).is_dir() else None
+
+        truth = root / "test_truth"
+        return cls(root, part("train"), part("val"), part("test"),
+                   truth if (truth / LISTS[0]).is_file() else None)
+
+    # ---- training families -----------------------------------------------------------------------------------------
+    @cached_property
+    def train_families(self) -> list[Family]:
+        """DATA/train's families in family-id order."""
+        if self.train is None:
+            raise KinretInputError(self.root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
+        return sorted(read_fiw(self.train), key=lambda f: f.fid)
+
+    @cached_property
+    def val_families(self) -> list[Family]:
+        """DATA/val's families (empty without DATA/val)."""
+        return read_fiw(self.val) if self.val is not None else []
+
+    def fold_families(self, n_folds: int, fold_seed: int, fold: int) -> tuple[list[Family], list[Family]]:
+        """(families trained on, families held out) of one run: fold k of `family_folds`; fold -1 trains on every
+        training family and holds out DATA/val's."""
+        families = self.train_families
+        if fold < 0:
+            return families, self.val_families
+        if fold >= n_folds:
+            raise KinretInputError(None, f"--fold {fold} is out of range for n_folds={n_folds}")
+        folds = family_folds(families, n_folds, fold_seed)
+        return [f for f in families if folds[f.fid] != fold], [f for f in families if folds[f.fid] == fold]
+
+    # ---- val and test ----------------------------------------------------------------------------------------------
+    @property
+    def val_lists(self) -> tuple[Path, Path] | None:
+        """DATA/val/probe_list.csv and gallery_list.csv, when DATA/val holds them."""
+        return _pair(self.val) if self.val is not None else None
+
+    def val_split(self, seed: int) -> Track3Split | None:
+        """DATA/val as a labelled split: its lists when present, else a protocol drawn from its families (seeded);
+        None without DATA/val."""
+        if self.val is None:
+            return None
+        key = ("val", seed)
+        if key not in self._memo:
+            lists = self.val_lists
+            self._memo[key] = (read_labelled(*lists, self.val, name="val") if lists is not None
+                               else build_protocol(self.val_families, self.val, seed=seed, name="val")[0])
+        return self._memo[key]
+
+    @cached_property
+    def test_split(self) -> Track3Split:
+        """The Codalab test split (DATA/test)."""
+        return read_codalab(self.root / "test", name="test")
+
+    @cached_property
+    def test_labels(self) -> Track3Split | None:
+        """DATA/test_truth's labelled lists, their row counts checked against the test split; None without them."""
+        truth = self.truth_lists()
+        if truth is None:
+            return None
+        test = self.test_split
+        for path, n_truth, n_test, kind in ((self.truth / LISTS[0], len(truth.probes), len(test.probes), "probe"),
+                                            (self.truth / LISTS[1], len(truth.gallery), len(test.gallery), "gallery")):
+            if n_truth != n_test:
+                raise KinretInputError(path, f"has {n_truth} rows but the test split has {n_test} {kind} entries")
+        return truth
+
+    def truth_lists(self) -> Track3Split | None:
+        """DATA/test_truth's labelled lists as they are, not yet held against the test split."""
+        if self.truth is None:
+            return None
+        return read_labelled(self.truth / LISTS[0], self.truth / LISTS[1], None, name="test truth")
+
+    # ---- what a run's data is made of --------------------------------------------------------------------------------
+    def training_files(self, with_val: bool) -> tuple[list[str], list[str]]:
+        """(family folders as `part/F0001`, files as paths relative to the root: every image at F*/MID*/ and the
+        labelled lists) of DATA/train, and DATA/val too `with_val`, by a plain directory walk in no particular order:
+        a status check of many runs fingerprints the data, so it must cost far less than reading the families."""
+        families, files = [], []
+        for part, folder in (("train", self.train), ("val", self.val if with_val else None)):
+            if folder is None:
+                continue
+            for fam in os.scandir(folder):
+                if not fam.is_dir() or fam.name.startswith("."):
+                    continue
+                families.append(f"{part}/{fam.name}")
+                for member in os.scandir(fam.path):
+                    if member.is_dir() and not member.name.startswith("."):
+                        files += [f"{part}/{fam.name}/{member.name}/{e.name}" for e in os.scandir(member.path)
+                                  if e.is_file() and not e.name.startswith(".")
+                                  and e.name.lower().endswith(IMAGE_SUFFIXES)]
+            files += [f"{part}/{n}" for n in LISTS if (folder / n).is_file()]
+        return families, files
