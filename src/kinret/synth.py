@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from kinret.cli import parser, run_command
+from kinret.data import DEFAULT_ROOT
 from kinret.data.fiw import read_fiw
 from kinret.data.split import Track3Split, read_codalab, read_labelled
 from kinret.data.synth import SynthConfig, generate
@@ -155,7 +156,7 @@ FIELD_HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("python -m kinret.synth", __doc__)
-    p.add_argument("--root", type=Path, default=Path("data") / "synthetic", help="where the dataset goes")
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where the dataset goes")
     for f in dataclasses.fields(SynthConfig):
         if f.name != "version":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,

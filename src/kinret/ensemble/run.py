@@ -20,6 +20,7 @@ from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
+from kinret.features.sources import ImageSet
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
 from kinret.scoring.splits import SplitData, build_splits, split_group
@@ -60,14 +61,25 @@ def score_everything(groups: list[Group], splits: dict[str, SplitData], scores_d
     return out
 
 
-def embed_missing(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> None:
-    """Compute the embeddings behind every missing score matrix, source by source in one fixed order: run by every
-    process under torchrun, each computing its share of each cache's chunks."""
+def pending_embeddings(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
+                       ) -> list[tuple[object, ImageSet]]:
+    """(source, image set) of every embedding a missing score matrix needs, each pair once, in one fixed order."""
+    out, seen = [], set()
     for g in groups:
         for sd in splits.values():
             if missing_scores(g, sd, scores_dir):
                 for source in g.sources_for(sd):
-                    source.embeddings(sd.images)
+                    if (id(source), sd.images.label) not in seen:
+                        seen.add((id(source), sd.images.label))
+                        out.append((source, sd.images))
+    return out
+
+
+def embed_missing(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> None:
+    """Compute the embeddings behind every missing score matrix, source by source in one fixed order: run by every
+    process under torchrun, each computing its share of each cache's chunks."""
+    for source, images in pending_embeddings(groups, splits, scores_dir):
+        source.embeddings(images)
 
 
 def chance_table(splits: dict[str, SplitData]) -> pd.DataFrame:

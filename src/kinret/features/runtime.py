@@ -4,20 +4,16 @@ run by OpenCV's cv2.dnn.
 `frozen_runtime` picks "cv2-int8" for an `SFaceBackbone` whose weights are still the shipped ones (its state digest
 equals the pristine one) on a CPU, with SFace's own input convention; anything else (a fine-tuned SFace, a timm
 network, a GPU) keeps "torch-fp32", the torch module. cv2.dnn dequantises the block-quantised int8 weights and
-computes in float32: its embeddings and pooled feature maps agree with the torch module's to ~1e-6 (cosine > 0.9999,
-tested), at about 3x the speed of torch float32 on 2 CPU cores. The runtime name is part of the feature cache key,
-so the two never share a cache file.
+computes in float32: its embeddings and pooled feature maps agree with the torch module's (cosine > 0.9999, checked
+on first use and tested). The runtime name is part of the feature cache key, so the two never share a cache file.
 
 The feature map for avg/max/gem pooling comes from the same cv2 pass: `bn1` is declared as a second graph output
 (`kinret.models.sface.sface_onnx_with_feature_map`), since OpenCV 5 only returns graph outputs.
 
 Both cores: `threads` worker threads, each with its own cv2 net run single-threaded, each decoding (or slicing) its
 own batch, so decoding, the BGR conversion and the pooling of one batch overlap inference of the other (cv2 releases
-the GIL while it runs). Measured on 2 shared cores, 128 faces with their mirrors, interleaved: on a quiet machine
-one net with 2 cv2 threads 34.8 img/s, the same with the next batch decoded meanwhile 39.4, two single-threaded
-nets 37.6-39.8 (batch 16-64); under load (load average 3-6) 19.5, 25.1 and 22.7-26.4. The two nets never wait on
-each other, so they are kept. `benchmarks/bench_embed.py`: this path 39.2 img/s against a bare cv2.dnn loop's 39.3
-(ratio 1.00) and torch float32's 13.3.
+the GIL while it runs); the two nets never wait on each other. `benchmarks/bench_embed.py` compares this path with a
+bare cv2.dnn loop and with torch float32 (see docs/decisions.md for the figures).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kinret.data import DEFAULT_ROOT
 from kinret.errors import KinretInputError
 
 
@@ -23,7 +24,7 @@ class TrainConfig:
     """Defaults after the seed paper (SGD, lr 1e-2, momentum 0.9, 5,000 + 5,000 pairs an epoch, comb1, BCE)."""
 
     name: str = "default"
-    data_root: str = "data/synthetic"   # holds train/ (FIW folders) and optionally val/
+    data_root: str = str(DEFAULT_ROOT)  # holds train/ (FIW folders) and optionally val/
     out_root: str = "runs"
     # model
     backbone: str = "resnet18"          # any timm name, or "sface" (the bundled pretrained face network)
@@ -73,7 +74,7 @@ class TrainConfig:
     amp: bool = True                    # CUDA only
     channels_last: bool = True          # memory format for convolutions (CPU and CUDA)
     threads: int = 0                    # torch threads on CPU; 0 = torch's default
-    # fine-tuning from a pretrained network (see experiments/sface_finetune.py); the defaults keep the older behaviour
+    # fine-tuning from a pretrained network (see experiments/sface_finetune.py)
     class_init: str = "random"          # margin-loss class weights: random | means (the normalised family means of
                                         # the starting embeddings, so training starts at the pretrained network)
     classifier_lr: float = 0.0          # lr of the loss's own parameters (class weights); 0: the same as lr

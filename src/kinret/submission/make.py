@@ -30,7 +30,7 @@ from kinret.data import DEFAULT_ROOT
 from kinret.data.layout import DataLayout
 from kinret.data.synth import SynthConfig, ensure_default, made_from
 from kinret.ensemble.cli import add_ensemble_args, glance, settings_from_args
-from kinret.ensemble.run import EnsembleResult, plan, prepare, run_ensemble
+from kinret.ensemble.run import EnsembleResult, pending_embeddings, plan, prepare, run_ensemble
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource
@@ -116,19 +116,9 @@ def prepare_outputs(args: argparse.Namespace, started: float) -> None:
 def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> tuple[list, int]:
     """(source, image set) pairs whose frozen-backbone features a score matrix still needs, and their image count
     (the out-of-fold sets are rows of the training set: counted, and computed, once)."""
-    todo, seen, count = [], set(), 0
-    for g in groups:
-        source = g.sources.get(None)
-        if not isinstance(source, BackboneSource):
-            continue
-        for sd in splits.values():
-            if missing_scores(g, sd, scores_dir):
-                images = sd.images.parent or sd.images
-                if (id(source), images.label) not in seen:
-                    seen.add((id(source), images.label))
-                    todo.append((source, images))
-                    count += len(images.paths)
-    return todo, count
+    todo = [(s, im) for s, im in pending_embeddings(groups, splits, scores_dir) if isinstance(s, BackboneSource)]
+    sizes = {(id(s), (im.parent or im).label): len((im.parent or im).paths) for s, im in todo}
+    return todo, sum(sizes.values())
 
 
 def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], runs: list[Run]) -> None:

@@ -2,13 +2,9 @@
 
 Family losses (CosFace, SupCon) train a residual neck, started as the identity, on the embedding that cosine
 similarity compares; the paper's pair loss (BCE on comb2) trains an FC head whose shortlist re-rank is scored beside
-its cosine. Every variant x fold shares one feature cache. Trimmed to what earned its cost out of fold (see
-DEVELOPERS.md "Default grid"): the focal loss, comb1 and absdiff never beat these on the synthetic default, and an FC
-head over every probe-photo x gallery pair never beat its cosine on synthetic or real families; they stay available
-in `sface_heads_full`. Three folds: three out-of-fold protocols, each fold model trained on two thirds of the
-families. No mirror view: on the synthetic default it made the feature pass 1.75x longer (108 s against 62 s) and
-left the submitted CosFace variant where it was out of fold (-0.003, 95% interval [-0.037, +0.030]), though it
-lifted zero-shot SFace (+0.034 [+0.008, +0.063]); `sface_heads_full` keeps it.
+its cosine. Every variant x fold shares one feature cache; three folds give three out-of-fold protocols, each fold
+model trained on two thirds of the families; one view per image (no mirror). Why this grid and not more:
+docs/decisions.md ("The default grid", "The mirror view"); the full grid is `sface_heads_full`.
 """
 from dataclasses import replace
 
