@@ -22,11 +22,13 @@ from kinret.metrics import chance_level
 from kinret.models.config import TrainConfig
 from kinret.scoring.splits import SplitData
 from kinret.scoring.store import safe_name
-from kinret.scoring.variants import Group, group_scores, missing_scores
+from kinret.scoring.variant_kinds import Cosine
+from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
 from kinret.train.runs import run_status
 
 log = logging.getLogger("kinret.ensemble")
-REFERENCES = ("sface:cos-native-meanemb", "raw_pixels:cos-pixels-meanemb")  # zero-shot SFace, else raw pixels
+REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot SFace
+              variant_name("raw_pixels", Cosine("pixels", "meanemb")))  # else raw pixels
 
 
 @dataclass
