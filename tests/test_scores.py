@@ -1,14 +1,30 @@
-"""Similarity variants against naive loops, per-probe normalisation by hand, and the score-matrix file contract."""
+"""Similarity variants against naive loops, the variant kinds (names, fold reduction, shared work), per-probe
+normalisation by hand, and the score-matrix file contract."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from kinret.ensemble.blend import normalise
 from kinret.errors import KinretInputError
-from kinret.scoring.similarity import cosine_variant, fc_matrix, fc_rerank, fc_variant, rerank
+from kinret.scoring.similarity import FUSIONS, cosine_variant, fc_matrix, fc_rerank, fc_variant, probe_scores, rerank
+from kinret.scoring.splits import SplitData
 from kinret.scoring.store import ids_path, load_scores, save_scores, stored_key
+from kinret.scoring.transductive import RESCORINGS
+from kinret.scoring.variant_kinds import (
+    KINDS,
+    Cosine,
+    FcAllPairs,
+    FcRerank,
+    GroupSpec,
+    Rescored,
+    offered_variants,
+    parse_kind,
+)
+from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
 
 
 def unit(x):
@@ -36,8 +52,12 @@ def test_cosine_meanemb_orders_as_mean_of_cosines_and_max_is_the_max(embs):
     assert np.array_equal(np.argsort(-got, 1), np.argsort(-mean, 1))
     assert np.allclose(cosine_variant(pe, owner, 3, ge, "max"), np.stack([cos[owner == p].max(0) for p in range(3)]),
                        atol=1e-6)
-    with pytest.raises(ValueError, match="unknown cosine aggregation"):
-        cosine_variant(pe, owner, 3, ge, "median")
+    for bad in (lambda: cosine_variant(pe, owner, 3, ge, "median"), lambda: cosine_variant(pe, owner, 3, ge, "mean"),
+                lambda: probe_scores(pe, np.ones(7, bool), owner, 3, ge, np.ones(11, bool), "mean")):
+        with pytest.raises(ValueError, match="unknown cosine fusion .*; choose one of meanemb, max"):
+            bad()
+    with pytest.raises(ValueError, match="unknown fc fusion 'median'; choose one of mean, max, meanemb"):
+        fc_variant(pair_fn, pe, owner, 3, ge, "median")
 
 
 @pytest.mark.parametrize("max_pairs", [1, 7, 11, 10_000])
@@ -79,6 +99,94 @@ def test_fc_rerank_runs_the_head_on_the_shortlist_only_and_equals_the_full_reran
     want = rerank(cosine_variant(pe, owner, 3, ge), fc_variant(pair_fn, pe, owner, 3, ge, "mean"), top_n)
     assert np.allclose(fc_rerank(counted, pe, owner, 3, ge, top_n, max_pairs), want, atol=1e-6)
     assert sum(calls) == len(pe) * min(top_n, len(ge)) and max(calls) <= max(max_pairs, min(top_n, len(ge)))
+
+
+# ---- variant kinds ---------------------------------------------------------------------------------------------------
+EVERY_KIND = GroupSpec(("emb", "native"), "emb", pair_head=True, top_n=5)  # a spec every registered kind offers for
+
+
+def test_every_kinds_name_parses_back_to_an_equal_variant():
+    listed, on_request = offered_variants(EVERY_KIND)
+    every = [*listed, *on_request]
+    assert {type(k) for k in every} == set(KINDS)  # a new kind offers variants here, so its names are checked
+    assert len({k.label for k in every}) == len(every)
+    for kind in [*every, FcRerank(100, "emb"), Rescored("dba10-clus-div5", "native"), Cosine("max", "max")]:
+        assert parse_kind(kind.label) == kind and parse_kind(kind.label).label == kind.label
+    assert parse_kind("cos-emb-meanemb") == Cosine("emb", "meanemb") and parse_kind("fc-max") == FcAllPairs("max")
+    assert parse_kind("rerank100-emb") == FcRerank(100) and parse_kind("dsm-native") == Rescored("dsm", "native")
+    assert parse_kind("dba10-clus-div5-emb") == Rescored("dba10-clus-div5", "emb")
+    assert variant_name("sface", Cosine("native")) == "sface:cos-native-meanemb"
+    assert variant_name("team", None) == "team"
+
+
+@pytest.mark.parametrize("name, match", [
+    ("median-emb", "unknown variant name 'median-emb'; a name is one of: cos-EMB-FUSION"),
+    ("cos-emb", "unknown variant name"),
+    ("cos-a-b-meanemb", "unknown variant name"),
+    ("rerank0-emb", "unknown variant name"),
+    ("", "unknown variant name"),
+    ("cos-emb-median", "unknown cosine fusion 'median'; choose one of meanemb, max"),
+    ("cos-emb-mean", "unknown cosine fusion 'mean'"),
+    ("fc-meanest", "unknown fc fusion 'meanest'; choose one of mean, max, meanemb"),
+    ("dba10-", "embedding name '' must be"),
+    ("rerank5-a:b", "embedding name 'a:b' must be"),
+])
+def test_an_unknown_or_malformed_name_is_refused(name, match):
+    with pytest.raises(KinretInputError, match=match):
+        parse_kind(name)
+
+
+def test_bad_parameters_are_refused():
+    recipes = ", ".join(RESCORINGS)
+    for make, match in [(lambda: Cosine("emb", "median"), "unknown cosine fusion"),
+                        (lambda: Rescored("dba99", "emb"), f"unknown re-scoring 'dba99'; choose one of {recipes}"),
+                        (lambda: FcRerank(0), "positive"), (lambda: FcRerank(True), "positive"),
+                        (lambda: FcAllPairs("meanemb-x"), "unknown fc fusion"), (lambda: Cosine("a-b"), "embedding")]:
+        with pytest.raises(KinretInputError, match=match):
+            make()
+
+
+class FoldModel:
+    """A fold model's embeddings of a split's images and a counted pair head."""
+
+    def __init__(self, seed):
+        self.seed, self.pairs = seed, 0
+
+    def key(self, images):
+        return f"fold{self.seed}"
+
+    def embeddings(self, images):
+        return {"emb": np.random.default_rng(self.seed).normal(size=(len(images), 5)).astype(np.float32)}
+
+    def pair_fn(self, a, b):
+        self.pairs += len(a)
+        return pair_fn(a, b) + self.seed
+
+
+def test_fold_models_average_and_share_the_fc_matrix(tmp_path, embs):
+    pe, owner, ge = embs
+    split = SimpleNamespace(probes=[SimpleNamespace(ref=f"s{i}") for i in range(3)],
+                            gallery=[SimpleNamespace(ref=f"f{j}") for j in range(11)])
+    sd = SplitData("val", split, list(range(18)), np.arange(7), owner, np.arange(7, 18), None)
+    models = {0: FoldModel(0), 1: FoldModel(1)}
+    kinds = [Cosine("emb", f) for f in FUSIONS["cosine"]] + [FcAllPairs(f) for f in FUSIONS["fc"]] + [FcRerank(4)]
+    group = Group("g", kinds, models)
+    got = group_scores(group, sd, tmp_path)
+    assert list(got) == group.variants and missing_scores(group, sd, tmp_path) == []
+    for m in models.values():  # per fold model: the head over every image pair once for mean and max
+        assert m.pairs == 7 * 11 + 3 * 11 + 7 * 4
+    parts = {k: [] for k in kinds}
+    for m in models.values():
+        e = m.embeddings(sd.images)["emb"]
+        for f in FUSIONS["cosine"]:
+            parts[Cosine("emb", f)].append(cosine_variant(e[:7], owner, 3, e[7:], f))
+        for f in FUSIONS["fc"]:
+            parts[FcAllPairs(f)].append(fc_variant(m.pair_fn, e[:7], owner, 3, e[7:], f))
+        parts[FcRerank(4)].append(fc_rerank(m.pair_fn, e[:7], owner, 3, e[7:], 4))
+    for kind, (a, b) in parts.items():
+        assert np.allclose(got[variant_name("g", kind)], (a + b) / 2, atol=1e-6), kind.label
+    oof = SplitData("oof1", split, sd.images, sd.probe_rows, owner, sd.gallery_rows, None)
+    assert np.array_equal(group_scores(group, oof, tmp_path)["g:fc-max"], parts[FcAllPairs("max")][1])
 
 
 def test_normalise_by_hand():

@@ -27,7 +27,8 @@ from kinret.scoring.transductive import (
     rescore,
     sinkhorn,
 )
-from kinret.scoring.variants import Group, Similarity, group_scores, joint_vectors, similarities
+from kinret.scoring.variant_kinds import Cosine, FcAllPairs, GroupSpec, Rescored, joint_vectors, offered_variants
+from kinret.scoring.variants import Group, group_scores
 
 
 def unit(x):
@@ -256,14 +257,24 @@ def test_dba_joins_a_noisy_face_to_its_identity():
 
 
 # ---- wiring into the variants ----------------------------------------------------------------------------------------
+def labels(kinds):
+    return [k.label for k in kinds]
+
+
 def test_the_listed_variants():
-    names = [s.label for s in similarities(["emb"], True, 100, rescore_emb="emb")]
-    assert names == ["cos-emb-meanemb", "cos-emb-max", *(f"{r}-emb" for r in DEFAULT_RESCORINGS), "rerank100-emb"]
-    every = [s.label for s in similarities(["emb"], True, 100, rescore_emb="emb", every_rescoring=True)]
-    assert [n for n in every if n not in names] == ["qe5-emb", "sink-emb"]
+    listed, on_request = offered_variants(GroupSpec(("emb",), "emb", pair_head=True))
+    assert labels(listed) == ["cos-emb-meanemb", "cos-emb-max", *(f"{r}-emb" for r in DEFAULT_RESCORINGS),
+                              "rerank100-emb"]
+    assert labels(on_request) == ["qe5-emb", "sink-emb", "fc-mean", "fc-max", "fc-meanemb"]
     assert set(DEFAULT_RESCORINGS) < set(RESCORINGS)
-    assert "fc-mean" in [s.label for s in similarities(["emb"], True, fc_all=True)]
-    assert len(similarities(["a", "b"], False)) == 4
+    listed, on_request = offered_variants(GroupSpec(("emb",), "emb", pair_head=True, top_n=7, fc_all=True))
+    assert labels(listed)[-4:] == ["fc-mean", "fc-max", "fc-meanemb", "rerank7-emb"]
+    assert labels(on_request) == ["qe5-emb", "sink-emb"]
+    listed, on_request = offered_variants(GroupSpec(("a", "b")))  # no main embedding, no pair head
+    assert labels(listed) == ["cos-a-meanemb", "cos-a-max", "cos-b-meanemb", "cos-b-max"] and on_request == []
+    listed, on_request = offered_variants(GroupSpec(("pixels",), "pixels", rescore_listed=False))
+    assert labels(listed) == ["cos-pixels-meanemb", "cos-pixels-max"]
+    assert labels(on_request) == [f"{r}-pixels" for r in RESCORINGS]
     assert 4 <= len(RESCORINGS) <= 8
 
 
@@ -288,8 +299,8 @@ def fake_split(n_probe_images=7, n_gallery=25):
 
 def test_fold_models_are_re_scored_once_on_the_mean_of_their_cosines(tmp_path):
     sd = fake_split()
-    sims = [Similarity("cos", "emb", "meanemb"), Similarity("tr", "emb", "dba10"), Similarity("tr", "emb", "dsm")]
-    group = Group("g", sims, {0: FakeSource(0), 1: FakeSource(1)})
+    kinds = [Cosine("emb", "meanemb"), Rescored("dba10", "emb"), Rescored("dsm", "emb")]
+    group = Group("g", kinds, {0: FakeSource(0), 1: FakeSource(1)})
     got = group_scores(group, sd, tmp_path)
     views = []
     for seed in (0, 1):
@@ -314,8 +325,8 @@ def test_fc_over_all_pairs_only_on_request(tmp_path):
     assert not any(v.startswith("raw_pixels:") and not v.startswith("raw_pixels:cos-") for v in variants)
     kept = filter_groups(groups, ["raw_pixels:dba10-pixels", "team:qe5-emb"])  # the rest is scored when named
     assert [v for g in kept for v in g.variants] == ["raw_pixels:dba10-pixels", "team:qe5-emb"]
-    pair = Group("pairs", similarities(["emb"], True, rescore_emb="emb"), {},
-                 on_request=[s for s in similarities(["emb"], True, fc_all=True) if s.kind == "fc"])
+    listed, on_request = offered_variants(GroupSpec(("emb",), "emb", pair_head=True))
+    pair = Group("pairs", listed, {}, on_request=[k for k in on_request if isinstance(k, FcAllPairs)])
     assert not any(":fc-" in v for v in pair.variants)
     kept = filter_groups([*groups, pair], ["pairs:fc-mean", "team:dsm-emb"])
     assert [v for g in kept for v in g.variants] == ["team:dsm-emb", "pairs:fc-mean"]

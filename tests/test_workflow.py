@@ -81,7 +81,7 @@ def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr("kinret.scoring.variants._score_one", fail)
+    monkeypatch.setattr("kinret.scoring.variants.source_parts", fail)
     monkeypatch.setattr("kinret.submission.make.train_experiment", fail)
     assert submit.main(args(tiny_data, done)) == 0
 
@@ -197,7 +197,7 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
 def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_path, capsys, monkeypatch):
     from kinret.ensemble.cli import main as ensemble_main
 
-    monkeypatch.setattr("kinret.scoring.variants._score_one", lambda *a: pytest.fail("recomputed a cached matrix"))
+    monkeypatch.setattr("kinret.scoring.variants.source_parts", lambda *a: pytest.fail("recomputed a cached matrix"))
     base = ["--data-root", str(tiny_data), "--experiments", "tiny", "--runs", str(done / "runs"), "--quiet"]
     ens = tmp_path / "ens"
     shutil.copytree(done / "ens", ens)

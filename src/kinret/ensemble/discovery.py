@@ -2,10 +2,12 @@
 the groups of variants they yield (raw pixels, each frozen backbone's poolings, each trained variant's fold models,
 external embeddings or score matrices in ensemble/external/), optionally narrowed to some names.
 
-Every source's main embedding (raw pixels, a frozen backbone's native embedding or else its average pooling, a
-trained variant's or an external file's "emb") also gets the transductive re-scorings of its cosine
-(`kinret.scoring.transductive.RESCORINGS`). The FC head over every probe-photo x gallery pair (`fc-mean`, `fc-max`,
-`fc-meanemb`) is listed only with `fc_all`; otherwise it is scored only when named (`filter_groups`)."""
+Each group is described by a `GroupSpec` (its embeddings, its main embedding, whether it has a trained FC pair head)
+and gets every variant the kinds of `kinret.scoring.variant_kinds` offer for it: every source's main embedding (raw
+pixels, a frozen backbone's native embedding or else its average pooling, a trained variant's or an external file's
+"emb") also gets the transductive re-scorings of its cosine (`kinret.scoring.transductive.RESCORINGS`). The FC head
+over every probe-photo x gallery pair (`fc-mean`, `fc-max`, `fc-meanemb`) is listed only with `fc_all`; otherwise it
+is scored only when named (`filter_groups`)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEm
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import loss_kind
 from kinret.models.networks import pool_names
-from kinret.scoring.variants import Group, Similarity, similarities
+from kinret.scoring.variant_kinds import GroupSpec, VariantKind, offered_variants
+from kinret.scoring.variants import Group
 from kinret.train.experiments import load_experiment
 from kinret.train.grid import expand
 
@@ -49,13 +52,10 @@ def main_pooling(backbone: str) -> str:
     return "native" if "native" in names else "avg"
 
 
-def _group(name: str, embs: Sequence[str], has_fc: bool, top_n: int, fc_all: bool, main: str | None,
-           sources: dict, rescore_listed: bool = True) -> Group:
-    """A group listing its variants (FC over all pairs only with `fc_all`; the default re-scorings of `main` unless
-    `rescore_listed` is False) and holding the rest on request, scored when named."""
-    listed = similarities(embs, has_fc, top_n, fc_all, main if rescore_listed else None)
-    every = similarities(embs, has_fc, top_n, True, main, every_rescoring=True)
-    return Group(name, listed, sources, on_request=[s for s in every if s not in listed])
+def _group(name: str, spec: GroupSpec, sources: dict) -> Group:
+    """A group listing the variants `spec` lists and holding the rest on request, scored when named."""
+    listed, on_request = offered_variants(spec)
+    return Group(name, listed, sources, on_request=on_request)
 
 
 def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_dir: Path, external_dir: Path | None,
@@ -66,27 +66,29 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
     backbones: dict = {}
     groups: list[Group] = []
     if raw_pixels:
-        groups.append(_group("raw_pixels", ["pixels"], False, top_n, fc_all, "pixels",  # a baseline, kept plain
-                             {None: RawPixelSource(cache_dir)}, rescore_listed=False))
+        plain = GroupSpec(("pixels",), "pixels", top_n=top_n, fc_all=fc_all, rescore_listed=False)  # a baseline
+        groups.append(_group("raw_pixels", plain, {None: RawPixelSource(cache_dir)}))
     seen_backbones = set()
     by_variant: dict[str, Group] = {}
     for cfg, fold, _ in jobs:
         if cfg.mode == "head" and (cfg.backbone, cfg.weights) not in seen_backbones:
             seen_backbones.add((cfg.backbone, cfg.weights))
             src = BackboneSource(cfg, cache_dir, backbones)
-            groups.append(_group(src.name, pool_names(cfg.backbone), False, top_n, fc_all, main_pooling(cfg.backbone),
-                                 {None: src}))
+            spec = GroupSpec(tuple(pool_names(cfg.backbone)), main_pooling(cfg.backbone), top_n=top_n, fc_all=fc_all)
+            groups.append(_group(src.name, spec, {None: src}))
         if cfg.name not in by_variant:
             embs = ["emb"]
             if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding
                 embs += [p for p in pool_names(cfg.backbone) if not (p == cfg.pool and cfg.neck == "none")]
-            by_variant[cfg.name] = _group(cfg.name, embs, loss_kind(cfg.loss) == "pair", top_n, fc_all, "emb", {})
+            spec = GroupSpec(tuple(embs), "emb", loss_kind(cfg.loss) == "pair", top_n, fc_all)
+            by_variant[cfg.name] = _group(cfg.name, spec, {})
             groups.append(by_variant[cfg.name])
         by_variant[cfg.name].sources[fold] = CheckpointSource(cfg.run_dir(fold), cache_dir, backbones)
     if external_dir is not None and Path(external_dir).is_dir():
         for folder in sorted(p for p in Path(external_dir).iterdir() if p.is_dir()):
             if (folder / "embeddings.npz").is_file():
-                groups.append(_group(folder.name, ["emb"], False, top_n, fc_all, "emb",
+                spec = GroupSpec(("emb",), "emb", top_n=top_n, fc_all=fc_all)
+                groups.append(_group(folder.name, spec,
                                      {None: ExternalEmbeddings(folder / "embeddings.npz", folder.name)}))
             elif any(folder.glob("*.npy")):
                 groups.append(Group(folder.name, [], scores_dir=folder))
@@ -132,7 +134,7 @@ def filter_groups(groups: list[Group], keep: Sequence[str] | None) -> list[Group
         if g.name in keep:
             out.append(g)
             continue
-        sims: list[Similarity] = [s for s in [*g.sims, *g.on_request] if g.variant(s) in keep]
-        if sims:
-            out.append(Group(g.name, sims, g.sources, g.scores_dir))
+        kinds: list[VariantKind] = [k for k in [*g.kinds, *g.on_request] if g.variant(k) in keep]
+        if kinds:
+            out.append(Group(g.name, kinds, g.sources, g.scores_dir))
     return out

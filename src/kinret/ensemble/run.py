@@ -25,11 +25,13 @@ from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
 from kinret.scoring.splits import SplitData, build_splits, split_group
 from kinret.scoring.store import safe_name
-from kinret.scoring.variants import Group, group_scores, missing_scores
+from kinret.scoring.variant_kinds import Cosine
+from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
 from kinret.train.experiments import Run, experiment_runs
 
 log = logging.getLogger("kinret.ensemble")
-REFERENCES = ("sface:cos-native-meanemb", "raw_pixels:cos-pixels-meanemb")  # zero-shot SFace, else raw pixels
+REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot SFace
+              variant_name("raw_pixels", Cosine("pixels", "meanemb")))  # else raw pixels
 
 
 @dataclass

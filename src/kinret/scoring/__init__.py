@@ -1,7 +1,7 @@
 """Scoring: similarities of per-image embeddings fused over a probe's photos (`similarity`), from scores to one
 ranking of the gallery (`ranking`), gallery-aware re-scoring (`transductive`), the score store and its ids contract
-(`store`), the splits every variant is scored on (`splits`), and the variants with their cached score matrices
-(`variants`).
+(`store`), the splits every variant is scored on (`splits`), the kinds of variant in a registry (`variant_kinds`), and
+groups of variants with their cached score matrices (`variants`).
 
 May import: kinret's base modules, `data`, `models`, `features`.
 """

@@ -1,10 +1,10 @@
 """Similarities as pure functions of per-image embeddings: cosine and the trained FC pair head, fused over each
 probe's images, and the FC re-rank of a cosine shortlist. Arrays in, (P, N) float32 scores out; no I/O.
 
-For a probe with images e_1..e_m and a gallery face g:
+For a probe with images e_1..e_m and a gallery face g, the fusions `FUSIONS` lists per similarity:
   cosine, "meanemb": cos(mean of the unit e_i, g) -- the same order as the mean of the cosines (the mean of unit
                      vectors dotted with g is that mean, and renormalising divides a whole row by one positive
-                     number), at a fraction of the cost, so the mean of cosines is not computed separately;
+                     number), at a fraction of the cost, so the mean of cosines is not offered;
           "max":     max_i cos(e_i, g)
   fc (the trained pair head h), "mean": mean_i h(e_i, g);  "max": max_i h(e_i, g);  "meanemb": h(mean embedding, g)
   rerank: the cosine (meanemb) top-N of each probe re-ordered by fc "mean", kept above the rest of the gallery (the
@@ -23,9 +23,17 @@ from kinret.models.networks import PairFn
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", "max")  # late fusion of per-image score rows
-COSINE_AGGREGATIONS = ("meanemb", "max")
-FC_AGGREGATIONS = ("mean", "max", "meanemb")
+EARLY_FUSION = "meanemb"  # a probe's mean unit embedding, scored once; every other fusion reduces per-image rows
+# The fusions of a probe's photos each similarity offers, in the order its variants are listed.
+FUSIONS: dict[str, tuple[str, ...]] = {"cosine": (EARLY_FUSION, "max"), "fc": ("mean", "max", EARLY_FUSION)}
+LATE_FUSIONS = tuple(dict.fromkeys(f for offered in FUSIONS.values() for f in offered if f != EARLY_FUSION))
+
+
+def check_fusion(similarity: str, how: str) -> str:
+    """`how` when `similarity` ("cosine", "fc") offers that fusion, else a ValueError naming the ones it offers."""
+    if how not in FUSIONS[similarity]:
+        raise ValueError(f"unknown {similarity} fusion {how!r}; choose one of {', '.join(FUSIONS[similarity])}")
+    return how
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -65,8 +73,8 @@ def aggregate(image_scores: np.ndarray, owner: np.ndarray, n_probes: int, how: s
     `owner[m]` is the probe that image row m belongs to; rows need not be grouped. -inf scores (an unreadable
     gallery face) stay -inf under both.
     """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
+    if how not in LATE_FUSIONS:
+        raise ValueError(f"unknown late fusion {how!r}; choose one of {', '.join(LATE_FUSIONS)}")
     scores = np.asarray(image_scores, dtype=np.float32)
     owner = _check_owner(owner, scores.shape[0], n_probes)
     order = np.argsort(owner, kind="stable")
@@ -80,13 +88,11 @@ def aggregate(image_scores: np.ndarray, owner: np.ndarray, n_probes: int, how: s
 
 
 def cosine_variant(probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gallery_emb: np.ndarray,
-                   how: str = "meanemb") -> np.ndarray:
+                   how: str = EARLY_FUSION) -> np.ndarray:
     """(n_probes, N) cosine scores fused over each probe's images by `how` (see the module docstring)."""
-    if how == "meanemb":
+    if check_fusion("cosine", how) == EARLY_FUSION:
         return cosine_scores(mean_embedding(probe_emb, owner, n_probes), gallery_emb)
-    if how == "max":
-        return aggregate(cosine_scores(probe_emb, gallery_emb), owner, n_probes, "max")
-    raise ValueError(f"unknown cosine aggregation {how!r}; choose one of {COSINE_AGGREGATIONS}")
+    return aggregate(cosine_scores(probe_emb, gallery_emb), owner, n_probes, how)
 
 
 def fc_matrix(pair_fn: PairFn, rows: np.ndarray, gallery_emb: np.ndarray, max_pairs: int = 1 << 18) -> np.ndarray:
@@ -106,11 +112,9 @@ def fc_matrix(pair_fn: PairFn, rows: np.ndarray, gallery_emb: np.ndarray, max_pa
 def fc_variant(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gallery_emb: np.ndarray,
                how: str = "mean", max_pairs: int = 1 << 18) -> np.ndarray:
     """(n_probes, N) FC similarity fused over each probe's images by `how` (see the module docstring)."""
-    if how == "meanemb":
+    if check_fusion("fc", how) == EARLY_FUSION:
         return fc_matrix(pair_fn, mean_embedding(probe_emb, owner, n_probes), gallery_emb, max_pairs)
-    if how in ("mean", "max"):
-        return aggregate(fc_matrix(pair_fn, probe_emb, gallery_emb, max_pairs), owner, n_probes, how)
-    raise ValueError(f"unknown FC aggregation {how!r}; choose one of {FC_AGGREGATIONS}")
+    return aggregate(fc_matrix(pair_fn, probe_emb, gallery_emb, max_pairs), owner, n_probes, how)
 
 
 def shortlist_columns(scores: np.ndarray, top_n: int) -> np.ndarray:
@@ -142,7 +146,7 @@ def fc_rerank(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_probe
               top_n: int, max_pairs: int = 1 << 18) -> np.ndarray:
     """`rerank(cosine meanemb, fc "mean", top_n)`, the FC head run only on the shortlisted pairs (each probe image x
     its probe's top_n faces: M x top_n pairs instead of M x N), `max_pairs` pairs per call."""
-    shortlist = cosine_variant(probe_emb, owner, n_probes, gallery_emb, "meanemb")
+    shortlist = cosine_variant(probe_emb, owner, n_probes, gallery_emb, EARLY_FUSION)
     top = shortlist_columns(shortlist, top_n)
     owner = _check_owner(owner, len(probe_emb), n_probes)
     k = top.shape[1]
@@ -157,12 +161,11 @@ def fc_rerank(pair_fn: PairFn, probe_emb: np.ndarray, owner: np.ndarray, n_probe
 
 
 def probe_scores(probe_feats: np.ndarray, probe_ok: np.ndarray, owner: np.ndarray, n_probes: int,
-                 gallery_feats: np.ndarray, gallery_ok: np.ndarray, how: str = "meanemb") -> np.ndarray:
+                 gallery_feats: np.ndarray, gallery_ok: np.ndarray, how: str = EARLY_FUSION) -> np.ndarray:
     """`cosine_variant` of a split whose images may be unreadable: probe images with `probe_ok` False are left out
     (a probe left with none scores 0 everywhere, so its ranking is gallery order), and gallery faces with
     `gallery_ok` False score -inf and rank last."""
-    if how not in COSINE_AGGREGATIONS:
-        raise ValueError(f"unknown cosine aggregation {how!r}; choose one of {COSINE_AGGREGATIONS}")
+    check_fusion("cosine", how)
     keep = np.asarray(probe_ok, dtype=bool)
     owner = np.asarray(owner)
     has_image = np.bincount(owner[keep], minlength=n_probes) > 0
