@@ -17,25 +17,17 @@ from pathlib import Path
 
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEmbeddings, RawPixelSource
-from kinret.models.config import TrainConfig, apply_overrides
+from kinret.models.config import TrainConfig
 from kinret.models.losses import loss_kind
 from kinret.models.networks import pool_names
 from kinret.scoring.variant_kinds import GroupSpec, VariantKind, offered_variants
 from kinret.scoring.variants import Group
-from kinret.train.experiments import load_experiment
-from kinret.train.grid import expand
+from kinret.train.experiments import Run
 
 log = logging.getLogger("kinret.ensemble")
-DEFAULT_EXPERIMENTS = ("sface_heads",)
 
 
-def experiment_jobs(name: str, root: Path, runs: Path) -> list[tuple[TrainConfig, int, list[str]]]:
-    """The (config, fold, overrides) runs of an experiment's grid, on this data folder and runs folder."""
-    cfg, grid = load_experiment(name)
-    return expand(apply_overrides(cfg, [f"data_root={root}", f"out_root={runs}"]), grid)
-
-
-def fold_plan(jobs: Sequence[tuple[TrainConfig, int, list[str]]]) -> tuple[int, int]:
+def fold_plan(jobs: Sequence[Run]) -> tuple[int, int]:
     """(n_folds, fold_seed) every experiment agrees on, so out-of-fold protocols are the same for all variants;
     n_folds 0 when there are no trained variants."""
     plans = {(c.n_folds, c.fold_seed) for c, _, _ in jobs}
@@ -58,8 +50,8 @@ def _group(name: str, spec: GroupSpec, sources: dict) -> Group:
     return Group(name, listed, sources, on_request=on_request)
 
 
-def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_dir: Path, external_dir: Path | None,
-                    raw_pixels: bool = True, top_n: int = 100, fc_all: bool = False) -> list[Group]:
+def discover_groups(jobs: Sequence[Run], cache_dir: Path, external_dir: Path | None, raw_pixels: bool = True,
+                    top_n: int = 100, fc_all: bool = False) -> list[Group]:
     """Every group of variants: raw pixels, each frozen backbone behind head-only runs, each trained variant (its
     fold models), and each folder of ``external_dir`` (``embeddings.npz``, or ``{split}.npy`` score matrices).
     `fc_all` lists the FC-over-all-pairs variants of pair-loss runs; without it they are available by name."""
@@ -71,8 +63,8 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
     seen_backbones = set()
     by_variant: dict[str, Group] = {}
     for cfg, fold, _ in jobs:
-        if cfg.mode == "head" and (cfg.backbone, cfg.weights) not in seen_backbones:
-            seen_backbones.add((cfg.backbone, cfg.weights))
+        if cfg.mode == "head" and cfg.features_key not in seen_backbones:
+            seen_backbones.add(cfg.features_key)
             src = BackboneSource(cfg, cache_dir, backbones)
             spec = GroupSpec(tuple(pool_names(cfg.backbone)), main_pooling(cfg.backbone), top_n=top_n, fc_all=fc_all)
             groups.append(_group(src.name, spec, {None: src}))
