@@ -296,16 +296,21 @@ def test_tiny_fine_tunes_and_its_weights_go_back_into_the_graph(tiny):
 
 # ---- other graphs: NHWC input, BGR convention; wrong files -------------------------------------------------------
 def small_graph(path: Path, input_shape: list, outputs: int = 1, op: str = "Relu") -> Path:
-    """input -> [Transpose to NCHW when NHWC] -> Conv 3x3 (4 ch) -> op -> Flatten -> Gemm (5-d) [-> a 2nd output]."""
+    """input -> Conv 3x3 (4 ch) -> op -> Flatten -> Gemm (5-d) [-> a 2nd output]; with an NHWC input, as converters
+    from NHWC frameworks write it: Transpose to NCHW, Conv, Transpose back, op, Flatten in NHWC order, Gemm."""
     rng = np.random.default_rng(0)
     nhwc = input_shape[-1] == 3 and input_shape[1] != 3
     c = input_shape[-1] if nhwc else input_shape[1]
     side = input_shape[1] if nhwc else input_shape[2]
     inits = [numpy_helper.from_array(rng.normal(size=(4, c, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.normal(size=(5, 4 * side * side)).astype(np.float32) * 0.1, "fc")]
-    nodes = [helper.make_node("Transpose", ["x"], ["x_t"], perm=[0, 3, 1, 2])] if nhwc else []
-    nodes += [helper.make_node("Conv", ["x_t" if nhwc else "x", "w"], ["c"], pads=[1, 1, 1, 1]),
-              helper.make_node(op, ["c"], ["a"]), helper.make_node("Flatten", ["a"], ["f"]),
+    if nhwc:
+        nodes = [helper.make_node("Transpose", ["x"], ["x_t"], perm=[0, 3, 1, 2]),
+                 helper.make_node("Conv", ["x_t", "w"], ["c_t"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Transpose", ["c_t"], ["c"], perm=[0, 2, 3, 1])]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])]
+    nodes += [helper.make_node(op, ["c"], ["a"]), helper.make_node("Flatten", ["a"], ["f"]),
               helper.make_node("Gemm", ["f", "fc"], ["emb"], transB=1)]
     outs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 5])]
     if outputs == 2:
@@ -317,20 +322,23 @@ def small_graph(path: Path, input_shape: list, outputs: int = 1, op: str = "Relu
 
 
 def test_nhwc_graph_with_bgr_convention(tmp_path):
+    """An NHWC graph whose feature map is NHWC too: the kit feeds it BGR NHWC and sees the map as NCHW."""
     path = small_graph(tmp_path / "nhwc.onnx", ["N", 12, 12, 3])
     backbone, data_cfg = build_onnx_backbone(path, "sface")
-    assert backbone.info.layout == "NHWC" and data_cfg["input_size"] == (3, 12, 12)
+    assert (backbone.info.layout, backbone.chain.fmap_layout, backbone.num_features) == ("NHWC", "NHWC", 4)
+    assert data_cfg["input_size"] == (3, 12, 12)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
     x = kit_input(pixels, data_cfg)
     model = onnx.load(path)
-    w, fc = (numpy_helper.to_array(t).copy() for t in model.graph.initializer)
-    bgr = x.flip(1)  # the graph wants BGR 0..255, NHWC; the Transpose makes it NCHW again
-    ref = torch.relu(nn.functional.conv2d(bgr, torch.from_numpy(w), padding=1)).flatten(1) @ torch.from_numpy(fc).T
+    w, fc = (torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer)
+    fmap = torch.relu(nn.functional.conv2d(x.flip(1), w, padding=1))  # the graph wants BGR 0..255
+    ref = fmap.permute(0, 2, 3, 1).flatten(1) @ fc.T
     with torch.no_grad():
+        np.testing.assert_allclose(backbone.forward_features(x).numpy(), fmap.numpy(), rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(backbone(x).numpy(), ref.numpy(), rtol=1e-4, atol=1e-3)
-    runtime = GraphRuntime(backbone)
-    np.testing.assert_allclose(runtime.pooled(pixels, ["native"], 3.0, False)["native"][0], ref.numpy(), rtol=1e-4,
-                               atol=1e-2)
+    got = GraphRuntime(backbone).pooled(pixels, ["native", "avg"], 3.0, False)
+    np.testing.assert_allclose(got["native"][0], ref.numpy(), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(got["avg"][0], fmap.mean((2, 3)).numpy(), rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -371,3 +379,73 @@ def test_two_outputs_load_once_one_is_chosen(tmp_path):
         build_onnx_backbone(path, "insightface", output="nope")
     with pytest.raises(KinretInputError, match="unknown input convention"):
         build_onnx_backbone(path, "vggface9", output="emb")
+
+
+# ---- the op table against ONNX's reference implementation ---------------------------------------------------------
+R = np.random.default_rng(7)
+X4 = R.normal(size=(2, 4, 7, 7)).astype(np.float32)
+I64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+OP_CASES = [  # (operator, inputs, attributes, opset)
+    ("Conv", [X4, R.normal(size=(6, 2, 3, 3)).astype(np.float32), R.normal(size=6).astype(np.float32)],
+     dict(group=2, strides=[2, 1], pads=[1, 0, 2, 1], dilations=[1, 2]), 17),
+    ("Conv", [X4, R.normal(size=(3, 4, 3, 3)).astype(np.float32)], dict(auto_pad="SAME_UPPER", strides=[2, 2]), 17),
+    ("MaxPool", [X4], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1), 17),
+    ("AveragePool", [X4], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0), 17),
+    ("AveragePool", [X4], dict(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], count_include_pad=1), 17),
+    ("GlobalAveragePool", [X4], {}, 17),
+    ("GlobalMaxPool", [X4], {}, 17),
+    ("PRelu", [X4, R.uniform(0, 1, (4, 1, 1)).astype(np.float32)], {}, 17),
+    ("PRelu", [X4, R.uniform(0, 1, (7,)).astype(np.float32)], {}, 17),
+    ("BatchNormalization", [X4] + [R.uniform(0.5, 1.5, 4).astype(np.float32) for _ in range(4)],
+     dict(epsilon=1e-3), 15),
+    ("LayerNormalization", [X4, R.normal(size=7).astype(np.float32), R.normal(size=7).astype(np.float32)], {}, 17),
+    ("Gemm", [R.normal(size=(5, 3)).astype(np.float32), R.normal(size=(5, 4)).astype(np.float32),
+              R.normal(size=(1, 4)).astype(np.float32)], dict(alpha=0.5, beta=2.0, transA=1), 17),
+    ("MatMul", [X4, R.normal(size=(7, 3)).astype(np.float32)], {}, 17),
+    ("Clip", [X4, np.array(-0.5, np.float32), np.array(0.7, np.float32)], {}, 17),
+    ("Pad", [X4, I64(0, 0, 1, 2, 0, 0, 2, 1)], dict(mode="reflect"), 17),
+    ("Pad", [X4, I64(0, 0, 1, 0, 0, 0, 2, 3)], dict(mode="edge"), 17),
+    ("Pad", [X4, I64(0, 1, 1, 0, 0, 0, 2, 3), np.array(0.25, np.float32)], {}, 17),
+    ("Slice", [X4, I64(-5, 1), I64(7, 100), I64(2, 3), I64(2, 3)], {}, 17),
+    ("Gather", [I64(2, 4, 7, 7), I64(0, -1)], dict(axis=0), 17),
+    ("ReduceMean", [X4, I64(2, 3)], dict(keepdims=0), 18),
+    ("ReduceMean", [X4], dict(axes=[1], keepdims=1), 13),
+    ("ReduceL2", [X4, I64(-1)], {}, 18),
+    ("ReduceSum", [X4, I64(1)], dict(keepdims=1), 13),
+    ("Squeeze", [X4[:, :1], I64(1)], {}, 17),
+    ("Unsqueeze", [X4, I64(0, -1)], {}, 17),
+    ("Unsqueeze", [X4], dict(axes=[1]), 11),
+    ("Flatten", [X4], dict(axis=2), 17),
+    ("Reshape", [X4, I64(0, -1, 7)], {}, 17),
+    ("Transpose", [X4], dict(perm=[0, 2, 3, 1]), 17),
+    ("Concat", [X4, X4[:, :2]], dict(axis=1), 17),
+    ("Softmax", [X4], dict(axis=1), 17),
+    ("LpNormalization", [X4], dict(axis=1), 17),
+    ("LeakyRelu", [X4], dict(alpha=0.2), 17),
+    ("HardSigmoid", [X4], {}, 17),
+    ("HardSwish", [X4], {}, 17),
+    ("Elu", [X4], {}, 17),
+    ("Dropout", [X4], {}, 17),
+    ("Shape", [X4], dict(start=1), 17),
+]
+
+
+@pytest.mark.parametrize("case", range(len(OP_CASES)), ids=[f"{c[0]}{i}" for i, c in enumerate(OP_CASES)])
+def test_torch_ops_match_the_onnx_reference(case):
+    from onnx.reference import ReferenceEvaluator
+
+    from kinret.models.onnx_graph import attributes
+    from kinret.models.onnx_ops import OPS, OpContext
+
+    op, inputs, attrs, opset = OP_CASES[case]
+    names = [f"in{i}" for i in range(len(inputs))]
+    node = helper.make_node(op, names, ["out"], **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for n, v in zip(names, inputs, strict=True)],
+        [helper.make_tensor_value_info("out", TensorProto.UNDEFINED, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    (want,) = ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))
+    got = OPS[op]([torch.from_numpy(v.copy()) for v in inputs], {**attributes(node), "_op": op}, OpContext(opset=opset))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)

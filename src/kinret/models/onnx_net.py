@@ -91,7 +91,7 @@ def graph_nodes(model: Any, label: str) -> list[GraphNode]:
                                           "standard ONNX domain: no torch conversion")
         nodes.append(GraphNode(n.op_type, tuple(n.input), tuple(n.output), {**attributes(n), "_op": n.op_type},
                                n.name))
-    missing = sorted({n.op for n in nodes} - set(OPS) - {"Constant"})
+    missing = sorted({n.op for n in nodes} - set(OPS))
     if missing:
         raise KinretInputError(label, f"operators {missing} have no torch conversion (kinret.models.onnx_ops); "
                                       "the frozen runtimes (cv2, onnxruntime) may still run the graph")

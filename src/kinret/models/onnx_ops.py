@@ -264,7 +264,7 @@ def reshape(args: list, a: dict, ctx: OpContext) -> Tensor:
 OPS["Transpose"] = lambda args, a, ctx: args[0].permute(a.get("perm", list(reversed(range(args[0].ndim)))))
 OPS["Concat"] = lambda args, a, ctx: torch.cat([t for t in args if t is not None], dim=a["axis"])
 OPS["Shape"] = lambda args, a, ctx: torch.tensor(args[0].shape[a.get("start", 0):a.get("end", None)],
-                                                 dtype=torch.int64)
+                                                 dtype=torch.int64, device=args[0].device)
 
 
 @op("Squeeze")
