@@ -100,14 +100,16 @@ def test_sface_cut_comes_from_the_same_cv2_pass_and_its_tail_gives_the_embedding
     with torch.no_grad():
         torch_prefix = dedicated.forward_prefix(x, SFACE_CUT).numpy()
         full = dedicated.forward_native(dedicated.forward_features(x)).numpy()
-        tail = dedicated.forward_native(dedicated.forward_rest(torch.from_numpy(prefix.reshape(torch_prefix.shape)),
-                                                               SFACE_CUT)).numpy()
+        tail_fmap = dedicated.forward_rest(torch.from_numpy(prefix.reshape(torch_prefix.shape)), SFACE_CUT)
+        tail = dedicated.forward_native(tail_fmap).numpy()
+        tail_avg = POOLS["avg"](tail_fmap, 3.0).numpy()
     views = cosine(prefix.reshape(torch_prefix.shape), torch_prefix)
     print(f"\ncv2 cut {SFACE_CUT} vs torch prefix: cosine min {views.min():.7f} over {len(views)} views; "
           f"tail embedding vs full: {cosine(tail, full).min():.7f}")
     assert views.min() >= 0.999
     assert cosine(tail, full).min() >= 0.999
     assert cosine(tail, got["native"].reshape(full.shape)).min() >= 0.999
+    assert cosine(tail_avg, got["avg"].reshape(tail_avg.shape)).min() >= 0.999
     # the batched, threaded loop returns the same rows in the same order
     loop = graph_pooled(runtime, lambda a, b: faces[a:b], len(faces), ["native"], 3.0, True, batch=3, workers=2)
     np.testing.assert_allclose(loop["native"], got["native"], atol=1e-4)
