@@ -451,3 +451,16 @@ def test_torch_ops_match_the_onnx_reference(case):
     (want,) = ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))
     got = OPS[op]([torch.from_numpy(v.copy()) for v in inputs], {**attributes(node), "_op": op}, OpContext(opset=opset))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conversion_that_disagrees_with_the_graph_is_refused(tmp_path, monkeypatch):
+    """The first-use check compares the torch module with the graph run by cv2: a wrong operator is caught."""
+    from kinret.models import onnx_ops
+
+    path = small_graph(tmp_path / "relu.onnx", ["N", 3, 16, 16])
+    monkeypatch.setitem(onnx_ops.OPS, "Relu", lambda args, a, ctx: args[0].abs())
+    with pytest.raises(KinretInputError, match="computes other numbers than the graph") as err:
+        build_onnx_backbone(path, "insightface")
+    assert str(path) in str(err.value)
+    backbone, _ = build_onnx_backbone(path, "insightface", check=False)  # unchecked, it loads
+    assert backbone.native_features == 5
