@@ -16,7 +16,7 @@ from pathlib import Path
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEmbeddings, RawPixelSource
 from kinret.models.config import TrainConfig, apply_overrides
-from kinret.models.losses import loss_kind
+from kinret.models.losses import trains_pair_head
 from kinret.models.networks import pool_names
 from kinret.scoring.variants import Group, Similarity, similarities
 from kinret.train.experiments import load_experiment
@@ -80,7 +80,7 @@ def discover_groups(jobs: Sequence[tuple[TrainConfig, int, list[str]]], cache_di
             embs = ["emb"]
             if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding
                 embs += [p for p in pool_names(cfg.backbone) if not (p == cfg.pool and cfg.neck == "none")]
-            by_variant[cfg.name] = _group(cfg.name, embs, loss_kind(cfg.loss) == "pair", top_n, fc_all, "emb", {})
+            by_variant[cfg.name] = _group(cfg.name, embs, trains_pair_head(cfg.loss), top_n, fc_all, "emb", {})
             groups.append(by_variant[cfg.name])
         by_variant[cfg.name].sources[fold] = CheckpointSource(cfg.run_dir(fold), cache_dir, backbones)
     if external_dir is not None and Path(external_dir).is_dir():

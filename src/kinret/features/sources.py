@@ -22,7 +22,7 @@ from kinret.features.raw_pixels import RawPixels
 from kinret.features.runtime import frozen_runtime
 from kinret.models.checkpoint import load_model, shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
-from kinret.models.losses import loss_kind
+from kinret.models.losses import trains_pair_head
 from kinret.models.networks import PairFn, state_digest
 
 
@@ -151,7 +151,7 @@ class CheckpointSource:
 
     @property
     def has_fc(self) -> bool:
-        return loss_kind(self.cfg.loss) == "pair"
+        return trains_pair_head(self.cfg.loss)
 
     @cached_property
     def digest(self) -> str:
