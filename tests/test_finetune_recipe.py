@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides
-from kinret.models.losses import CosFaceFamilyLoss, family_means
+from kinret.models.losses import CosFaceFamilyLoss, family_means, random_batches
 from kinret.models.networks import SFACE_UNITS, SFaceBackbone, frozen_cut, sface_freeze
 from kinret.train import prefix as prefix_mod
 from kinret.train.experiments import load_experiment
-from kinret.train.sampling import augment, grey_images, random_batches
+from kinret.train.sampling import augment, grey_images
 from kinret.train.trainer import Trainer
 
 
@@ -160,10 +160,10 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
     for i, (rows, target) in enumerate(cached.epoch_batches(0)[:2]):
         losses, grads = [], []
         for t in (cached, full):
-            x, y, n = t.local_inputs(rows, target, torch.Generator().manual_seed(i))
+            x, y = t.local_inputs(rows, target, torch.Generator().manual_seed(i))
             t.ddp.train()
             t.opt.zero_grad(set_to_none=True)
-            loss = t.ddp(x, y, n)
+            loss = t.ddp(x, y)
             loss.backward()
             losses.append(loss.detach())
             grads.append({k: p.grad for k, p in t.objective.named_parameters() if p.requires_grad})

@@ -9,7 +9,14 @@ import torch
 
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides
-from kinret.models.losses import LOSSES, CosFaceFamilyLoss, FocalPairLoss, SupConFamilyLoss, build_loss
+from kinret.models.losses import (
+    LOSSES,
+    CosFaceFamilyLoss,
+    FocalPairLoss,
+    SupConFamilyLoss,
+    build_loss,
+    trains_pair_head,
+)
 from kinret.models.networks import COMBINATIONS, POOLS, KinNet, PairHead, ResidualNeck, build_backbone, gem
 
 
@@ -73,14 +80,26 @@ def test_every_loss_trains_through_the_model():
         cfg = apply_overrides(TrainConfig(), [f"loss={name}", "head_widths=8", "neck=residual"])
         model = KinNet(None, 6, cfg)
         loss = build_loss(cfg, model.embed_dim, n_families=3)
-        x = torch.randn(8, 6)
-        emb = model.embed_pooled(x)
-        out = (loss(model.pair_logits(emb[:4], emb[4:]), torch.tensor([1, 0, 1, 0])) if loss.kind == "pair"
-               else loss(emb, torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])))
+        n = 12 // loss.blocks  # a batch of 12 rows: `blocks` blocks of n rows, n targets (kin 0/1 or family 0/1)
+        out = loss.batch_loss(model, model.embed_pooled(torch.randn(12, 6)), torch.arange(n) % 2)
         out.backward()
         assert torch.isfinite(out) and model.neck.linear.weight.grad is not None, name
+        head_grad = [p.grad for p in model.head.parameters()]
+        assert all(g is not None for g in head_grad) == loss.trains_pair_head == trains_pair_head(name), name
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss(apply_overrides(TrainConfig(), ["loss=hinge"]), 4, 2)
+
+
+def test_a_loss_on_the_embedding_refuses_a_head_only_run_without_a_neck():
+    head_only = ["mode=head", "neck=none"]
+    for name in LOSSES:
+        cfg = apply_overrides(TrainConfig(), [f"loss={name}", *head_only])
+        if trains_pair_head(name):
+            build_loss(cfg, 4, 2)
+        else:
+            with pytest.raises(KinretInputError, match="nothing to train"):
+                build_loss(cfg, 4, 2)
+    assert trains_pair_head("bce") and not trains_pair_head("cosface")
 
 
 def test_local_weights_file(tmp_path):

@@ -1,5 +1,6 @@
-"""Training data: pair and family sampling, batched augmentation (seeded, DDP-sliceable), the lr schedule and the
-decoded-pixel cache."""
+"""Training data: pair and family sampling, what each loss kind draws for an epoch and how it slices a batch over DDP
+processes (checked against the samplers called directly), every loss through the trainer's objective, batched
+augmentation (seeded, DDP-sliceable), the lr schedule and the decoded-pixel cache."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from conftest import write_image
 
 from kinret.data.fiw import read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, gather
-from kinret.models.config import TrainConfig
-from kinret.train.sampling import augment, family_batches, sample_pairs
-from kinret.train.trainer import lr_factor
+from kinret.models.config import TrainConfig, apply_overrides
+from kinret.models.losses import LOSSES, TrainingSet, build_loss, family_batches, random_batches, sample_pairs
+from kinret.models.networks import KinNet
+from kinret.train.sampling import augment
+from kinret.train.trainer import Objective, lr_factor
 
 
 @pytest.fixture
@@ -48,6 +51,81 @@ def test_family_batches(table):
     for b in batches:
         fams, counts = np.unique(family[b], return_counts=True)
         assert (counts % 2 == 0).all()  # families come with `per_family` images each
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def training_set(family: np.ndarray, member: np.ndarray) -> TrainingSet:
+    rows = np.flatnonzero(family != 1)  # family 1 held out; the others are training families 0, 1, 2
+    label = np.array([-1 if f == 1 else {0: 0, 2: 1, 3: 2}[f] for f in family])
+    return TrainingSet(family, member, rows, label)
+
+
+def small_config(*overrides: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), ["batch_size=4", "pairs_per_epoch=9", "images_per_family=2",
+                                           "head_widths=8", "neck=residual", *overrides])
+
+
+def test_each_kind_draws_the_batches_of_its_sampler(table):
+    family, member = table
+    data = training_set(family, member)
+    for name in ("bce", "focal"):  # pairs: 9 kin + 9 non-kin pairs, cut into 4 full batches of 4 pairs
+        got = build_loss(small_config(f"loss={name}"), 8, 3).epoch_batches(data, small_config(), rng(3))
+        a, b, y = sample_pairs(family, member, data.rows, 9, rng(3))
+        assert len(got) == 4
+        for i, (rows, target) in enumerate(got):
+            assert np.array_equal(rows, np.concatenate([a[4 * i:4 * i + 4], b[4 * i:4 * i + 4]]))
+            assert np.array_equal(target, y[4 * i:4 * i + 4])
+    for name in ("cosface", "supcon"):
+        loss = build_loss(small_config(f"loss={name}"), 8, 3)
+        for batching, want in (("families", family_batches(family, data.rows, 4, 2, rng(3))),
+                               ("random", random_batches(data.rows, 4, rng(3)))):
+            got = loss.epoch_batches(data, small_config(f"batching={batching}"), rng(3))
+            assert len(got) == len(want) == 3, batching
+            for (rows, target), expected in zip(got, want, strict=True):
+                assert np.array_equal(rows, expected)
+                assert np.array_equal(target, data.label[expected]) and (target >= 0).all()
+
+
+def test_each_kind_slices_a_batch_as_one_block_or_two(table):
+    family, member = table
+    data = training_set(family, member)
+    for name, world in (("bce", 2), ("bce", 3), ("cosface", 2), ("cosface", 3)):
+        loss = build_loss(small_config(f"loss={name}", "batch_size=6"), 8, 3)
+        rows, target = loss.epoch_batches(data, small_config("batch_size=6"), rng(0))[0]
+        n, per = len(target), len(target) // world
+        for rank in range(world):
+            sl = slice(rank * per, (rank + 1) * per)
+            local = loss.local_batch((rows, target), rank, world)
+            if name == "bce":  # the first images, then the second images, of the same pairs
+                want_rows = np.concatenate([rows[:n][sl], rows[n:][sl]])
+                want_pos = np.concatenate([np.arange(n)[sl], n + np.arange(n)[sl]])
+            else:
+                want_rows, want_pos = rows[sl], np.arange(n)[sl]
+            assert np.array_equal(local.rows, want_rows) and np.array_equal(local.positions, want_pos)
+            assert np.array_equal(local.target, target[sl]) and local.total == len(rows)
+            assert [len(block) for block in local.blocks] == [per] * (2 if name == "bce" else 1)
+
+
+def test_every_loss_trains_through_the_objective_on_each_process(table):
+    family, member = table
+    data = training_set(family, member)
+    features = torch.randn(len(family), 6, generator=torch.Generator().manual_seed(0))
+    for name in LOSSES:
+        cfg = small_config(f"loss={name}", "batch_size=8")  # each process: 4 pairs, or 2 families x 2 images
+        torch.manual_seed(0)
+        model = KinNet(None, 6, cfg)
+        objective = Objective(model, build_loss(cfg, model.embed_dim, 3), head_only=True)
+        batch = objective.loss.epoch_batches(data, cfg, rng(1))[0]
+        for rank in range(2):
+            local = objective.loss.local_batch(batch, rank, 2)
+            model.zero_grad()
+            out = objective(features[local.rows], torch.as_tensor(local.target))
+            out.backward()
+            assert out.ndim == 0 and torch.isfinite(out), name
+            assert model.neck.linear.weight.grad is not None and model.neck.linear.weight.grad.abs().sum() > 0, name
 
 
 def test_augment_is_seeded_and_sliceable():

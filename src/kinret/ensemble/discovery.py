@@ -18,7 +18,7 @@ from pathlib import Path
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEmbeddings, RawPixelSource
 from kinret.models.config import TrainConfig
-from kinret.models.losses import loss_kind
+from kinret.models.losses import trains_pair_head
 from kinret.models.networks import pool_names
 from kinret.scoring.variant_kinds import GroupSpec, VariantKind, offered_variants
 from kinret.scoring.variants import Group
@@ -72,7 +72,7 @@ def discover_groups(jobs: Sequence[Run], cache_dir: Path, external_dir: Path | N
             embs = ["emb"]
             if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding
                 embs += [p for p in pool_names(cfg.backbone) if not (p == cfg.pool and cfg.neck == "none")]
-            spec = GroupSpec(tuple(embs), "emb", loss_kind(cfg.loss) == "pair", top_n, fc_all)
+            spec = GroupSpec(tuple(embs), "emb", trains_pair_head(cfg.loss), top_n, fc_all)
             by_variant[cfg.name] = _group(cfg.name, spec, {})
             groups.append(by_variant[cfg.name])
         by_variant[cfg.name].sources[fold] = CheckpointSource(cfg.run_dir(fold), cache_dir, backbones)

@@ -21,7 +21,7 @@ from kinret.features.cache import FEATURE_CODE_VERSION, FrozenFeatures, build_in
 from kinret.features.raw_pixels import RawPixels
 from kinret.models.checkpoint import load_model, shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
-from kinret.models.losses import loss_kind
+from kinret.models.losses import trains_pair_head
 from kinret.models.networks import PairFn, state_digest
 
 
@@ -144,7 +144,7 @@ class CheckpointSource:
 
     @property
     def has_fc(self) -> bool:
-        return loss_kind(self.cfg.loss) == "pair"
+        return trains_pair_head(self.cfg.loss)
 
     @cached_property
     def digest(self) -> str:

@@ -27,11 +27,10 @@ from kinret.features.cache import FrozenFeatures
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
 from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig, seed_of
-from kinret.models.losses import loss_kind
+from kinret.models.losses import sample_pairs, trains_pair_head
 from kinret.models.networks import KinNet
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import l2_normalize, probe_scores
-from kinret.train.sampling import sample_pairs
 
 log = logging.getLogger("kinret.train")
 METRICS = ("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average")
@@ -240,7 +239,7 @@ def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
     if not eval_fams:
         raise KinretInputError(None, f"{run_dir}: trained on every family, so it has no held-out pairs")
     table = family_table(train_fams, eval_fams)
-    embedder = RowEmbedder(model, cfg, device, data_cfg, fc_trained=loss_kind(cfg.loss) == "pair")
+    embedder = RowEmbedder(model, cfg, device, data_cfg, fc_trained=trains_pair_head(cfg.loss))
     if cfg.mode == "head":
         embedder.features = frozen_features(model.backbone, meta["backbone_digest"], data_cfg, table, cfg, device)
     else:

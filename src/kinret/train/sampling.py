@@ -1,78 +1,15 @@
-"""What a training step sees: seeded kin/non-kin pairs, batches of families, and batched tensor augmentation drawn
-from a CPU generator (so a run is reproducible on any device, and a CPU step costs the model, not the data)."""
+"""What a training step's images go through: batched tensor augmentation drawn from a CPU generator (so a run is
+reproducible on any device, and a CPU step costs the model, not the data). The batches themselves are drawn by the
+loss (`kinret.models.losses`: each kind says what its batch holds)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig
-
-
-def sample_pairs(family: np.ndarray, member: np.ndarray, rows: np.ndarray, n: int, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`n` kin pairs (same family, different member) and `n` non-kin pairs (different families) among `rows`,
-    shuffled together: returns row indices a, b and the 0/1 kin label. Anchors are drawn uniformly over images."""
-    rows = np.asarray(rows)
-    fam, mem = family[rows], member[rows]
-    by_family: dict[int, np.ndarray] = {}
-    for f in np.unique(fam):
-        by_family[int(f)] = np.flatnonzero(fam == f)
-    multi = {f: len(np.unique(mem[idx])) > 1 for f, idx in by_family.items()}  # families with two members
-    eligible = np.array([multi[int(f)] for f in fam], dtype=bool)
-    if not eligible.any() or len(by_family) < 2:
-        raise KinretInputError(None, "pair sampling needs a family with two members holding images, and two families")
-    anchors = rng.choice(np.flatnonzero(eligible), size=n)
-    kin_b = np.empty(n, dtype=np.int64)
-    for i, a in enumerate(anchors):
-        pool = by_family[int(fam[a])]
-        pool = pool[mem[pool] != mem[a]]
-        kin_b[i] = pool[rng.integers(len(pool))]
-    non_a = rng.integers(len(rows), size=n)
-    non_b = rng.integers(len(rows), size=n)
-    clash = fam[non_a] == fam[non_b]
-    while clash.any():  # resample only the collisions; ends fast since families are many
-        non_b[clash] = rng.integers(len(rows), size=int(clash.sum()))
-        clash = fam[non_a] == fam[non_b]
-    a = np.concatenate([anchors, non_a])
-    b = np.concatenate([kin_b, non_b])
-    y = np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
-    order = rng.permutation(2 * n)
-    return rows[a[order]], rows[b[order]], y[order]
-
-
-def family_batches(family: np.ndarray, rows: np.ndarray, batch_size: int, per_family: int,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Batches of `batch_size // per_family` families × `per_family` images (drawn without replacement when the
-    family has enough); one epoch has about as many images as `rows`. Used by the family-level losses."""
-    rows = np.asarray(rows)
-    fams = np.unique(family[rows])
-    members = {int(f): rows[family[rows] == f] for f in fams}
-    n_batches = max(1, len(rows) // batch_size)
-    per_batch = max(2, batch_size // per_family)
-    batches, queue = [], []
-    for _ in range(n_batches):
-        batch = []
-        for _ in range(per_batch):
-            if not queue:
-                queue = list(rng.permutation(fams))
-            pool = members[int(queue.pop())]
-            batch.append(rng.choice(pool, size=per_family, replace=len(pool) < per_family))
-        batches.append(np.concatenate(batch)[:batch_size])
-    return batches
-
-
-def random_batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The rows shuffled and cut into full batches of `batch_size` (the last partial batch dropped): every image
-    once an epoch, families as they fall. The alternative to `family_batches` for the family losses."""
-    order = rng.permutation(np.asarray(rows))
-    n = len(order) // batch_size * batch_size
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B (torchvision's rgb_to_grayscale)
 

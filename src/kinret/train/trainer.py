@@ -26,7 +26,7 @@ from kinret.data.pixels import decode_pixels, gather, normalize, to_float
 from kinret.errors import KinretInputError
 from kinret.log import progress
 from kinret.models.config import TrainConfig, seed_of
-from kinret.models.losses import build_loss, family_means
+from kinret.models.losses import Batch, Loss, TrainingSet, build_loss, family_means
 from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_digest
 from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
 from kinret.train.evaluation import (
@@ -42,7 +42,7 @@ from kinret.train.evaluation import (
     training_families,
 )
 from kinret.train.prefix import cached_prefix, gather_prefix, prefix_cut, prefix_views
-from kinret.train.sampling import augment, family_batches, random_batches, sample_pairs
+from kinret.train.sampling import augment
 
 log = logging.getLogger("kinret.train")
 
@@ -50,20 +50,18 @@ log = logging.getLogger("kinret.train")
 class Objective(nn.Module):
     """Model and loss in one forward, so DDP sees (and synchronises) every trained parameter, the loss's included.
     Inputs are cached pooled features (`head_only`), the cached output of the backbone's first `cut` units, or
-    images."""
+    images; the loss turns their embeddings into the batch's loss value (`Loss.batch_loss`)."""
 
-    def __init__(self, model: KinNet, loss: nn.Module, head_only: bool, cut: int = 0):
+    def __init__(self, model: KinNet, loss: Loss, head_only: bool, cut: int = 0):
         super().__init__()
         self.model, self.loss, self.head_only, self.cut = model, loss, head_only, cut
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor, n_pairs: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.head_only:
             emb = self.model.embed_pooled(x)
         else:
             emb = self.model.embed_rest(x, self.cut) if self.cut else self.model(x)
-        if self.loss.kind == "pair":  # x holds the pairs' first images, then their second images
-            return self.loss(self.model.pair_logits(emb[:n_pairs], emb[n_pairs:]), target)
-        return self.loss(emb, target)
+        return self.loss.batch_loss(self.model, emb, target)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -81,13 +79,16 @@ class Trainer:
         self.cfg, self.fold, self.rank, self.world = cfg, fold, rank, world
         self.device = resolve_device(cfg)
         self.run_dir = cfg.run_dir(fold)
-        train_fams, eval_fams, root = training_families(cfg, fold)
+        train_fams, eval_fams, layout = training_families(cfg, fold)
         self.table = family_table(train_fams, eval_fams)
         self.train_rows = self.table.subset({f.fid for f in train_fams})
         self.row_of = row_index(self.table)
         self.n_train_families = len(train_fams)
         position = {fid: i for i, fid in enumerate(self.table.fids)}
         self.label_of = {position[f.fid]: i for i, f in enumerate(train_fams)}
+        label = np.full(len(self.table.fids), -1, dtype=np.int64)
+        label[list(self.label_of)] = list(self.label_of.values())
+        self.training_set = TrainingSet(self.table.family, self.table.member, self.train_rows, label[self.table.family])
         self.head_only = cfg.mode == "head"
         self.features: torch.Tensor | None = None  # head-only inputs: (2, N, D) cached features, image and mirror
         self.frozen: torch.Tensor | None = None  # the starting network's pooled features, when a run needs them
@@ -95,8 +96,8 @@ class Trainer:
         self.prefix: np.ndarray | None = None  # with cache_prefix: (views, N, C, H, W) outputs of the frozen units
         self.cut, self.zero_shot = 0, {}
         self.build_model()
-        self.held_out = held_out_setup(cfg, fold, self.table, eval_fams, root, self.row_of)
-        self.embedder = RowEmbedder(self.model, cfg, self.device, self.data_cfg, self.loss.kind == "pair",
+        self.held_out = held_out_setup(cfg, fold, self.table, eval_fams, layout, self.row_of)
+        self.embedder = RowEmbedder(self.model, cfg, self.device, self.data_cfg, self.loss.trains_pair_head,
                                     features=self.features, pixels=self.pixels)
         self.objective, self.ddp = self.wrap(Objective(self.model, self.loss, self.head_only, self.cut))
         self.opt = self.build_optimizer()
@@ -121,12 +122,8 @@ class Trainer:
         self.loss = build_loss(cfg, self.model.embed_dim, self.n_train_families)
         if cfg.class_init == "means" and self.loss.has_classes:
             self.loss.init_classes(self.class_means())
-        if self.loss.kind == "family":  # the FC head is not trained by a family loss
+        if not self.loss.trains_pair_head:
             self.model.head.requires_grad_(False)
-            if self.head_only and cfg.neck == "none":
-                raise KinretInputError(None, f"{cfg.name}: head-only mode with the family loss {cfg.loss!r} has "
-                                             "nothing to train; set neck=residual (starts as the identity) or "
-                                             "neck=linear")
         self.model.to(self.device)
         self.loss.to(self.device)
         if cfg.channels_last:  # faster for convolutions on CUDA and on CPU alike
@@ -202,53 +199,36 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # ---- data ------------------------------------------------------------------------------------------------------
-    def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Global batches of (input rows, target): pairs put first images then second images in the rows."""
-        cfg = self.cfg
-        rng = np.random.default_rng(seed_of(cfg.seed, epoch))
-        if self.loss.kind == "pair":
-            a, b, y = sample_pairs(self.table.family, self.table.member, self.train_rows, cfg.pairs_per_epoch, rng)
-            n = len(y) // cfg.batch_size * cfg.batch_size  # drop the last partial batch: every process gets equal work
-            return [(np.concatenate([a[i:i + cfg.batch_size], b[i:i + cfg.batch_size]]), y[i:i + cfg.batch_size])
-                    for i in range(0, n, cfg.batch_size)]
-        if cfg.batching == "random":
-            batches = random_batches(self.train_rows, cfg.batch_size, rng)
-        else:
-            batches = family_batches(self.table.family, self.train_rows, cfg.batch_size, cfg.images_per_family, rng)
-        return [(rows, np.array([self.label_of[f] for f in self.table.family[rows]])) for rows in batches
-                if len(rows) == cfg.batch_size]
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """The epoch's global batches of (input rows, target), as the loss draws them (`Loss.epoch_batches`)."""
+        rng = np.random.default_rng(seed_of(self.cfg.seed, epoch))
+        return self.loss.epoch_batches(self.training_set, self.cfg, rng)
 
     def local_inputs(self, rows: np.ndarray, target: np.ndarray, gen: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This process's slice of a global batch, as model inputs (augmented images or cached features)."""
-        per = len(target) // self.world
-        sl = slice(self.rank * per, (self.rank + 1) * per)
-        if self.loss.kind == "pair":
-            n = len(target)
-            rows = np.concatenate([rows[:n][sl], rows[n:][sl]])
-            pos = np.concatenate([np.arange(n)[sl], n + np.arange(n)[sl]])
-        else:
-            rows, pos = rows[sl], np.arange(len(target))[sl]
-        total = len(target) * (2 if self.loss.kind == "pair" else 1)
-        target_t = torch.as_tensor(target[sl], device=self.device)
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's slice of a global batch (`Loss.local_batch`), as model inputs (augmented images or cached
+        features) and target."""
+        local = self.loss.local_batch((rows, target), self.rank, self.world)
+        rows, pos, total = local.rows, local.positions, local.total
+        target_t = torch.as_tensor(local.target, device=self.device)
         if self.head_only:
             flip = torch.rand(total, generator=gen)[pos] < (self.cfg.flip_p if self.cfg.augment else 0.0)
             view = flip.long().clamp(max=len(self.features) - 1)  # one view (flip_views off): no flip to draw
-            x = self.features[view, torch.as_tensor(rows)].to(self.device)
-            return x, target_t, per
+            return self.features[view, torch.as_tensor(rows)].to(self.device), target_t
         if self.prefix is not None:
-            return self.prefix_inputs(rows, pos, total, gen), target_t, per
+            return self.prefix_inputs(rows, pos, total, gen), target_t
         x = to_float(gather(self.pixels, rows), self.device)
         if self.cfg.augment:
-            parts = []  # pair inputs are two slices of the global batch (first images, second images)
-            for chunk_pos in np.split(pos, [per]) if self.loss.kind == "pair" else [pos]:
-                parts.append(augment(x[len(parts) * per:len(parts) * per + len(chunk_pos)], self.cfg, gen,
-                                     offset=int(chunk_pos[0]) if len(chunk_pos) else 0, total=total))
+            parts, start = [], 0  # each block is a run of positions in the global batch, augmented as one slice
+            for block in local.blocks:
+                parts.append(augment(x[start:start + len(block)], self.cfg, gen,
+                                     offset=int(block[0]) if len(block) else 0, total=total))
+                start += len(block)
             x = torch.cat(parts)
         x = normalize(x, self.data_cfg["mean"], self.data_cfg["std"])
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, target_t, per
+        return x, target_t
 
     def prefix_inputs(self, rows: np.ndarray, pos: np.ndarray, total: int, gen: torch.Generator) -> torch.Tensor:
         """The cached prefix outputs of the views drawn as `augment` draws them (flip, then greyscale when on), so
@@ -290,9 +270,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.opt.state_dict(),
                 "epoch": self.epoch, "step": self.step, "rows": self.rows, "config": self.cfg.to_dict(),
                 "fold": self.fold, "data_config": self.data_cfg, "backbone_digest": self.backbone_digest,
-                "pooled_dim": self.features.shape[-1] if self.head_only else None,
-                "fc_trained": self.loss.kind == "pair", "train_families": self.n_train_families,
-                "zero_shot": self.zero_shot}
+                "train_families": self.n_train_families, "zero_shot": self.zero_shot}
 
     def save(self) -> None:
         """Checkpoint, summary and state, each written to a temporary name and renamed (rank 0 only)."""
@@ -325,12 +303,12 @@ class Trainer:
                        total=self.steps_per_epoch, unit="batch")
         for i, (rows, target) in enumerate(bar):
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, epoch, 2, i))
-            x, t, n_pairs = self.local_inputs(rows, target, gen)
+            x, t = self.local_inputs(rows, target, gen)
             factor = lr_factor(self.step, total, warmup, cfg.min_lr_ratio)
             for g in self.opt.param_groups:
                 g["lr"] = cfg.lr * factor * g["lr_mult"]
             with autocast(self.device, self.cfg.amp, self.cfg.amp_cpu):
-                loss = self.ddp(x, t, n_pairs)
+                loss = self.ddp(x, t)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
