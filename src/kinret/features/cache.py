@@ -2,11 +2,11 @@
 `.npz` (ids + arrays) under a key that covers everything that changes the numbers.
 
 Two caches live here: the pooled features of a frozen backbone (`FrozenFeatures`, keyed by the backbone's weight
-digest and the runtime that computed them (`kinret.features.runtime`: cv2.dnn for the shipped SFace, torch for any
-other network), shared by every head-only checkpoint on that backbone) and the embeddings of one trained checkpoint
-(`kinret.features.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in chunks of
-images, each chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not saved;
-under torchrun the processes split the chunks between them (`build_in_chunks`).
+digest and the runtime that computed them (`kinret.features.runtime`: the ONNX graph for an ONNX network on a CPU,
+the torch module otherwise), shared by every head-only checkpoint on that backbone) and the embeddings of one trained
+checkpoint (`kinret.features.sources.CheckpointSource`, keyed by the checkpoint file's content). Both are computed in
+chunks of images, each chunk saved as it finishes, so a run killed half-way recomputes only the chunks it had not
+saved; under torchrun the processes split the chunks between them (`build_in_chunks`).
 """
 
 from __future__ import annotations
@@ -28,22 +28,15 @@ from torch import nn
 
 from kinret.data.pixels import decode_pixels, file_list_digest, normalize, to_float
 from kinret.dist import dist_rank_world
-from kinret.features.runtime import (
-    CV2_BATCH,
-    CV2_INT8,
-    TORCH_FP32,
-    cv2_engine,
-    cv2_pooled,
-    default_threads,
-    frozen_runtime,
-)
+from kinret.features.graph_runtime import graph_pooled
+from kinret.features.runtime import GRAPH, GRAPH_BATCH, RUNTIMES, default_threads, frozen_runtime, graph_runtime
 from kinret.io import atomic_path
 from kinret.log import progress
 from kinret.models.config import TrainConfig
 from kinret.models.networks import POOLS, pool_names
 
 log = logging.getLogger(__name__)
-FEATURE_CODE_VERSION = 2  # bump when the feature path (preprocessing, pooling, flip, neck) changes
+FEATURE_CODE_VERSION = 3  # bump when the feature path (preprocessing, pooling, flip, neck) changes
 CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part of a cache being built
 
 
@@ -162,9 +155,9 @@ class FrozenFeatures:
     @cached_property
     def engine(self) -> str:
         """The runtime that computes them: `runtime`, else the one `frozen_runtime` picks."""
-        engine = self.runtime or frozen_runtime(self.backbone, self.digest, self.data_cfg, self.device)
-        if engine not in (CV2_INT8, TORCH_FP32):
-            raise ValueError(f"unknown feature runtime {engine!r}; one of {(CV2_INT8, TORCH_FP32)}")
+        engine = self.runtime or frozen_runtime(self.backbone, self.device)
+        if engine not in RUNTIMES:
+            raise ValueError(f"unknown feature runtime {engine!r}; one of {RUNTIMES}")
         return engine
 
     def key(self, files_digest: str) -> str:
@@ -180,10 +173,10 @@ class FrozenFeatures:
         """Every pooling of `paths` (pooling -> (V, N, D); V = 2 with `flip`: the image, then its mirror image),
         read from `cache_dir` when the key matches, else computed in saved chunks and written atomically.
 
-        cv2-int8 (the shipped SFace file, unchanged weights, CPU) runs `threads` cv2 nets side by side (0: torch's
-        thread count), each decoding its own batches of `paths`; torch-fp32 runs `forward_pooled` on `pixels()` (all
-        images decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and
-        decodes) only its share of the chunks."""
+        The graph runtime (an ONNX network on a CPU) runs `threads` engines side by side (0: torch's thread count),
+        each decoding its own batches of `paths`; torch-fp32 runs `forward_pooled` on `pixels()` (all images
+        decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and decodes) only
+        its share of the chunks."""
         sharded = shard and dist_rank_world()[1] > 1
         cache = Path(cache_dir) / f"features_{self.label}_{self.key(file_list_digest(paths))}.npz"
         ids = np.array([str(p) for p in paths])
@@ -194,12 +187,12 @@ class FrozenFeatures:
 
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
             desc = f"features {self.label} {start}-{stop}"
-            if self.engine == CV2_INT8:
+            if self.engine == GRAPH:
                 workers = default_threads(self.threads)
-                feats = cv2_pooled(cv2_engine(workers, self.backbone, self.gem_p),
-                                   lambda a, b: decode_pixels(paths[start + a:start + b], size, None), stop - start,
-                                   pool_names(self.backbone), self.gem_p, self.flip, min(self.batch, CV2_BATCH),
-                                   workers, desc=desc)
+                feats = graph_pooled(graph_runtime(self.backbone, self.digest, (), workers, self.gem_p),
+                                     lambda a, b: decode_pixels(paths[start + a:start + b], size, None), stop - start,
+                                     pool_names(self.backbone), self.gem_p, self.flip, min(self.batch, GRAPH_BATCH),
+                                     workers, desc=desc)
             else:
                 if sharded:  # a process decodes only its own chunks
                     chunk_pixels = decode_pixels(paths[start:stop], size, None)

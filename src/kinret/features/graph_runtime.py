@@ -4,8 +4,8 @@ module's current weights written back, run by cv2.dnn, or by onnxruntime where c
 One pass gives every tensor the kit wants from an image batch: the graph's embedding ("native"), the feature map
 (pooled avg/max/gem with the torch runtime's own functions) and, on request, the output of a unit cut (the cached
 prefix of a fine-tune, e.g. SFace's cut 24, 512x7x7): the tensors are declared as graph outputs, since cv2.dnn
-returns graph outputs only. As `kinret.features.runtime.Cv2SFace` does, `nets` independent engines (one per worker
-thread, each single-threaded) let decoding and pooling of one batch overlap inference of another.
+returns graph outputs only. `nets` independent engines (one per worker thread, each single-threaded) let decoding and
+pooling of one batch overlap inference of another.
 
 Pixels are prepared in numpy exactly as the torch path prepares them (uint8 RGB / 255, minus the convention's mean,
 over its std; BGR and NHWC where the graph asks; the mirror view flips the width), and `check` compares the engine
@@ -18,12 +18,12 @@ import logging
 import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from kinret.data.pixels import normalize, to_float
-from kinret.features.runtime import engine_threads, pool_map
 from kinret.log import progress
 from kinret.models.networks import POOLS
 from kinret.models.onnx_graph import GraphEngine, open_engine
@@ -32,6 +32,29 @@ from kinret.models.onnx_net import OnnxBackbone, cosines
 log = logging.getLogger(__name__)
 CHECK_COSINE = 0.999
 AUTO = "auto"
+
+
+def pool_map(fmap: np.ndarray, names: Sequence[str], gem_p: float) -> dict[str, np.ndarray]:
+    """Every pooling of `names` but "native" over a (N, C, H, W) feature map, with the torch runtime's own
+    functions (`kinret.models.networks.POOLS`): avg = mean over positions, max, gem = (mean of x^p)^(1/p)."""
+    t = torch.from_numpy(np.asarray(fmap, dtype=np.float32))
+    return {k: POOLS[k](t, gem_p).numpy() for k in names if k != "native"}
+
+
+@contextmanager
+def engine_threads(n: int):
+    """cv2's and torch's thread counts (both process-wide) set to `n` inside the block, restored after: each worker
+    is one of the parallel streams, so its engine run and its pooling stay on one core each."""
+    import cv2
+
+    before = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before[0])
+        torch.set_num_threads(before[1])
 
 
 def cut_key(cut: int) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, config_from_dict, seed_of
-from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_digest
+from kinret.models.networks import FACE_NETWORKS, KinNet, build_backbone, pooled_dim, state_digest
 
 
 def shared_backbone(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict]:
@@ -36,7 +36,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbone
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = config_from_dict(ckpt["config"])
     torch.manual_seed(seed_of(cfg.seed))  # as the trainer did: a scratch backbone is rebuilt identically
-    if cfg.mode == "e2e" and cfg.backbone != "sface":
+    if cfg.mode == "e2e" and cfg.backbone not in FACE_NETWORKS:  # a timm network: its structure, no download
         backbone, data_cfg = build_backbone(replace(cfg, pretrained=False, weights=""))
     elif cfg.mode == "head" and backbones is not None:
         backbone, data_cfg = shared_backbone(cfg, backbones)

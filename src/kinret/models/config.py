@@ -27,9 +27,14 @@ class TrainConfig:
     data_root: str = str(DEFAULT_ROOT)  # holds train/ (FIW folders) and optionally val/
     out_root: str = "runs"
     # model
-    backbone: str = "resnet18"          # any timm name, or "sface" (the bundled pretrained face network)
+    backbone: str = "resnet18"          # a face network (sface: the bundled one; onnx: a graph file; iresnet50, ...:
+                                        # an arcface_torch checkpoint), or any timm name
     pretrained: bool = False            # timm hub weights (needs the network)
-    weights: str = ""                   # a local state dict for the backbone (overrides `pretrained`)
+    weights: str = ""                   # a local file: the ONNX graph (onnx), backbone.pth (iresnet*), or a state
+                                        # dict of the backbone (sface, timm; overrides `pretrained`)
+    input_convention: str = "insightface"  # onnx: how the graph wants its pixels (insightface | sface | facenet |
+                                        # imagenet, see kinret.models.onnx_net.CONVENTIONS)
+    onnx_output: str = ""               # onnx: the graph output that is the embedding, when it has several
     input_size: int = 0                 # 0: from timm's resolve_model_data_config
     pool: str = "avg"                   # avg | max | gem | native (sface's own embedding layer)
     gem_p: float = 3.0
@@ -41,6 +46,7 @@ class TrainConfig:
     # training
     mode: str = "e2e"                   # e2e (fine-tune the backbone) | head (frozen backbone, cached features)
     freeze: tuple[str, ...] = ()        # backbone parameter-name prefixes kept frozen in e2e mode
+    freeze_units: int = 0               # e2e: the first units of a face network's chain kept frozen (and cached)
     loss: str = "bce"                   # see kinret.models.losses.LOSSES
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
@@ -166,6 +172,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_pairs": (_at_least(1), ">= 1"),
     "eval_batch_size": (_at_least(1), ">= 1"),
     "threads": (_at_least(0), ">= 0 (0: torch's default)"),
+    "freeze_units": (_at_least(0), ">= 0"),
     "class_init": (lambda v: v in ("random", "means"), "one of ('random', 'means')"),
     "classifier_lr": (_at_least(0), ">= 0 (0: the same as lr)"),
     "batching": (lambda v: v in ("families", "random"), "one of ('families', 'random')"),

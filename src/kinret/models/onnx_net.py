@@ -18,6 +18,7 @@ and whether the graph wants BGR; the module flips the channels and transposes to
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -312,6 +313,7 @@ class OnnxBackbone(nn.Module):
 
 # ---- building and checking ------------------------------------------------------------------------------------------
 _CHECKED: set[tuple] = set()  # files whose conversion this process has already checked against the graph
+_BUILT: dict[tuple, tuple[OnnxBackbone, Any]] = {}  # the last conversion (and its folded graph) this process made
 
 
 def probe_batch(backbone: OnnxBackbone) -> torch.Tensor:
@@ -355,16 +357,22 @@ def build_onnx_backbone(path: str | Path, input_convention: str = "insightface",
                         check: bool = True) -> tuple[OnnxBackbone, dict]:
     """The ONNX face network in `path` as a backbone (eval mode) and its data config. `size` must match the
     graph's input where the graph fixes it; `output` chooses the embedding of a graph with several outputs. With
-    `check`, the conversion is compared with the graph run by cv2.dnn / onnxruntime once per file and process."""
+    `check`, the conversion is compared with the graph run by cv2.dnn / onnxruntime once per file and process.
+    A process converts a file once: later calls get a copy of that conversion."""
     conv = convention(input_convention)
-    model = read_graph(path)
-    info = inspect_graph(model, path, size, output)
-    folded = fold_constants(model)
-    del model
-    backbone = OnnxBackbone(folded, info, conv, freeze_bn)
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, info.output, input_convention)
+    stat = Path(path).stat() if Path(path).is_file() else None
+    key = (str(Path(path).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns, size, output, input_convention)
+    if key not in _BUILT:
+        model = read_graph(path)
+        info = inspect_graph(model, path, size, output)
+        folded = fold_constants(model)
+        del model
+        _BUILT.clear()  # one conversion kept: a process uses one network at a time
+        _BUILT[key] = (OnnxBackbone(folded, info, conv, freeze_bn), folded)
+    built, folded = _BUILT[key]
+    backbone = copy.deepcopy(built)
+    backbone.freeze_bn = freeze_bn
     if check and key not in _CHECKED:
-        check_against_graph(backbone, graph_with_weights(folded, {}, [info.output]))
+        check_against_graph(backbone, graph_with_weights(folded, {}, [backbone.info.output]))
         _CHECKED.add(key)
-    return backbone, conv.data_config(info.size)
+    return backbone, conv.data_config(backbone.info.size)

@@ -42,7 +42,7 @@ from kinret.errors import KinretInputError
 from kinret.io import atomic_path
 from kinret.log import progress
 from kinret.models.config import TrainConfig
-from kinret.models.networks import frozen_cut
+from kinret.models.networks import freeze_prefixes, frozen_cut
 from kinret.train.sampling import pixel_views
 
 log = logging.getLogger("kinret.train")
@@ -55,23 +55,22 @@ def prefix_views(cfg: TrainConfig) -> int:
 
 
 def prefix_cut(cfg: TrainConfig, backbone: nn.Module) -> int:
-    """The cut a `cache_prefix` run caches at: every unit before it frozen by `cfg.freeze`. Raises when the config
-    cannot use a cached prefix (see the module docstring for why)."""
+    """The cut a `cache_prefix` run caches at: every unit before it frozen (`cfg.freeze`, `cfg.freeze_units`).
+    Raises when the config cannot use a cached prefix (see the module docstring for why)."""
     name = cfg.name
     if cfg.mode != "e2e":
         raise KinretInputError(None, f"{name}: cache_prefix is for end-to-end runs (head mode caches features)")
     if not hasattr(backbone, "unit_prefixes"):
-        raise KinretInputError(None, f"{name}: cache_prefix needs a backbone written as a chain of units (sface), "
-                                     f"not {cfg.backbone!r}")
+        raise KinretInputError(None, f"{name}: cache_prefix needs a face network written as a chain of units (sface, "
+                                     f"onnx, iresnet*), not {cfg.backbone!r}")
     if cfg.augment and (cfg.color_jitter > 0 or cfg.affine_degrees > 0 or cfg.affine_translate > 0
                         or cfg.affine_scale > 0):
         raise KinretInputError(None, f"{name}: with cache_prefix only flip and greyscale augmentation can apply "
                                      "(cached views); set color_jitter=0 and affine_degrees, affine_translate, "
                                      "affine_scale to 0, or cache_prefix=false to augment pixels")
-    cut = frozen_cut(backbone, cfg.freeze)
+    cut = frozen_cut(backbone, freeze_prefixes(backbone, cfg))
     if cut == 0:
-        raise KinretInputError(None, f"{name}: cache_prefix needs frozen leading units: set freeze to the "
-                                     f"parameter prefixes {backbone.unit_prefixes()[:2]}...")
+        raise KinretInputError(None, f"{name}: cache_prefix needs frozen leading units: set freeze_units")
     return cut
 
 

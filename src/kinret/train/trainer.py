@@ -27,7 +27,7 @@ from kinret.errors import KinretInputError
 from kinret.log import progress
 from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import Batch, Loss, TrainingSet, build_loss, family_means
-from kinret.models.networks import KinNet, build_backbone, pooled_dim, state_digest
+from kinret.models.networks import KinNet, build_backbone, freeze_prefixes, pooled_dim, state_digest
 from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
 from kinret.train.evaluation import (
     RowEmbedder,
@@ -154,12 +154,13 @@ class Trainer:
         self.pixels = decode_pixels(self.table.paths, self.data_cfg["input_size"][-1], cache_dir(cfg))
         model = KinNet(backbone, dim, cfg)
         names = [name for name, _ in model.backbone.named_parameters()]
-        unmatched = [f for f in cfg.freeze if not any(n.startswith(f) for n in names)]
+        frozen = freeze_prefixes(backbone, cfg)
+        unmatched = [f for f in frozen if not any(n.startswith(f) for n in names)]
         if unmatched:  # a prefix that freezes nothing is a typo, not a recipe
             raise KinretInputError(None, f"{cfg.name}: freeze prefix {unmatched[0]!r} matches no parameter of the "
                                          f"backbone {cfg.backbone!r} (its names look like {names[0]!r})")
         for name, p in model.backbone.named_parameters():
-            if any(name.startswith(prefix) for prefix in cfg.freeze):
+            if any(name.startswith(prefix) for prefix in frozen):
                 p.requires_grad_(False)
         if cfg.cache_prefix:
             self.cut = prefix_cut(cfg, backbone)

@@ -16,7 +16,6 @@ It is not in the default: at the real size it does not fit the 20-minute budget 
 from dataclasses import replace
 
 from kinret.models.config import TrainConfig
-from kinret.models.networks import sface_freeze
 
 # Units frozen and cached: conv_1 .. conv_13_dw, output 512x7x7 (50 KB a view in float16, 100 KB an image with its
 # mirror: ~2 GB for FIW's 21,000 train and val faces). Trained: conv_13, conv_14 and the embedding layers, 8.0M of
@@ -27,5 +26,5 @@ CUT = 24
 cfg = replace(TrainConfig(), backbone="sface", mode="e2e", pool="native", neck="none", loss="cosface", scale=32.0,
               margin=0.2, class_init="means", optimizer="adamw", lr=1e-4, classifier_lr=1e-3, weight_decay=1e-4,
               warmup_epochs=0.2, epochs=2, batch_size=64, batching="random", freeze_bn=True,
-              freeze=sface_freeze(CUT), cache_prefix=True, flip_p=0.5, color_jitter=0.0,
+              freeze_units=CUT, cache_prefix=True, flip_p=0.5, color_jitter=0.0,
               affine_degrees=0.0, affine_translate=0.0, affine_scale=0.0, n_folds=3)
