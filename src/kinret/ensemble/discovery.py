@@ -19,7 +19,7 @@ from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEmbeddings, RawPixelSource
 from kinret.models.config import TrainConfig
 from kinret.models.losses import trains_pair_head
-from kinret.models.networks import pool_names
+from kinret.models.networks import FACE_NETWORKS, pool_names
 from kinret.scoring.variant_kinds import GroupSpec, VariantKind, offered_variants
 from kinret.scoring.variants import Group
 from kinret.train.experiments import Run
@@ -60,14 +60,19 @@ def discover_groups(jobs: Sequence[Run], cache_dir: Path, external_dir: Path | N
     if raw_pixels:
         plain = GroupSpec(("pixels",), "pixels", top_n=top_n, fc_all=fc_all, rescore_listed=False)  # a baseline
         groups.append(_group("raw_pixels", plain, {None: RawPixelSource(cache_dir)}))
-    seen_backbones = set()
+    frozen: dict[tuple, BackboneSource] = {}  # by features_key: one zero-shot group per frozen backbone
     by_variant: dict[str, Group] = {}
     for cfg, fold, _ in jobs:
-        if cfg.mode == "head" and cfg.features_key not in seen_backbones:
-            seen_backbones.add(cfg.features_key)
-            src = BackboneSource(cfg, cache_dir, backbones)
+        tuned = cfg.mode == "e2e" and cfg.cache_prefix and cfg.backbone in FACE_NETWORKS  # its prefix: a frozen pass
+        same = [s for s in frozen.values() if s.cfg.backbone_key == cfg.backbone_key]
+        if (cfg.mode == "head" and cfg.features_key not in frozen) or (tuned and not same):
+            frozen[cfg.features_key] = BackboneSource(cfg, cache_dir, backbones)
             spec = GroupSpec(tuple(pool_names(cfg.backbone)), main_pooling(cfg.backbone), top_n=top_n, fc_all=fc_all)
-            groups.append(_group(src.name, spec, {None: src}))
+            groups.append(_group(frozen[cfg.features_key].name, spec, {None: frozen[cfg.features_key]}))
+        if tuned:
+            src = frozen.get(cfg.features_key) or next(s for s in frozen.values()
+                                                       if s.cfg.backbone_key == cfg.backbone_key)
+            src.prefix_cfg = src.prefix_cfg or cfg
         if cfg.name not in by_variant:
             embs = ["emb"]
             if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding

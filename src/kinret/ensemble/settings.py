@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from kinret.ensemble.bootstrap import N_BOOT
 from kinret.ensemble.selection import POOL
 
-DEFAULT_EXPERIMENTS = ("sface_heads",)
+DEFAULT_EXPERIMENTS = ("sface_heads", "sface_finetune")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from torch import nn
 
 from kinret.data.pixels import decode_pixels, file_list_digest, normalize, to_float
 from kinret.dist import dist_rank_world
-from kinret.features.graph_runtime import graph_pooled
+from kinret.features.graph_runtime import cut_key, graph_pooled
+from kinret.features.prefix import Prefix, assemble_parts, save_parts
 from kinret.features.runtime import GRAPH, GRAPH_BATCH, RUNTIMES, default_threads, frozen_runtime, graph_runtime
 from kinret.io import atomic_path
 from kinret.log import progress
@@ -38,6 +39,20 @@ from kinret.models.networks import POOLS, pool_names
 log = logging.getLogger(__name__)
 FEATURE_CODE_VERSION = 3  # bump when the feature path (preprocessing, pooling, flip, neck) changes
 CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part of a cache being built
+
+
+def _pooled(backbone: nn.Module, fmap: torch.Tensor, names: list[str], gem_p: float, neck: nn.Module | None,
+            neck_pool: str) -> dict[str, torch.Tensor]:
+    """Every pooling of one feature map (and, with a `neck`, "emb": neck(`neck_pool` pooling))."""
+    pooled = {k: (backbone.forward_native(fmap) if k == "native" else POOLS[k](fmap, gem_p)) for k in names}
+    if neck is not None:
+        pooled["emb"] = neck(pooled[neck_pool])
+    return pooled
+
+
+def _stack_views(out: dict[str, list[np.ndarray]], views: list[dict[str, torch.Tensor]]) -> None:
+    for k in out:
+        out[k].append(torch.stack([v[k] for v in views]).float().cpu().numpy())
 
 
 @torch.no_grad()
@@ -58,15 +73,25 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
         x = normalize(to_float(np.asarray(pixels[start:start + batch]), device), data_cfg["mean"], data_cfg["std"])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        views = []
-        for view in (x, x.flip(3)) if flip else (x,):
-            fmap = backbone.forward_features(view)
-            pooled = {k: (backbone.forward_native(fmap) if k == "native" else POOLS[k](fmap, gem_p)) for k in names}
-            if neck is not None:
-                pooled["emb"] = neck(pooled[neck_pool])
-            views.append(pooled)
-        for k in out:
-            out[k].append(torch.stack([v[k] for v in views]).float().cpu().numpy())
+        _stack_views(out, [_pooled(backbone, backbone.forward_features(view), names, gem_p, neck, neck_pool)
+                           for view in ((x, x.flip(3)) if flip else (x,))])
+    return {k: np.concatenate(v, axis=1) for k, v in out.items()}
+
+
+@torch.no_grad()
+def rest_pooled(backbone: nn.Module, prefix: np.ndarray, cut: int, device: torch.device, batch: int = 128,
+                gem_p: float = 3.0, neck: nn.Module | None = None, neck_pool: str = "avg") -> dict[str, np.ndarray]:
+    """`forward_pooled` from the cached output of the backbone's first `cut` units: `prefix` (V, N, C, H, W), one
+    view a row (the image, its mirror image); the rest of the network runs on each view."""
+    backbone.eval()
+    if neck is not None:
+        neck.eval()
+    names = pool_names(backbone)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])}
+    for start in range(0, prefix.shape[1], batch):
+        views = [torch.from_numpy(np.asarray(v[start:start + batch], dtype=np.float32)).to(device) for v in prefix]
+        _stack_views(out, [_pooled(backbone, backbone.forward_rest(h, cut), names, gem_p, neck, neck_pool)
+                           for h in views])
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}
 
 
@@ -87,6 +112,11 @@ def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files if k != "ids"}
 
 
+def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """The (start, stop) rows of each saved chunk of a cache of `n` rows."""
+    return [(a, min(a + chunk, n)) for a in range(0, max(n, 1), chunk)]
+
+
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
                     chunk: int = CHUNK, shard: bool = False, desc: str | None = None) -> dict[str, np.ndarray]:
     """`compute(start, stop)` -> arrays of shape (views, stop - start, ...) for every chunk of rows, each chunk saved
@@ -100,7 +130,7 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
         return read_cache(cache, ids)
     rank, world = dist_rank_world() if shard else (0, 1)
     parts_dir = cache.with_name(cache.name + ".parts")
-    bounds = [(a, min(a + chunk, len(ids))) for a in range(0, max(len(ids), 1), chunk)]
+    bounds = chunk_bounds(len(ids), chunk)
     pieces: dict[int, dict[str, np.ndarray]] = {}
     mine = [i for i in range(len(bounds)) if i % world == rank]
     for i in progress(mine, desc=f"{desc or cache.stem} ({len(ids):,} images)", unit="chunk"):
@@ -144,13 +174,14 @@ class FrozenFeatures:
     flip: bool = True
     threads: int = 0
     runtime: str = ""
+    prefix: Prefix | None = None  # a fine-tune's prefix the graph pass returns too (its views must be the same)
 
     @classmethod
-    def of(cls, cfg: TrainConfig, backbone: nn.Module, digest: str, data_cfg: dict, device: torch.device
-           ) -> FrozenFeatures:
+    def of(cls, cfg: TrainConfig, backbone: nn.Module, digest: str, data_cfg: dict, device: torch.device,
+           prefix: Prefix | None = None) -> FrozenFeatures:
         """A run config's frozen features of `backbone` (its weights hashing to `digest`)."""
         return cls(backbone, digest, data_cfg, cfg.backbone, device, cfg.eval_batch_size, cfg.gem_p,
-                   cfg.channels_last, cfg.flip_views, cfg.threads)
+                   cfg.channels_last, cfg.flip_views, cfg.threads, prefix=prefix)
 
     @cached_property
     def engine(self) -> str:
@@ -176,10 +207,15 @@ class FrozenFeatures:
         The graph runtime (an ONNX network on a CPU) runs `threads` engines side by side (0: torch's thread count),
         each decoding its own batches of `paths`; torch-fp32 runs `forward_pooled` on `pixels()` (all images
         decoded), called only on a cache miss. With `shard` under torchrun, each process computes (and decodes) only
-        its share of the chunks."""
+        its share of the chunks. With `prefix`, the graph pass also writes the prefix file of `paths`."""
         sharded = shard and dist_rank_world()[1] > 1
-        cache = Path(cache_dir) / f"features_{self.label}_{self.key(file_list_digest(paths))}.npz"
+        files_digest = file_list_digest(paths)
+        cache = Path(cache_dir) / f"features_{self.label}_{self.key(files_digest)}.npz"
         ids = np.array([str(p) for p in paths])
+        prefix = self.prefix if self.prefix is not None and self.engine == GRAPH and not sharded else None
+        if prefix is not None and prefix.path(cache_dir, files_digest).is_file():
+            prefix = None  # a pass already wrote it
+        parts = prefix.path(cache_dir, files_digest).with_suffix(".parts") if prefix is not None else None
         if not cache.is_file():
             log.info("computing %s features of %d images into %s (%s)", self.label, len(paths), cache, self.engine)
         size = self.data_cfg["input_size"][-1]
@@ -189,10 +225,13 @@ class FrozenFeatures:
             desc = f"features {self.label} {start}-{stop}"
             if self.engine == GRAPH:
                 workers = default_threads(self.threads)
-                feats = graph_pooled(graph_runtime(self.backbone, self.digest, (), workers, self.gem_p),
+                cuts = (prefix.cut,) if prefix is not None else ()
+                feats = graph_pooled(graph_runtime(self.backbone, self.digest, cuts, workers, self.gem_p),
                                      lambda a, b: decode_pixels(paths[start + a:start + b], size, None), stop - start,
                                      pool_names(self.backbone), self.gem_p, self.flip, min(self.batch, GRAPH_BATCH),
                                      workers, desc=desc)
+                if prefix is not None:
+                    save_parts(parts, start, stop, prefix.stored(feats.pop(cut_key(prefix.cut))))
             else:
                 if sharded:  # a process decodes only its own chunks
                     chunk_pixels = decode_pixels(paths[start:stop], size, None)
@@ -204,5 +243,8 @@ class FrozenFeatures:
                                        self.gem_p, desc, self.channels_last, flip=self.flip)
             return {f"pool_{k}": v for k, v in feats.items()}
 
+        built = not cache.is_file()
         found = build_in_chunks(cache, ids, compute, shard=shard, desc=f"features {self.label}")
+        if prefix is not None and built:
+            assemble_parts(prefix, paths, parts, chunk_bounds(len(ids)), cache_dir)
         return {k.removeprefix("pool_"): v for k, v in found.items()}

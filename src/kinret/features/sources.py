@@ -17,7 +17,15 @@ import torch
 from kinret.data.pixels import decode_pixels, file_list_digest
 from kinret.dist import dist_rank_world, local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import FEATURE_CODE_VERSION, FrozenFeatures, build_in_chunks, file_digest, forward_pooled
+from kinret.features.cache import (
+    FEATURE_CODE_VERSION,
+    FrozenFeatures,
+    build_in_chunks,
+    file_digest,
+    forward_pooled,
+    rest_pooled,
+)
+from kinret.features.prefix import Prefix, prefix_cut
 from kinret.features.raw_pixels import RawPixels
 from kinret.models.checkpoint import load_model, shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
@@ -78,12 +86,14 @@ class RawPixelSource:
 @dataclass
 class BackboneSource:
     """A frozen backbone's pooled features (every pooling), shared by the head-only checkpoints trained on it;
-    computed by the runtime `kinret.features.runtime.frozen_runtime` picks (cv2.dnn for the shipped SFace)."""
+    computed by the runtime `kinret.features.runtime.frozen_runtime` picks (an ONNX network's graph on a CPU). With
+    `prefix_cfg`, a fine-tune's config whose views match, the same pass also writes that fine-tune's prefix."""
 
     cfg: TrainConfig
     cache_dir: Path
     backbones: dict = field(default_factory=dict)
     pair_fn: PairFn | None = None
+    prefix_cfg: TrainConfig | None = None
 
     @property
     def name(self) -> str:
@@ -100,7 +110,10 @@ class BackboneSource:
     @cached_property
     def features(self) -> FrozenFeatures:
         backbone, data_cfg, digest = self._model
-        return FrozenFeatures.of(self.cfg, backbone, digest, data_cfg, _device())
+        prefix, ft = None, self.prefix_cfg
+        if ft is not None and ft.flip_views == self.cfg.flip_views and not (ft.augment and ft.grey_p > 0):
+            prefix = Prefix.of(ft, backbone, prefix_cut(ft, backbone), data_cfg, _device())
+        return FrozenFeatures.of(self.cfg, backbone, digest, data_cfg, _device(), prefix)
 
     def key(self, images: ImageSet) -> str:
         return self.features.key(images.digest)
@@ -158,6 +171,24 @@ class CheckpointSource:
         return load_model(self.run_dir, _device(), self.backbones)
 
     @cached_property
+    def prefix(self) -> Prefix | None:
+        """The cached prefix an end-to-end run with `cache_prefix` trained on (its frozen units are unchanged)."""
+        if self.cfg.mode != "e2e" or not self.cfg.cache_prefix:
+            return None
+        model, _, data_cfg = self._loaded
+        return Prefix.of(self.cfg, model.backbone, prefix_cut(self.cfg, model.backbone), data_cfg, _device())
+
+    def _from_prefix(self, images: ImageSet, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every pooling and the embedding of rows start..stop by the rest of the network over their cached prefix
+        (the image and, with `flip_views`, its mirror image; computed here when no pass stored them)."""
+        model, cfg, prefix = self._loaded[0], self.cfg, self.prefix
+        rows = prefix.read([str(p) for p in images.paths[start:stop]], self.cache_dir)
+        if rows is None:
+            rows = prefix.stored(prefix.compute(images.paths[start:stop]))
+        return rest_pooled(model.backbone, rows[:2 if cfg.flip_views else 1], prefix.cut, _device(),
+                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool)
+
+    @cached_property
     def frozen(self) -> BackboneSource:
         """The frozen backbone's features a head-only checkpoint embeds."""
         return BackboneSource(self.cfg, self.cache_dir, self.backbones)
@@ -181,6 +212,8 @@ class CheckpointSource:
                 with torch.no_grad():
                     emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
                 return {"emb": emb.float().cpu().numpy()}
+            if self.prefix is not None:
+                return self._from_prefix(images, start, stop)
             if not inputs:  # under torchrun a process decodes only its chunks
                 inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir)
                               if dist_rank_world()[1] == 1 else None)

@@ -24,6 +24,7 @@ from kinret.data.synth import DEFAULT_ROOT, ensure_default
 from kinret.dist import local_device
 from kinret.errors import KinretInputError
 from kinret.features.cache import FrozenFeatures
+from kinret.features.prefix import Prefix
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
 from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig, seed_of
@@ -66,11 +67,11 @@ def cache_dir(cfg: TrainConfig) -> Path:
 
 
 def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: ImageTable, cfg: TrainConfig,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, prefix: Prefix | None = None) -> torch.Tensor:
     """(V, N, D) pooled features of the table's images and (V = 2, `flip_views`) their mirror images, from the shared
-    feature cache."""
+    feature cache; a pass that computes them writes `prefix` too (the graph runtime gives both at once)."""
     cache = cache_dir(cfg)
-    feats = FrozenFeatures.of(cfg, backbone, digest, data_cfg, device).cached(
+    feats = FrozenFeatures.of(cfg, backbone, digest, data_cfg, device, prefix).cached(
         table.paths, lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache)
     return torch.from_numpy(feats[cfg.pool])
 
@@ -97,8 +98,9 @@ def autocast(device: torch.device, amp: bool, cpu: bool = False):
 # ---- embeddings -----------------------------------------------------------------------------------------------------
 @dataclass
 class RowEmbedder:
-    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (V, N, D)) or
-    from decoded images (end to end: `pixels`)."""
+    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (V, N, D)),
+    from the cached output of the backbone's first `cut` units (end to end with a cached prefix: `prefix`,
+    (V, N, C, H, W)), or from decoded images (end to end: `pixels`)."""
 
     model: KinNet
     cfg: TrainConfig
@@ -107,6 +109,8 @@ class RowEmbedder:
     fc_trained: bool  # a pair loss trained the FC head, so its kin logit is a score too
     features: torch.Tensor | None = None
     pixels: np.ndarray | None = None
+    prefix: np.ndarray | None = None
+    cut: int = 0
 
     @torch.no_grad()
     def embed(self, rows: np.ndarray) -> np.ndarray:
@@ -116,6 +120,8 @@ class RowEmbedder:
         if self.features is not None:
             pooled = self.features[:, torch.as_tensor(rows)].mean(0).to(self.device)
             return self.model.embed_pooled(pooled).float().cpu().numpy()
+        if self.prefix is not None:
+            return self.embed_prefix(rows)
         out = []
         for i in range(0, len(rows), self.cfg.eval_batch_size):
             chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
@@ -126,6 +132,19 @@ class RowEmbedder:
             with autocast(self.device, self.cfg.amp, self.cfg.amp_cpu):
                 views = (x, x.flip(3)) if self.cfg.flip_views else (x,)  # flip TTA unless flip_views is off
                 e = sum(self.model(v).float() for v in views) / len(views)
+            out.append(e.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
+
+    @torch.no_grad()
+    def embed_prefix(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings of table rows by the rest of the network over their cached prefix, the mean over the image
+        and (with `flip_views`) its mirror image."""
+        views = 2 if self.cfg.flip_views else 1
+        out = []
+        for i in range(0, len(rows), self.cfg.eval_batch_size):
+            chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
+            e = sum(self.model.embed_rest(torch.from_numpy(gather(self.prefix[v], chunk).astype(np.float32))
+                                          .to(self.device), self.cut).float() for v in range(views)) / views
             out.append(e.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
 
