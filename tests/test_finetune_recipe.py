@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from kinret.errors import KinretInputError
+from kinret.features.prefix import Prefix
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import CosFaceFamilyLoss, family_means, random_batches
 from kinret.models.networks import build_backbone, freeze_prefixes, frozen_cut, unit_freeze
-from kinret.train import prefix as prefix_mod
 from kinret.train.experiments import load_experiment
 from kinret.train.sampling import augment, grey_images
 from kinret.train.trainer import Trainer
@@ -157,7 +157,8 @@ def test_a_freeze_prefix_matching_nothing_is_refused(tmp_path, tiny_data):
 
 
 def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_data, monkeypatch):
-    cfg = recipe(face_data, tmp_path, prefix_dtype="float32", grey_p=0.5, class_init="random")
+    cfg = recipe(face_data, tmp_path, prefix_dtype="float32", grey_p=0.5, class_init="random", flip_views=True,
+                 flip_p=0.5)
     cached, full = Trainer(cfg, fold=0), Trainer(replace(cfg, cache_prefix=False), fold=0)
     assert cached.cut == 24 and cached.prefix.shape[:2] == (4, len(cached.table))  # image, mirror and their grey
     for i, (rows, target) in enumerate(cached.epoch_batches(0)[:2]):
@@ -171,7 +172,7 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
             losses.append(loss.detach())
             grads.append({k: p.grad for k, p in t.objective.named_parameters() if p.requires_grad})
         assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5)
-        assert grads[0].keys() == grads[1].keys() and not any(k.startswith("model.backbone.net.body.conv_1.")
+        assert grads[0].keys() == grads[1].keys() and not any(k.startswith("model.backbone.units.0.")
                                                                for k in grads[0])
         for k in grads[0]:
             assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-6), k
@@ -179,19 +180,21 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
     def forbidden(*args, **kwargs):
         raise AssertionError("the prefix was recomputed although cached")
 
-    monkeypatch.setattr(prefix_mod, "_fill", forbidden)
+    monkeypatch.setattr(Prefix, "compute", forbidden)
     again = Trainer(cfg, fold=1)  # another fold of the same images: the same cache file
     assert np.array_equal(np.asarray(again.prefix[:, :3]), np.asarray(cached.prefix[:, :3]))
-    assert len(list((tmp_path / "_cache").glob("prefix_*.npy"))) == 1
+    assert len(list((tmp_path / "_cache").glob("prefix_*[0-9a-f].npy"))) == 1
     with pytest.raises(KinretInputError, match="prefix_cache_gb"):
         Trainer(replace(cfg, prefix_cache_gb=0.001, name="big"), fold=0)
     with pytest.raises(KinretInputError, match="only flip and greyscale"):
         Trainer(replace(cfg, color_jitter=0.1, name="jitter"), fold=0)
+    with pytest.raises(KinretInputError, match="mirror view cached"):
+        Trainer(replace(cfg, flip_views=False, name="noflip"), fold=0)
 
 
 def test_float16_prefix_stays_close(tmp_path, face_data):
     t = Trainer(recipe(face_data, tmp_path, class_init="random"), fold=0)
-    assert t.prefix.dtype == np.float16 and t.prefix.shape[0] == 2
+    assert t.prefix.dtype == np.float16 and t.prefix.shape[0] == 1 and t.pixels is None  # one view, no pixels
     x = torch.from_numpy(np.asarray(t.prefix[0, :8], dtype=np.float32))
     with torch.no_grad():
         exact = t.model.backbone.forward_prefix(_pixels(t, np.arange(8)), t.cut)
@@ -201,9 +204,10 @@ def test_float16_prefix_stays_close(tmp_path, face_data):
 
 
 def _pixels(t: Trainer, rows: np.ndarray) -> torch.Tensor:
-    from kinret.data.pixels import gather, normalize, to_float
+    from kinret.data.pixels import decode_pixels, normalize, to_float
 
-    return normalize(to_float(gather(t.pixels, rows), t.device), t.data_cfg["mean"], t.data_cfg["std"])
+    pixels = decode_pixels([t.table.paths[r] for r in rows], t.data_cfg["input_size"][-1], None)
+    return normalize(to_float(pixels, t.device), t.data_cfg["mean"], t.data_cfg["std"])
 
 
 @pytest.mark.slow
@@ -227,6 +231,6 @@ def test_one_epoch_of_the_recipe_does_not_fall_below_zero_shot(tmp_path):
     before, after = saved["rows"]
     print(f"held-out Average: epoch 0 {before['average']:.4f} (zero-shot {saved['zero_shot']['average']:.4f}), "
           f"after 1 epoch {after['average']:.4f}; pair AUC {before['pair_auc_cos']:.3f} -> {after['pair_auc_cos']:.3f}")
-    assert before["average"] == pytest.approx(saved["zero_shot"]["average"], abs=1e-9)
+    assert before["average"] == pytest.approx(saved["zero_shot"]["average"], abs=2e-3)  # float16 prefix
     assert after["pair_auc_cos"] >= before["pair_auc_cos"]
     assert after["average"] >= before["average"] - 0.02

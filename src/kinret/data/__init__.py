@@ -9,3 +9,4 @@ May import: kinret's base modules (errors, io, log, metrics).
 from pathlib import Path
 
 DEFAULT_ROOT = Path("data") / "synthetic"  # the embedded default: the synthetic dataset, generated on first use
+FINAL_FIT = -2  # the fold of a final fit: every labelled family (train and val) trained on, nothing held out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from kinret.data import FINAL_FIT
 from kinret.data.fiw import Family, family_folds, read_fiw
 from kinret.data.images import IMAGE_SUFFIXES
 from kinret.data.split import Track3Split, build_protocol, read_codalab, read_labelled
@@ -77,8 +78,15 @@ class DataLayout:
 
     def fold_families(self, n_folds: int, fold_seed: int, fold: int) -> tuple[list[Family], list[Family]]:
         """(families trained on, families held out) of one run: fold k of `family_folds`; fold -1 trains on every
-        training family and holds out DATA/val's."""
+        training family and holds out DATA/val's; fold -2 (a final fit) trains on both and holds out nothing."""
         families = self.train_families
+        if fold == FINAL_FIT:
+            val = self.val_families
+            both = {f.fid for f in families} & {f.fid for f in val}
+            if both:
+                raise KinretInputError(self.val, f"families {sorted(both)[:3]} are in DATA/train too: a final fit "
+                                                 "trains on both, so each family must be in one of them")
+            return sorted(families + val, key=lambda f: f.fid), []
         if fold < 0:
             return families, self.val_families
         if fold >= n_folds:

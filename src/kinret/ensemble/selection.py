@@ -152,6 +152,7 @@ class Selection:
     search: str = ""  # how the blend weights were found
     reference: str = ""
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> delta, lo, hi vs reference
+    final_fit: dict[str, object] = field(default_factory=dict)  # which refit models the submitted test scores use
 
     def with_reference(self, reference: str, intervals: dict[str, dict[str, float]]) -> Selection:
         """This choice with every variant's interval against `reference` on the split group it was made on."""
@@ -162,7 +163,8 @@ class Selection:
         return json.dumps({"name": self.name, "weights": self.weights, "normalisation": self.normalisation,
                            "best_single": self.best_single, "crossfit": self.crossfit, "reason": self.reason,
                            "crossfit_gain": self.gain, "search": self.search, "reference": self.reference,
-                           "intervals_vs_reference": self.intervals, "settings": settings or {}},
+                           "intervals_vs_reference": self.intervals, "final_fit": self.final_fit,
+                           "settings": settings or {}},
                           indent=2, default=str) + "\n"
 
 

@@ -95,10 +95,12 @@ class GraphRuntime:
         return np.random.default_rng(0).integers(0, 256, (2, s, s, 3), dtype=np.uint8)
 
     def graph_input(self, pixels: np.ndarray, flip: bool) -> np.ndarray:
-        """uint8 (N, H, W, 3) RGB -> float32 graph input of the V*N views (the N mirror images follow with `flip`),
-        computed as the torch path computes it."""
+        """(N, H, W, 3) RGB, uint8 or float in 0..1 -> float32 graph input of the V*N views (the N mirror images
+        follow with `flip`), computed as the torch path computes it."""
+        x = np.asarray(pixels).astype(np.float32)
+        if np.asarray(pixels).dtype == np.uint8:
+            x /= np.float32(255.0)
         conv = self.backbone.convention
-        x = np.asarray(pixels).astype(np.float32) / np.float32(255.0)
         x = (x - np.asarray(conv.mean, np.float32)) / np.asarray(conv.std, np.float32)
         if flip:
             x = np.concatenate([x, x[:, :, ::-1]])
@@ -122,8 +124,8 @@ class GraphRuntime:
         return dict(zip(self.outputs, got, strict=True))
 
     def pooled(self, pixels: np.ndarray, names: Sequence[str], gem_p: float, flip: bool) -> dict[str, np.ndarray]:
-        """uint8 (N, H, W, 3) RGB -> {pooling: (V, N, D)} for `names` ("native" the embedding, the others pooled
-        from the feature map) and {cut_key(k): (V, N, ...)} for each cut."""
+        """(N, H, W, 3) RGB (uint8, or float in 0..1) -> {pooling: (V, N, D)} for `names` ("native" the embedding,
+        the others pooled from the feature map) and {cut_key(k): (V, N, ...)} for each cut."""
         views, n = (2 if flip else 1), len(pixels)
         got = self.forward(self.graph_input(pixels, flip))
         chain = self.backbone.chain

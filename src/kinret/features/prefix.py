@@ -80,10 +80,11 @@ def gather_prefix(cache: np.ndarray, rows: np.ndarray, view: np.ndarray) -> np.n
     return gather(flat, np.asarray(view) * cache.shape[1] + np.asarray(rows))
 
 
-def grey_pixels(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) RGB -> the same shape, every channel the rounded 0.299 R + 0.587 G + 0.114 B."""
-    luma = np.asarray(pixels, dtype=np.float32) @ np.asarray(LUMA, dtype=np.float32)
-    return np.repeat(np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+def grey_images(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB -> float32 in 0..1, every channel 0.299 R + 0.587 G + 0.114 B: the greyscale view
+    the trainer's augmentation makes of the same pixels."""
+    x = np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    return np.repeat((x @ np.asarray(LUMA, dtype=np.float32))[..., None], 3, axis=-1)
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,9 @@ class Prefix:
 
     # ---- computing ---------------------------------------------------------------------------------------------
     def check_size(self, n_images: int) -> None:
+        """Refuse a prefix of `n_images` over `max_gb` (before anything is computed or reused)."""
         nbytes = self.views * n_images * math.prod(self.shape) * np.dtype(self.dtype).itemsize
-        log.info("prefix at unit %d: %d views x %d images x %s %s = %.1f MB", self.cut, self.views, n_images,
+        log.debug("prefix at unit %d: %d views x %d images x %s %s = %.1f MB", self.cut, self.views, n_images,
                  "x".join(map(str, self.shape)), self.dtype, nbytes / 1e6)
         if nbytes > self.max_gb * 1e9:
             raise KinretInputError(None, f"the prefix cache would take {nbytes / 1e9:.1f} GB, over prefix_cache_gb="
@@ -162,7 +164,7 @@ class Prefix:
         """(V, n, C, H, W) float32 prefix of uint8 RGB `pixels`, by the graph runtime."""
         workers = default_threads(self.threads)
         runtime = graph_runtime(self.backbone, self.digest, (self.cut,), workers, 3.0)
-        sets = [pixels, grey_pixels(pixels)] if self.grey else [pixels]
+        sets = [pixels, grey_images(pixels)] if self.grey else [pixels]
         parts = [graph_pooled(runtime, lambda a, b, p=p: p[a:b], len(p), [], 3.0, self.flip,
                               min(self.batch, GRAPH_BATCH), workers)[cut_key(self.cut)] for p in sets]
         return np.concatenate(parts)
@@ -175,8 +177,9 @@ class Prefix:
         for start in range(0, len(pixels), self.batch):
             chunk = np.asarray(pixels[start:start + self.batch])
             views = []
-            for image in [chunk, grey_pixels(chunk)] if self.grey else [chunk]:
-                x = to_float(image, self.device)
+            for image in [chunk, grey_images(chunk)] if self.grey else [chunk]:
+                x = to_float(image, self.device) if image.dtype == np.uint8 else (
+                    torch.from_numpy(image).to(self.device).permute(0, 3, 1, 2))
                 for view in (x, x.flip(3)) if self.flip else (x,):
                     v = normalize(view, self.data_cfg["mean"], self.data_cfg["std"])
                     views.append(self.backbone.forward_prefix(v, self.cut).float().cpu().numpy())
@@ -193,7 +196,6 @@ class Prefix:
     # ---- the files ------------------------------------------------------------------------------------------------
     def write(self, target: Path, ids: np.ndarray, fill: Callable[[np.ndarray], None]) -> np.ndarray:
         """Write the prefix file `target` for `ids`: `fill(out)` fills the (V, N, C, H, W) memmap; then its ids."""
-        self.check_size(len(ids))
         with atomic_path(target, suffix=".npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(self.views, len(ids),
                                                                                      *self.shape))
@@ -227,6 +229,7 @@ class Prefix:
     def table(self, paths: Sequence[Path], cache_dir: Path) -> np.ndarray:
         """The (V, N, C, H, W) memmap of `paths` in order: its file when one covers exactly these images, else one
         assembled from the rows other files hold, the missing rows computed, and kept for the next call."""
+        self.check_size(len(paths))
         target = self.path(cache_dir, file_list_digest(paths))
         ids = np.array([str(p) for p in paths])
         if target.is_file() and target.with_suffix(".ids.npy").is_file():
@@ -281,6 +284,7 @@ def assemble_parts(prefix: Prefix, paths: Sequence[Path], parts_dir: Path, bound
     """The prefix file of `paths` from a feature pass's chunk parts (`save_parts`); chunks without a part (a pass
     resumed from saved feature chunks) are computed; the parts are removed."""
     ids = np.array([str(p) for p in paths])
+    prefix.check_size(len(ids))
 
     def fill(out: np.ndarray) -> None:
         for start, stop in bounds:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kinret.data import DEFAULT_ROOT
+from kinret.data import DEFAULT_ROOT, FINAL_FIT
 from kinret.errors import KinretInputError
 
 
@@ -111,8 +111,10 @@ class TrainConfig:
                 raise KinretInputError(None, f"config {self.name!r}: {key}={value!r} is out of range: must be {rule}")
 
     def run_dir(self, fold: int) -> Path:
-        """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide."""
-        return Path(self.out_root) / self.name / (f"fold{fold}" if self.seed == 0 else f"fold{fold}_seed{self.seed}")
+        """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide;
+        the final fit (fold `FINAL_FIT`) in ``full/``."""
+        where = "full" if fold == FINAL_FIT else f"fold{fold}"
+        return Path(self.out_root) / self.name / (where if self.seed == 0 else f"{where}_seed{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

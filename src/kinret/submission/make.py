@@ -39,6 +39,7 @@ from kinret.log import minutes, setup_logging, stage, stage_times
 from kinret.metrics import chance_level
 from kinret.scoring.splits import SplitData
 from kinret.scoring.variants import Group, missing_scores
+from kinret.submission.final_fit import final_fit
 from kinret.submission.housekeeping import (
     clean_cache,
     disk_line,
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                    help="parallel training processes for grids")
     p.add_argument("--dry-run", action="store_true", help="list the stages that would run, build nothing")
+    p.add_argument("--final-fit", action="store_true",
+                   help="after the out-of-fold choice, train the chosen trained variants again on every labelled "
+                        "family (train and val) and submit their test scores (the choice itself is unchanged)")
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic dataset even if cached")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset (without --data-root)")
     p.add_argument("--clean-cache", action="store_true",
@@ -195,6 +199,8 @@ def run(args: argparse.Namespace) -> Outcome | None:
         t1 = time.perf_counter()
         result = run_ensemble(groups, splits, settings, scores_dir, args.ensemble_dir)
         record_rate(args.runs, "score", n_matrices, time.perf_counter() - t1)
+    if args.final_fit:
+        result = final_fit(result, groups, runs, args)
     with stage("submission and report"):
         sub, report = write_outputs(args, result, splits)
     print_closing(args, root, result, sub, report, splits, time.perf_counter() - t0)
@@ -215,6 +221,10 @@ def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, 
     """What a competitor reads at the end: the choice at a glance, the files, the local score, disk, timings."""
     print()
     print(glance(result, table_path=args.out / "variants.md"))
+    refit = result.selection.final_fit.get("refit", {})
+    if refit:
+        print(f"final fit: the test scores of {', '.join(refit)} come from models trained on every labelled family "
+              f"(train and val): {', '.join(sorted(set(refit.values())))}")
     print(f"\nwrote {sub.csv_path} and {sub.zip_path} ({result.selection.name}); report: "
           f"{', '.join(str(p) for p in report)}")
     test = splits["test"]

@@ -1,6 +1,7 @@
 """``python -m kinret.train -C <experiment> --fold k [--set key=value ...]``: train one variant on one fold.
 
---fold -1 trains on every training family (evaluated on DATA/val when present). Outputs go to
+--fold -1 trains on every training family (evaluated on DATA/val when present); --fold -2, the final fit, on every
+labelled family (train and val), holding nothing out. Outputs go to
 runs/{experiment}/fold{k}/ (one variant of a GRID, --variant NAME, to runs/{experiment}/{variant}/fold{k}/; python
 -m kinret.grid trains them all; --show-config lists them): checkpoint.pt (written to a temporary name, then renamed,
 after every epoch), config.json (the resolved config), summary.csv (one row per epoch), state.json and data.json
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser("python -m kinret.train", __doc__)
     p.add_argument("-C", "--config", required=True,
                    help="experiment name (src/kinret/train/experiments/) or a .py file")
-    p.add_argument("--fold", type=int, default=0, help="held-out fold; -1 trains on every training family")
+    p.add_argument("--fold", type=int, default=0,
+                   help="held-out fold; -1 trains on every training family (scored on DATA/val); -2, the final fit, "
+                        "trains on every labelled family (train and val) into runs/{experiment}/full/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="typed config override")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--restart", action="store_true", help="delete this run's outputs and start again")
