@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from kinret.data.split import read_labelled
 from kinret.data.synth import SynthConfig, generate
+from kinret.data.track3 import read_labelled
 from kinret.submission import make as submit
 from kinret.submission.predictions import read_predictions
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from kinret.data.fiw import read_fiw
-from kinret.data.split import read_codalab, read_labelled
+from kinret.data.track3 import read_codalab, read_labelled
 from kinret.metrics import cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
 from kinret.scoring.ranking import rank_gallery
 from kinret.submission import make as submit

@@ -10,8 +10,8 @@ import pytest
 
 from kinret.ensemble.blend import normalise
 from kinret.errors import KinretInputError
+from kinret.scoring.protocols import SplitData
 from kinret.scoring.similarity import FUSIONS, cosine_variant, fc_matrix, fc_rerank, fc_variant, probe_scores, rerank
-from kinret.scoring.splits import SplitData
 from kinret.scoring.store import ids_path, load_scores, save_scores, stored_key
 from kinret.scoring.transductive import RESCORINGS
 from kinret.scoring.variant_kinds import (

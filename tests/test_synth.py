@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from kinret.data.fiw import read_fiw
-from kinret.data.split import read_codalab, read_labelled
 from kinret.data.synth import SynthConfig, auto_jobs, generate, plan_families
 from kinret.data.synth_photo import OLD_PHOTO_AGE_WEIGHT
+from kinret.data.track3 import read_codalab, read_labelled
 from kinret.errors import KinretInputError
 from kinret.metrics import chance_level
 from kinret.synth import main, oracle_scores, print_shares, signal_report, style_retrieval

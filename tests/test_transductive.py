@@ -10,8 +10,8 @@ import pytest
 
 from kinret.ensemble.discovery import discover_groups, filter_groups
 from kinret.errors import KinretInputError
+from kinret.scoring.protocols import SplitData
 from kinret.scoring.ranking import rank_gallery
-from kinret.scoring.splits import SplitData
 from kinret.scoring.transductive import (
     DEFAULT_RESCORINGS,
     RESCORINGS,

@@ -12,7 +12,7 @@ import torch
 
 from kinret.data.layout import DataLayout
 from kinret.features.sources import CheckpointSource
-from kinret.scoring.splits import build_splits
+from kinret.scoring.protocols import build_splits
 from kinret.scoring.store import load_scores, save_scores
 from kinret.submission import make as submit
 from kinret.submission.predictions import read_predictions

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from kinret.cli import parser, run_command
-from kinret.data.split import read_labelled
+from kinret.data.track3 import read_labelled
 from kinret.metrics import AP_VARIANTS, evaluate_ranking
 from kinret.submission.predictions import read_predictions
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kinret.cli import parser, run_command
 from kinret.data.fiw import family_folds, read_fiw
-from kinret.data.split import build_protocol, write_codalab, write_labelled
+from kinret.data.track3 import build_protocol, write_codalab, write_labelled
 from kinret.io import write_text_atomic
 
 

@@ -14,8 +14,8 @@ import numpy as np
 from kinret.cli import parser, run_command
 from kinret.data import DEFAULT_ROOT
 from kinret.data.fiw import read_fiw
-from kinret.data.split import Track3Split, read_codalab, read_labelled
 from kinret.data.synth import SynthConfig, generate
+from kinret.data.track3 import Track3Split, read_codalab, read_labelled
 from kinret.features.raw_pixels import RawPixels
 from kinret.metrics import evaluate_ranking
 from kinret.scoring.ranking import rank_gallery

@@ -17,7 +17,7 @@ from kinret.cli import parser, run_command
 from kinret.data.fiw import Family
 from kinret.data.images import load_image
 from kinret.data.layout import DataLayout
-from kinret.data.split import Track3Split
+from kinret.data.track3 import Track3Split
 from kinret.errors import KinretInputError
 from kinret.log import progress
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from kinret.data import FINAL_FIT
 from kinret.data.fiw import Family, family_folds, read_fiw
 from kinret.data.images import IMAGE_SUFFIXES
-from kinret.data.split import Track3Split, build_protocol, read_codalab, read_labelled
+from kinret.data.track3 import Track3Split, build_protocol, read_codalab, read_labelled
 from kinret.errors import KinretInputError
 
 LISTS = ("probe_list.csv", "gallery_list.csv")  # the RFIW2021 labelled lists, always a pair

@@ -30,9 +30,9 @@ import numpy as np
 
 from kinret.data import DEFAULT_ROOT
 from kinret.data.fiw import read_fiw
-from kinret.data.split import GALLERY_DIR, PROBE_DIR, Track3Split, build_protocol, write_codalab, write_labelled
 from kinret.data.synth_faces import SynthFamily, make_family, render_face
 from kinret.data.synth_photo import OldPhoto, draw_styles, style_code
+from kinret.data.track3 import GALLERY_DIR, PROBE_DIR, Track3Split, build_protocol, write_codalab, write_labelled
 from kinret.errors import KinretInputError
 from kinret.io import atomic_dir, write_text_atomic
 from kinret.log import progress

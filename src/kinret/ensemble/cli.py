@@ -29,7 +29,7 @@ from kinret.ensemble.settings import DEFAULT_EXPERIMENTS, EnsembleSettings
 from kinret.ensemble.tables import GROUPS, interval_text
 from kinret.errors import KinretInputError
 from kinret.io import check_writable, remove_stale_temporaries
-from kinret.scoring.splits import split_group
+from kinret.scoring.protocols import split_group
 from kinret.train.runs import unfinished
 
 

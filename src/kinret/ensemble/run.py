@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kinret.data.layout import DataLayout
-from kinret.data.split import write_labelled
+from kinret.data.track3 import write_labelled
 from kinret.ensemble.bootstrap import average_terms, paired_intervals
 from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
 from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
@@ -23,7 +23,7 @@ from kinret.errors import KinretInputError
 from kinret.features.sources import ImageSet
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
-from kinret.scoring.splits import SplitData, build_splits, split_group
+from kinret.scoring.protocols import SplitData, build_splits, split_group
 from kinret.scoring.store import safe_name
 from kinret.scoring.variant_kinds import Cosine
 from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name

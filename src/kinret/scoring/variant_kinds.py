@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kinret.errors import KinretInputError
+from kinret.scoring.protocols import SplitData
 from kinret.scoring.similarity import (
     EARLY_FUSION,
     FUSIONS,
@@ -41,7 +42,6 @@ from kinret.scoring.similarity import (
     l2_normalize,
     mean_embedding,
 )
-from kinret.scoring.splits import SplitData
 from kinret.scoring.transductive import DEFAULT_RESCORINGS, RESCORE_CODE_VERSION, RESCORINGS, rescore
 
 PAIR_HEAD_EMB = "emb"  # the embedding a trained FC pair head compares

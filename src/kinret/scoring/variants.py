@@ -20,7 +20,7 @@ import numpy as np
 
 from kinret.errors import KinretInputError
 from kinret.log import progress
-from kinret.scoring.splits import SplitData
+from kinret.scoring.protocols import SplitData
 from kinret.scoring.store import ids_digest, load_scores, safe_name, save_scores, stored_key
 from kinret.scoring.variant_kinds import SourceScoring, VariantKind
 

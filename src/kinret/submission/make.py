@@ -37,7 +37,7 @@ from kinret.features.sources import BackboneSource
 from kinret.io import check_writable, remove_stale_temporaries, write_text_atomic
 from kinret.log import minutes, setup_logging, stage, stage_times
 from kinret.metrics import chance_level
-from kinret.scoring.splits import SplitData
+from kinret.scoring.protocols import SplitData
 from kinret.scoring.variants import Group, missing_scores
 from kinret.submission.final_fit import final_fit
 from kinret.submission.housekeeping import (

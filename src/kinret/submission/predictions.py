@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from kinret.data.split import Track3Split
+from kinret.data.track3 import Track3Split
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path
 from kinret.metrics import Track3Scores, evaluate_ranking

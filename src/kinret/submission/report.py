@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from kinret.data.fiw import Family
 from kinret.data.images import load_image
-from kinret.data.split import Track3Split
+from kinret.data.track3 import Track3Split
 from kinret.ensemble.bootstrap import describe
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path, write_text_atomic

@@ -1,8 +1,9 @@
-"""Training: experiment files and their loader (`experiments`), kin/non-kin pair and family batch sampling with
-batched augmentation (`sampling`), the training loop (`trainer`), the cached frozen prefix of a fine-tune
-(`prefix`), evaluation on held-out families and pair scores of a trained run (`evaluation`), checkpoint, summary
-and state files (`checkpointing`), run folders and their states (`runs`), the grid of an experiment (`grid`), and
-the command (`cli`, ``python -m kinret.train``).
+"""Training: experiment files, their loader and their runs (`experiments`), batched augmentation (`sampling`), the
+training loop (`trainer`), a run's inputs rebuilt the same way by the trainer and a later scorer (`inputs`),
+evaluation on held-out families and pair scores of a trained run (`heldout`), checkpoint, summary and state files
+(`checkpointing`), run folders and their states (`runs`), training one run into its folder (`fit`), the grid of an
+experiment (`grid`), and the command (`cli`, ``python -m kinret.train``). Batches are drawn by the losses
+(`kinret.models.losses`); the cached frozen prefix lives in `kinret.features.prefix`.
 
 May import: kinret's base modules, `data`, `models`, `features`, `scoring`.
 """

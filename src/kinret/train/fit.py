@@ -14,10 +14,9 @@ import logging
 import torch
 import torch.distributed as tdist
 
-from kinret.dist import process_group
+from kinret.dist import process_group, resolve_device
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, save_config
-from kinret.train.evaluation import resolve_device
 from kinret.train.runs import fixed_runtime, prepare_run_dir, save_data_fingerprint
 from kinret.train.trainer import Trainer
 
@@ -38,7 +37,7 @@ def train_run(cfg: TrainConfig, fold: int, resume: bool = False, restart: bool =
     """Train run (cfg, fold) to its last epoch and return its summary rows (empty when it was already finished, or
     in a torchrun process other than rank 0). `resume` continues an unfinished run (else it is refused), `restart`
     deletes the run folder first."""
-    with process_group(resolve_device(cfg).type == "cuda") as (rank, world):
+    with process_group(resolve_device(cfg.device).type == "cuda") as (rank, world):
         if cfg.batch_size % world:
             raise KinretInputError(None, f"batch_size {cfg.batch_size} must divide evenly over {world} processes")
         status = _shared_status(cfg, fold, resume, restart, rank, world)

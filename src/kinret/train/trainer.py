@@ -6,8 +6,9 @@ own learning rate (`classifier_lr`) and feed the cached output of its frozen lea
 It re-seeds from `seed_of(...)` at every epoch and step, so a resumed run ends with the same weights as an
 uninterrupted one; under torchrun the global batch is split over the DDP processes.
 
-Held-out evaluation lives in `kinret.train.evaluation`, the run's files in `kinret.train.checkpointing`, the command
-(``python -m kinret.train``) in `kinret.train.cli`.
+Held-out evaluation lives in `kinret.train.heldout`, the run's inputs in `kinret.train.inputs`, the run's files in
+`kinret.train.checkpointing`, training a run into its folder in `kinret.train.fit`, the command (``python -m
+kinret.train``) in `kinret.train.cli`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from kinret.data.pixels import decode_pixels, gather, normalize, to_float
+from kinret.dist import autocast, resolve_device
 from kinret.errors import KinretInputError
 from kinret.features.prefix import Prefix, checked_cut, gather_prefix
 from kinret.log import progress
@@ -30,18 +32,8 @@ from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import Batch, Loss, TrainingSet, build_loss, family_means
 from kinret.models.networks import KinNet, build_backbone, freeze_prefixes, pooled_dim, state_digest
 from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
-from kinret.train.evaluation import (
-    RowEmbedder,
-    autocast,
-    cache_dir,
-    family_table,
-    frozen_features,
-    held_out_metrics,
-    held_out_setup,
-    resolve_device,
-    row_index,
-    training_families,
-)
+from kinret.train.heldout import RowEmbedder, held_out_metrics, held_out_setup, row_index
+from kinret.train.inputs import cache_dir, family_table, frozen_features, training_families
 from kinret.train.sampling import augment
 
 log = logging.getLogger("kinret.train")
@@ -77,7 +69,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, fold: int, rank: int = 0, world: int = 1):
         self.cfg, self.fold, self.rank, self.world = cfg, fold, rank, world
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg.device)
         self.run_dir = cfg.run_dir(fold)
         train_fams, eval_fams, layout = training_families(cfg, fold)
         self.table = family_table(train_fams, eval_fams)

@@ -17,7 +17,7 @@ import numpy as np
 
 from kinret.data.layout import DataLayout
 from kinret.data.pixels import ImageTable
-from kinret.data.split import Track3Split, build_protocol
+from kinret.data.track3 import Track3Split, build_protocol
 from kinret.errors import KinretInputError
 from kinret.features.sources import ImageSet
 from kinret.models.config import TrainConfig

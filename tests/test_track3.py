@@ -9,7 +9,7 @@ from PIL import Image
 
 from kinret.data.fiw import read_fiw
 from kinret.data.lists import write_index_list
-from kinret.data.split import build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
+from kinret.data.track3 import build_protocol, read_codalab, read_labelled, write_codalab, write_labelled
 from kinret.errors import KinretInputError
 
 

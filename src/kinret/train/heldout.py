@@ -1,9 +1,6 @@
-"""Evaluation on a fold's held-out families, and the run inputs the trainer and a later scorer both rebuild.
-
-The inputs: which families a fold trains and holds out (`training_families`), the image table over both in
-family-id order (`family_table`), the device, and the cached frozen features of head-only runs. The evaluation:
-the held-out Track-3 protocol and the seeded kin/non-kin pairs (`HeldOut`), embeddings of table rows with flip
-test-time augmentation (`RowEmbedder`), the per-epoch held-out metrics (`held_out_metrics`) and the pair scores of a
+"""Evaluation on a fold's held-out families: the held-out Track-3 protocol and the seeded kin/non-kin pairs
+(`HeldOut`), embeddings of table rows with flip test-time augmentation (`RowEmbedder`: from cached frozen features,
+from a cached prefix, or from pixels), the per-epoch held-out metrics (`held_out_metrics`) and the pair scores of a
 saved run, rebuilt from its folder without a trainer (`held_out_pair_scores`).
 """
 
@@ -15,16 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from kinret.data.layout import DataLayout
 from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_float
-from kinret.data.split import Track3Split, build_protocol
-from kinret.data.synth import DEFAULT_ROOT, ensure_default
-from kinret.dist import local_device
+from kinret.data.track3 import Track3Split, build_protocol
+from kinret.dist import autocast, resolve_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import FrozenFeatures
-from kinret.features.prefix import Prefix
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
 from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig, seed_of
@@ -32,67 +25,11 @@ from kinret.models.losses import sample_pairs, trains_pair_head
 from kinret.models.networks import KinNet
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import l2_normalize, probe_scores
+from kinret.train.inputs import cache_dir, family_table, frozen_features, training_families
 
 log = logging.getLogger("kinret.train")
 METRICS = ("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average")
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # table rows a, b and the label (1 = kin)
-
-
-# ---- a run's inputs -------------------------------------------------------------------------------------------------
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise KinretInputError(None, "device=cuda requested but no CUDA device is available")
-        return local_device(True)
-    return local_device(False)
-
-
-def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, DataLayout]:
-    """(families to train on, families to evaluate on, the data folder's layout); the synthetic default is generated
-    on first use."""
-    if Path(cfg.data_root) == DEFAULT_ROOT:
-        ensure_default()
-    layout = DataLayout.of(cfg.data_root)
-    train, held = layout.fold_families(cfg.n_folds, cfg.fold_seed, fold)
-    return train, held, layout
-
-
-def family_table(train_fams: list, eval_fams: list) -> ImageTable:
-    # in family-id order whatever the fold, so every fold shares one pixel and one feature cache
-    return ImageTable.from_families(sorted(train_fams + eval_fams, key=lambda f: f.fid))
-
-
-def cache_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.out_root) / "_cache"
-
-
-def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: ImageTable, cfg: TrainConfig,
-                    device: torch.device, prefix: Prefix | None = None) -> torch.Tensor:
-    """(V, N, D) pooled features of the table's images and (V = 2, `flip_views`) their mirror images, from the shared
-    feature cache; a pass that computes them writes `prefix` too (the graph runtime gives both at once)."""
-    cache = cache_dir(cfg)
-    feats = FrozenFeatures.of(cfg, backbone, digest, data_cfg, device, prefix).cached(
-        table.paths, lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache)
-    return torch.from_numpy(feats[cfg.pool])
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): elsewhere bf16 autocast is emulated and
-    slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(device: torch.device, amp: bool, cpu: bool = False):
-    """bfloat16 autocast on CUDA when `amp`; on the CPU only when `cpu` (config `amp_cpu`) is asked for too and the
-    CPU has native bf16, since results then depend on the CPU; otherwise float32."""
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and amp and cpu and cpu_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 # ---- embeddings -----------------------------------------------------------------------------------------------------
@@ -250,7 +187,7 @@ def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
     # mmap: only the fold and the frozen backbone's digest are read, not the tensors load_model already has
     meta = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
     fold = int(meta["fold"])
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     model.to(device)
     if cfg.channels_last:  # as the trainer embedded: the same kernels, so the same numbers
         model.to(memory_format=torch.channels_last)
