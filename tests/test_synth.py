@@ -18,7 +18,8 @@ from kinret.data.synth_photo import OLD_PHOTO_AGE_WEIGHT
 from kinret.data.track3 import read_codalab, read_labelled
 from kinret.errors import KinretInputError
 from kinret.metrics import chance_level
-from kinret.synth import main, oracle_scores, print_shares, signal_report, style_retrieval
+from kinret.scoring.signal import oracle_scores, print_shares, signal_report, style_retrieval
+from kinret.synth import main
 
 SMALL = SynthConfig(seed=5, n_train=4, n_val=3, n_test=5)
 
