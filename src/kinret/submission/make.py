@@ -116,7 +116,8 @@ def prepare_outputs(args: argparse.Namespace, started: float) -> None:
 def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> tuple[list, int]:
     """(source, image set) pairs whose frozen-backbone features a score matrix still needs, and their image count
     (the out-of-fold sets are rows of the training set: counted, and computed, once)."""
-    todo = [(s, im) for s, im in pending_embeddings(groups, splits, scores_dir) if isinstance(s, BackboneSource)]
+    frozen = [g for g in groups if isinstance(g.sources.get(None), BackboneSource)]  # untrained runs have no key
+    todo = [(s, im) for s, im in pending_embeddings(frozen, splits, scores_dir) if isinstance(s, BackboneSource)]
     sizes = {(id(s), (im.parent or im).label): len((im.parent or im).paths) for s, im in todo}
     return todo, sum(sizes.values())
 
