@@ -1,9 +1,9 @@
 """One logging set-up for every entry point; progress that is visible in every mode; stage timing.
 
 Progress: a tqdm bar with its ETA on a terminal or in a notebook; when output goes to a file or a pipe (``nohup``,
-CI), a plain line when a loop starts and then at least once a minute (``KINRET_PROGRESS_SECONDS``) with the count,
-the rate and the ETA, even while one slow item runs, so a long run is never silent. ``--quiet`` (warnings and the
-final summary) and ``KINRET_NO_PROGRESS`` turn both off.
+CI), a plain line with the count, the rate and the ETA once a loop has run a few seconds and then at least once a
+minute (``KINRET_PROGRESS_SECONDS``), even while one slow item runs, so a long run is never silent. ``--quiet``
+(warnings and the final summary) and ``KINRET_NO_PROGRESS`` turn both off.
 Stages: `stage("features", "9,948 images")` prints a start line with its size and an end line with its wall time,
 and `stage_times()` gives them all for a closing line.
 """
@@ -49,11 +49,14 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+FIRST_LINE = 5.0  # seconds: a loop still running this long shows its first line then, not a whole period later
+
+
 class PlainProgress:
-    """The file/pipe form of a progress bar: a start line, a line at least every `every` seconds with the ETA (from
-    a watcher thread while one slow item runs), and an end line with the wall time (when the loop took longer than
-    `every`). Only the outermost loop shows its start line and is watched; a loop inside it (one chunk's batches)
-    starts at debug level, so it does not repeat a start line per chunk."""
+    """The file/pipe form of a progress bar: a line with the ETA once the loop has run `FIRST_LINE` seconds (or
+    `every`, if shorter), then at least every `every` seconds, from a watcher thread while one slow item runs; and an
+    end line with the wall time when the loop took longer than `every`. A short loop stays silent. Only the outermost
+    loop is watched: a loop inside it (one chunk's batches) reports as it goes, as before."""
 
     _depth = 0  # plain-progress loops running now, nested
 
@@ -76,17 +79,19 @@ class PlainProgress:
         log.info("%s", self.line(self.done, now - start))
 
     def _watch(self, start: float, stop: threading.Event) -> None:
+        """Report when the loop has run `FIRST_LINE` s without a line, then whenever `every` s pass without one."""
+        if not stop.wait(min(FIRST_LINE, self.every)) and self.last == start:
+            self._report(start)
         while not stop.wait(max(self.every / 4, 0.05)):
             if time.monotonic() - self.last >= self.every:
                 self._report(start)
 
     def __iter__(self) -> Iterator[T]:
         start = self.last = time.monotonic()
-        outer = PlainProgress._depth == 0
-        (log.info if outer else log.debug)("%s: %s %s to do", self.desc, self.total if self.total is not None
-                                           else "?", self.unit)
+        # the start line is for --verbose: stages announce themselves, and a short inner loop would repeat it per batch
+        log.debug("%s: %s %s to do", self.desc, self.total if self.total is not None else "?", self.unit)
         stop = threading.Event()
-        if outer and self.every > 0:
+        if PlainProgress._depth == 0 and self.every > 0:
             threading.Thread(target=self._watch, args=(start, stop), name="progress", daemon=True).start()
         PlainProgress._depth += 1
         try:
