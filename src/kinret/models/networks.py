@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -169,16 +170,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    """huggingface_hub in offline mode for the block: a local cache is used, the network never tried. The
-    environment variable alone is not enough: the hub reads it once, when timm first imports it."""
-    from huggingface_hub import constants
-
-    before_env, before = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    """The hub client timm downloads with, in offline mode for the block: a local cache is used, the network never
+    tried. The environment variable alone is not enough: the client reads it once, when timm first imports it."""
+    constants = sys.modules.get("huggingface_hub.constants")  # imported with timm; not a dependency of the kit's own
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), getattr(constants, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
         if before_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
