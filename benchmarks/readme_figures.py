@@ -1,17 +1,19 @@
 """The README's figures, produced by the kit: its Results table and the timings it quotes for the default run,
 rendered from a run's own files so that they cannot drift from what the kit does.
 
-    python benchmarks/readme_figures.py --run DIR [--warm DIR2/submissions/run.json]            # print them
-    python benchmarks/readme_figures.py --run DIR [--warm ...] --write README.md                  # replace them
-    python benchmarks/readme_figures.py --run DIR [--warm ...] --check README.md                  # exit 1 if stale
+    python make_submission.py && cp submissions/run.json /tmp/cold.json    # the default run, from a fresh folder
+    python make_submission.py                                              # a rerun, everything cached
+    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json             # print
+    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json --write README.md
+    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json --check README.md
 
-DIR is the folder `python make_submission.py` ran in (its `--out` and `--ensemble-dir` defaults: `submissions/`,
-`ensemble/`): the table comes from `ensemble/variants.csv`, the choice and the blend's cross-fitted gain from
-`submissions/selection.json`, each split's probe count from `ensemble/per_probe.csv.gz`, the gallery sizes, the
-machine and every stage's wall time from `submissions/run.json`, the synthetic data's size from the data folder's
-`synth_config.json`. `--warm` is the run.json of a second run in the same folder (everything cached: its copy of
-submissions/run.json, taken before it overwrote the first's; give the first's copy as --cold). In the README each
-figure sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` (NAME: results, timings).
+`--run` is the folder `python make_submission.py` ran in (its `--out` and `--ensemble-dir` defaults: `submissions/`,
+`ensemble/`): the table comes from `ensemble/variants.csv`, the choice, its intervals and the blend's cross-fitted
+gain from `submissions/selection.json`, each split's probe count from `ensemble/per_probe.csv.gz`, the gallery
+sizes, the machine and every stage's wall time from `submissions/run.json` (or `--cold`, that file as the run from a
+fresh folder left it; `--warm`, as a rerun left it), the synthetic data's size from the data folder's
+`synth_config.json`. In the README each figure sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`
+(NAME: results, timings); `--check` exits 1 when they differ from the run's.
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 
 def stop_workers() -> None:
     """End the worker processes joblib keeps for reuse (grid training, data generation), if any were started."""
-    if "joblib.externals.loky" in sys.modules:
-        from joblib.externals.loky import get_reusable_executor
-
-        get_reusable_executor().shutdown(wait=False, kill_workers=True)
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)  # the pool itself: get_reusable_executor() would start a new one
+    if executor is not None:
+        executor.shutdown(wait=False, kill_workers=True)
 
 
 def _report(message: str, verbose: bool) -> None:
