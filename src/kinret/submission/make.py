@@ -261,9 +261,9 @@ def _run(args: argparse.Namespace) -> Outcome | None:
     seconds = time.perf_counter() - t0
     print_closing(args, root, result, sub, report, splits, seconds)
     data = {"root": str(root), "seed": None if args.data_root is not None else args.data_seed}
-    write_run_record(args.out, run_record(args.argv, data, {n: (len(sd.split.probes), len(sd.split.gallery))
-                                                            for n, sd in splits.items()},
-                                          result.selection.name, sub.zip_path, seconds, stage_times()))
+    sizes = {n: (len(sd.split.probes), len(sd.split.gallery)) for n, sd in splits.items()}
+    write_run_record(args.out, run_record(getattr(args, "argv", []), data, sizes, result.selection.name,
+                                          sub.zip_path, seconds, stage_times()))
     return Outcome(root, result, sub, report)
 
 
