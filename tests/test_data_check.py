@@ -21,8 +21,8 @@ def test_a_complete_folder_is_counted_and_usable(data, capsys):
     assert "DATA/train: 12 families, " in out and "mid.csv in 12" in out
     assert "DATA/val (its probe_list.csv/gallery_list.csv): 4 probes (" in out
     assert "DATA/test: 4 probes (" in out and ", unlabelled" in out
-    assert "DATA/test_truth: 4 probes" in out and "4 families labelled" in out
-    assert "missing" not in out and out.rstrip().endswith("usable: python make_submission.py --data-root DATA")
+    assert "DATA/test_truth: family labels of 4 probes and " in out and "4 families" in out
+    assert "missing" not in out and out.rstrip().endswith(f"usable: python make_submission.py --data-root {data}")
 
 
 def test_missing_optional_parts_are_listed_without_failing(data):

@@ -16,10 +16,13 @@ import json
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from kinret.cli import parser, run_command
-from kinret.data.track3 import read_labelled
+from kinret.data.track3 import Track3Split, read_labelled
+from kinret.errors import KinretInputError
 from kinret.metrics import AP_VARIANTS, evaluate_ranking
-from kinret.submission.predictions import read_predictions
+from kinret.submission.predictions import predictions_shape, read_predictions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +42,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(lambda: run(args), args)
 
 
+def read_for(path: str, truth: Track3Split, probes: str, gallery: str) -> np.ndarray:
+    """The ranking in `path`, read for the truth's size. A valid ranking of rows of another width than the truth's
+    gallery was made for another data set or split: said so, naming both files, rather than blaming its first cell
+    out of range."""
+    want = (len(truth.probes), len(truth.gallery))
+    try:
+        return read_predictions(path, *want)
+    except KinretInputError as exc:
+        shape = predictions_shape(path)
+        if shape is None or shape[0] == 0 or shape[1] == want[1]:  # the right width: a damaged file, not another set
+            raise
+        try:
+            read_predictions(path, *shape)
+        except KinretInputError:
+            raise exc from None
+    raise KinretInputError(path, f"ranks {shape[1]:,} gallery faces for each of {shape[0]:,} probes, but the truth "
+                                 f"lists ({probes}, {gallery}) hold {want[0]:,} probes and {want[1]:,} gallery faces: "
+                                 "the predictions and the lists are not of the same data set or split")
+
+
 def run(args: argparse.Namespace) -> int:
     truth = read_labelled(args.probes, args.gallery, image_root=None, name="truth")
-    ranking = read_predictions(args.predictions, len(truth.probes), len(truth.gallery))
+    ranking = read_for(args.predictions, truth, args.probes, args.gallery)
     scores = evaluate_ranking(ranking, truth.probe_fids, truth.gallery_fids, ap=args.ap)
     gallery_families = set(truth.gallery_fids)  # built once: per probe it would cost P x N at 10x scale
     lonely = [i for i, f in enumerate(truth.probe_fids) if f not in gallery_families]

@@ -3,12 +3,16 @@
 Reads the folder with the same readers the run uses, so a list or folder that would stop `make_submission.py`
 stops here, named with its line: DATA/train (FIW family folders: training and the out-of-fold protocols), DATA/val
 (labelled folders, with or without probe_list.csv/gallery_list.csv), DATA/test (the Codalab probes/gallery and
-probe.txt/gallery.txt) and DATA/test_truth (optional test labels). ``--decode`` also opens every image (slower: a
-few thousand images a second), so a corrupt file is found now rather than an hour into a run.
+probe.txt/gallery.txt) and DATA/test_truth (optional test labels). Every image file the run would not read is
+listed with the reason (outside a MID* folder, an extension the kit does not read, a folder the layout does not
+use), and a layout one level too deep (DATA/test/test/) gets the move that fixes it. ``--decode`` also opens every
+image (slower: a few thousand images a second), so a corrupt file is found now rather than an hour into a run.
 """
 
 from __future__ import annotations
 
+import shlex
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +28,40 @@ from kinret.log import progress
 NEEDED = "DATA/test (probes/probe_subjects/s*/, gallery/gallery_faces/face*.jpg, probe.txt, gallery.txt)"
 
 
+SHOWN = 20  # stray files listed per reason; the rest are counted
+
+
 @dataclass
 class Report:
-    """One line per part found, the problems that would stop a run, and what is missing but optional."""
+    """One line per part found, the problems that would stop a run, what is missing but optional, the image files a
+    run would not read (with the reason) and hints for a misplaced layout; `root` names the folder in the verdict."""
 
     found: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
+    strays: list[tuple[Path, str]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    root: Path = Path("DATA")
+
+    def stray_lines(self) -> list[str]:
+        by_reason: dict[str, list[Path]] = defaultdict(list)
+        for path, reason in self.strays:
+            by_reason[reason].append(path)
+        lines = [f"  skipped  {len(self.strays):,} image file(s) a run does not read:"] if self.strays else []
+        for reason, paths in by_reason.items():
+            lines.append(f"    {len(paths):,} {reason}:")
+            lines += [f"      {p}" for p in paths[:SHOWN]]
+            if len(paths) > SHOWN:
+                lines.append(f"      ... and {len(paths) - SHOWN:,} more")
+        return lines
 
     def text(self) -> str:
         lines = [f"  ok       {x}" for x in self.found] + [f"  missing  {x}" for x in self.missing]
-        lines += [f"  ERROR    {x}" for x in self.errors]
-        verdict = ("usable: python make_submission.py --data-root DATA" if not self.errors
+        lines += self.stray_lines()
+        lines += [f"  ERROR    {x}" for x in self.errors] + [f"  hint     {x}" for x in self.hints]
+        where = shlex.quote(str(Path(self.root).resolve()))
+        verdict = (f"usable: python make_submission.py --data-root {where}" if not self.errors
                    else f"{len(self.errors)} problem(s) stop a run: fix them first")
         return "\n".join(lines + [verdict])
 
@@ -55,6 +80,13 @@ def split_line(label: str, split: Track3Split) -> str:
     fids = {p.fid for p in split.probes} - {None}
     return (f"{label}: {len(split.probes):,} probes ({faces:,} faces), {len(split.gallery):,} gallery faces"
             + (f", {len(fids):,} families labelled" if fids else ", unlabelled"))
+
+
+def truth_line(label: str, truth: Track3Split) -> str:
+    """The test labels: one family id per probe and per gallery face (no images of their own)."""
+    fids = {p.fid for p in truth.probes} | {g.fid for g in truth.gallery}
+    return (f"{label}: family labels of {len(truth.probes):,} probes and {len(truth.gallery):,} gallery faces, "
+            f"{len(fids):,} families")
 
 
 def _attempt(report: Report, what: Callable[[], str | None]) -> None:
@@ -117,7 +149,7 @@ def check_test(layout: DataLayout, report: Report) -> None:
         report.missing.append("DATA/test_truth/probe_list.csv, gallery_list.csv (optional): no local test score")
         return
     test_read = len(report.errors) == errors  # else the truth's row counts have nothing to be held against
-    _attempt(report, lambda: split_line("DATA/test_truth", layout.test_labels if test_read else layout.truth_lists()))
+    _attempt(report, lambda: truth_line("DATA/test_truth", layout.test_labels if test_read else layout.truth_lists()))
 
 
 def decode_all(paths: Iterable[Path], report: Report) -> None:
@@ -137,7 +169,7 @@ def decode_all(paths: Iterable[Path], report: Report) -> None:
 
 def check(root: str | Path, decode: bool = False) -> Report:
     """Everything `make_submission.py --data-root root` would read, read; problems collected, not raised."""
-    report = Report()
+    report = Report(root=Path(root))
     try:
         layout = DataLayout.of(root)
     except KinretInputError as exc:
@@ -146,6 +178,10 @@ def check(root: str | Path, decode: bool = False) -> Report:
     check_train(layout, report)
     check_val(layout, report)
     check_test(layout, report)
+    hints = layout.nesting_hints()
+    report.hints = [text for _, text in hints]
+    # images inside a misplaced layout are what its hint moves: not listed one by one
+    report.strays = [(p, why) for p, why in layout.stray_images() if not any(p.is_relative_to(f) for f, _ in hints)]
     if decode:
         decode_all(report.images, report)
     return report

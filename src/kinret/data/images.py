@@ -21,7 +21,8 @@ def is_image_file(path: Path) -> bool:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully to an RGB image; a missing, empty, truncated or non-image file raises KinretInputError."""
+    """Decode `path` fully to an RGB image; a missing, empty, truncated or non-image file raises KinretInputError,
+    and so does a decompression bomb (a header claiming more pixels than PIL's limit, refused before decoding)."""
     path = Path(path)
     if not path.is_file():
         raise KinretInputError(path, "image file is missing")
@@ -31,7 +32,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decodes every byte now: a truncated file fails here, not later in a worker
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise KinretInputError(path, f"cannot decode image ({exc.__class__.__name__}: {exc})") from exc
 
 

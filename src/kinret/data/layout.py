@@ -7,7 +7,8 @@
 
 `DataLayout.of(root)` looks at the folder once; its methods read a part when first asked (and keep it), and raise
 `KinretInputError` naming the file and line when a part is malformed. Training, scoring, the data check and the run
-status all ask it: nothing else looks at the folder's layout.
+status all ask it: nothing else looks at the folder's layout. `stray_images` walks the whole folder for the image
+files no part reads (each with the reason), and `nesting_hints` spots a layout that sits one level too deep.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from functools import cached_property
 from pathlib import Path
 
 from kinret.data import FINAL_FIT
-from kinret.data.fiw import Family, family_folds, read_fiw
+from kinret.data.fiw import MID_RE, Family, family_folds, read_fiw
 from kinret.data.images import IMAGE_SUFFIXES
 from kinret.data.track3 import Track3Split, build_protocol, read_codalab, read_labelled
 from kinret.errors import KinretInputError
 
 LISTS = ("probe_list.csv", "gallery_list.csv")  # the RFIW2021 labelled lists, always a pair
+PARTS = ("train", "val", "test")
+# image formats a data folder may hold that the kit does not read (it reads IMAGE_SUFFIXES)
+OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".ppm", ".pgm",
+                        ".pnm", ".ico")
 
 
 def _pair(folder: Path) -> tuple[Path, Path] | None:
@@ -156,3 +161,98 @@ class DataLayout:
                                   and e.name.lower().endswith(IMAGE_SUFFIXES)]
             files += [f"{part}/{n}" for n in LISTS if (folder / n).is_file()]
         return families, files
+
+    # ---- what the run leaves out ---------------------------------------------------------------------------------
+    def counted_images(self) -> tuple[set[Path], set[str]]:
+        """(every image a run reads: the training families', DATA/val's (its lists' when it has them, else its
+        families') and the test split's; the parts that could not be read, whose images are not judged)."""
+        counted: set[Path] = set()
+        unread: set[str] = set()
+
+        def val_images() -> list[Path]:
+            if self.val_lists is not None:
+                split = self.val_split(0)
+                return [p for q in split.probes for p in q.images] + [g.path for g in split.gallery]
+            return [p for f in self.val_families for m in f.members for p in m.images]
+
+        readers = {"train": lambda: [p for f in self.train_families for m in f.members for p in m.images],
+                   "val": val_images,
+                   "test": lambda: [p for q in self.test_split.probes for p in q.images]
+                   + [g.path for g in self.test_split.gallery]}
+        for part, read in readers.items():
+            if getattr(self, part) is None:
+                continue
+            try:
+                counted.update(read())
+            except KinretInputError:
+                unread.add(part)
+        return counted, unread
+
+    def stray_images(self) -> list[tuple[Path, str]]:
+        """Every image file under the root that no part of a run reads, with the reason, in path order: outside a
+        MID* folder, an extension the kit does not read, a hidden file, a folder the layout does not use. Files in a
+        part that cannot be read at all are left to that part's error. Symbolic links are followed, each folder
+        walked once."""
+        counted, unread = self.counted_images()
+        counted = {os.path.realpath(p) for p in counted}  # readers hold resolved paths, the walk the given ones
+        val_lists = self.val is not None and "val" not in unread and self.val_lists is not None
+        found, seen = [], set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            here = Path(dirpath)
+            stat = here.stat()
+            if (stat.st_dev, stat.st_ino) in seen:
+                dirnames.clear()
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            rel = here.relative_to(self.root).parts
+            if rel and (rel[0] in unread or rel[0].startswith(".")):
+                dirnames.clear()
+                continue
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = here / name
+                if (Path(name).suffix.lower() in IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES
+                        and os.path.realpath(path) not in counted):
+                    found.append((path, _why((*rel, name), val_lists)))
+        return found
+
+    def nesting_hints(self) -> list[tuple[Path, str]]:
+        """(folder, how to fix it) for a layout that sits one level too deep: DATA/test/test/, DATA/train/train/, or
+        the whole layout in one subfolder of the folder given."""
+        hints = []
+        for part in PARTS:
+            inner = self.root / part / part
+            if inner.is_dir():
+                hints.append((inner, f"{inner} looks like DATA/{part} one level too deep: move its contents up (mv "
+                                     f"{inner}/* {self.root / part}/ and remove the empty {inner})"))
+        if not any(getattr(self, part) for part in PARTS):
+            for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                held = [f"{x}/" for x in PARTS if (sub / x).is_dir()]
+                if held:
+                    hints.append((sub, f"{sub} holds {', '.join(held)}: pass --data-root {sub}"))
+        return hints
+
+
+def _why(parts: tuple[str, ...], val_lists: bool) -> str:
+    """Why the image at `parts` (relative to the data root) is not read."""
+    name, top, depth = parts[-1], parts[0], len(parts)
+    suffix = Path(name).suffix.lower()
+    if name.startswith("."):
+        return "a hidden file"
+    if suffix not in IMAGE_SUFFIXES:
+        return f"extension {suffix} is not read (only {', '.join(IMAGE_SUFFIXES)})"
+    if depth == 1:
+        return "directly in the data folder, outside train/, val/ and test/"
+    if top in ("train", "val"):
+        if top == "val" and val_lists:
+            return "not named in DATA/val's probe_list.csv or gallery_list.csv"
+        if depth == 2:
+            return f"directly in DATA/{top}/, outside a family folder F*/MID*/"
+        if depth == 3:
+            return f"outside a MID* folder (DATA/{top}/{parts[1]}/MID1/ holds member 1's faces)"
+        if not MID_RE.match(parts[2]):
+            return f"in {parts[2]}/, not a member folder MID<digits>"
+        return "in a subfolder of a member folder (only F*/MID*/*.jpg is read)"
+    if top == "test":
+        return "not in the test layout's probes/probe_subjects/s*/ or gallery/gallery_faces/ (or not in their lists)"
+    return f"in {top}/, a folder the layout does not use (it reads train/, val/, test/)"

@@ -20,11 +20,11 @@ from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
-from kinret.features.sources import ImageSet
+from kinret.features.sources import ExternalEmbeddings, ImageSet
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
 from kinret.scoring.protocols import SplitData, build_splits, split_group
-from kinret.scoring.store import safe_name
+from kinret.scoring.store import load_scores, safe_name
 from kinret.scoring.variant_kinds import Cosine
 from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
 from kinret.train.experiments import Run, experiment_runs
@@ -239,7 +239,49 @@ def prepare(settings: EnsembleSettings, layout: DataLayout, runs_dir: Path, ense
     splits = build_splits(layout, n_folds, fold_seed, settings.protocol_seed)
     groups = discover_groups(runs, runs_dir / "_cache", ensemble_dir / "external", settings.raw_pixels,
                              settings.top_n, settings.fc_all)
+    groups = [g for g in groups if _covers_this_data(g, splits, ensemble_dir)]
     return runs, splits, filter_groups(groups, settings.variants)
+
+
+def _covers_this_data(group: Group, splits: dict[str, SplitData], ensemble_dir: Path) -> bool:
+    """Whether an external group belongs to this run's data (any other group does). Every folder of
+    `ensemble_dir/external/` joins every run of that ensemble folder, whatever its data: one whose embeddings cover
+    none of the run's images (or whose score matrices match none of its splits) was made for other data, and is
+    left out with a warning; embeddings covering some of the images but not all stop the run, naming the file."""
+    source = group.sources.get(None)
+    if isinstance(source, ExternalEmbeddings):
+        try:
+            with np.load(source.path, allow_pickle=False) as data:
+                have = set(data["image_ids"].astype(str).tolist())
+        except (KeyError, ValueError, OSError):
+            return True  # a malformed file: its own error names it when it is read
+        need = {name: [i for i in sd.images.ids if i not in have] for name, sd in splits.items()}
+        if all(len(missing) == len(splits[name].images.ids) for name, missing in need.items()):
+            return _left_out(source.path.parent, "its embeddings.npz covers none of this run's images")
+        name, missing = next(((n, m) for n, m in need.items() if m), ("", []))
+        if missing:
+            raise KinretInputError(source.path, f"no embedding for {len(missing)} image(s) of the {name} set, e.g. "
+                                                f"{missing[0]!r}; every folder of {ensemble_dir / 'external'} joins "
+                                                "every run of that ensemble folder: move one made for other data out "
+                                                "of it (or give this run its own --ensemble-dir)")
+    elif group.scores_dir is not None:
+        if not any(_same_ids(group.scores_dir / f"{name}.npy", sd) for name, sd in splits.items()):
+            return _left_out(group.scores_dir, "none of its score matrices is for this run's splits")
+    return True
+
+
+def _same_ids(path: Path, sd: SplitData) -> bool:
+    try:
+        load_scores(path, sd.probe_ids, sd.gallery_ids)
+    except KinretInputError:
+        return False
+    return True
+
+
+def _left_out(folder: Path, why: str) -> bool:
+    log.warning("%s left out: %s (it was made for other data; external folders join every run of their ensemble "
+                "folder)", folder, why)
+    return False
 
 
 def plan(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, todo: Sequence[tuple[Run, str]]

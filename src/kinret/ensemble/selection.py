@@ -195,9 +195,11 @@ def _reason(how: str, weights: dict[str, float], gain: dict[str, float], blended
     """The decision in plain words, e.g. "the blend gained +0.012 out of fold (cross-fitted), but its 95% interval
     [-0.010, +0.034] includes 0: submitted the best single variant"."""
     d = gain["delta"]
-    moved = f"gained {d:+.3f}" if d >= 0 else f"lost {-d:.3f}"
+    moved = ("did as well as the best single variant (a difference under 0.0005)" if round(d, 3) == 0
+             else f"gained {d:+.3f} against the best single variant" if d > 0
+             else f"lost {-d:.3f} against the best single variant")
     iv = f"its {LEVEL:.0%} interval [{gain['lo']:+.3f}, {gain['hi']:+.3f}]"
-    said = f"the blend {moved} against the best single variant out of fold (cross-fitted)"
+    said = f"the blend {moved} out of fold (cross-fitted)"
     if how == "blend":
         return f"blend (asked for): {said}, {iv}"
     if blended:
@@ -205,7 +207,7 @@ def _reason(how: str, weights: dict[str, float], gain: dict[str, float], blended
     if len(weights) < 2:
         return f"the weight search kept only one variant: submitted the best single variant ({said})"
     where = "lies below 0" if gain["hi"] < 0 else "includes 0"
-    return f"{said}, {'but' if d > 0 else 'and'} {iv} {where}: submitted the best single variant"
+    return f"{said}, {'but' if round(d, 3) > 0 else 'and'} {iv} {where}: submitted the best single variant"
 
 
 def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], how: str = "auto",
@@ -244,7 +246,7 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
     weights = search_weights({v: norm(v) for v in ranked[:pool]}, scorers, folds, max_steps)
     blended = decide(how, len(weights), gain)
     reason = _reason(how, weights, gain, blended)
-    log.info("blend gain %s: %s", describe(gain), reason)
+    log.debug("blend gain %s: %s", describe(gain), reason)  # the commands print the reason once, in their summary
     return replace(picked, **({"name": f"blend_{normalisation}_{len(weights)}v", "weights": weights} if blended
                               else {}),
                    crossfit={name: summarise(p) for name, p in parts.items()}, reason=reason, gain=gain,

@@ -14,6 +14,31 @@ CHANCE_ROW = "random ranking (expected)"
 GROUP_NAMES = {"oof": "out of fold (the fold protocols pooled)", "val": "val", "test": "test"}
 
 
+# what a variant's scores are, by the similarity part of its name (longest prefix first): the report's score axis
+SCORE_SCALES = {
+    "cos-": "cosine similarity of the embeddings, -1 to 1",
+    "dba10-clus-div5-": "cosine after gallery averaging, mixed with the face's identity cluster, 5 identities on top",
+    "dba10-": "cosine after each gallery face is averaged with its 10 nearest (DBA), -1 to 1",
+    "qe5-": "cosine after each probe is expanded with its 5 best faces, -1 to 1",
+    "clus-div5-": "cosine mixed with the face's identity cluster, the first 5 places on 5 identities",
+    "dsm-": "dual softmax: log of (softmax over the gallery x softmax over the probes), at most 0 (0: certain)",
+    "sink-": "Sinkhorn: log of the probe's share of the face, each probe an equal share of the gallery",
+    "rerank": "FC head logit on the cosine top N, every other face below them",
+    "fc-": "FC head kin logit (higher: more likely kin)",
+}
+
+
+def score_scale(weights: Mapping[str, float], normalisation: str = "z") -> str:
+    """What the chosen scores are (a blend's or one variant's), for an axis label."""
+    if len(weights) > 1:
+        return f"blend: weighted sum of each variant's per-probe {'z-scores' if normalisation == 'z' else 'ranks'}"
+    variant = next(iter(weights))
+    label = variant.split(":", 1)[1] if ":" in variant else ""
+    found = next((text for prefix, text in sorted(SCORE_SCALES.items(), key=lambda x: -len(x[0]))
+                  if label.startswith(prefix)), "as the external score matrix gives them" if not label else "")
+    return found or "the variant's similarity"
+
+
 def variant_table(results: dict[str, dict[str, dict[str, float]]],
                   intervals: Mapping[str, tuple[str, dict[str, dict[str, float]]]] | None = None) -> pd.DataFrame:
     """results: row name -> split group ("oof", "val", "test") -> metrics; one row per name, columns `variant` and
@@ -78,8 +103,22 @@ def split_sizes_markdown(chance: pd.DataFrame) -> str:
     return "\n".join(out) + "\n"
 
 
-def legend(key: str, reference: str, n_boot: int | None) -> list[str]:
-    """The column legend under the variant table."""
+def noise_text(table: pd.DataFrame, chance: pd.DataFrame | None, key: str) -> str:
+    """How many probes the `key` intervals rest on and how wide they are here (the median half-width), e.g. "120
+    probes scored here, intervals about ±0.041 wide"; empty when neither is known."""
+    probes = None
+    if chance is not None and len(chance):
+        rows = chance[chance["split"] == key]
+        probes = int(rows["probes"].iloc[0]) if len(rows) == 1 else None
+    cols = [f"{key}_delta_lo", f"{key}_delta_hi"]
+    half = (table[cols[1]] - table[cols[0]]).dropna() / 2 if all(c in table for c in cols) else pd.Series([])
+    bits = [f"{probes:,} probes scored here" if probes else "",
+            f"intervals about ±{half.median():.3f} wide" if len(half) else ""]
+    return ", ".join(b for b in bits if b)
+
+
+def legend(key: str, reference: str, n_boot: int | None, noise: str = "") -> list[str]:
+    """The column legend under the variant table; `noise` (see `noise_text`) says how wide the intervals are."""
     boot = f"{n_boot} " if n_boot else ""
     return [
         "Columns: `{split}_average` = (mAP + Rank@5) / 2, the leaderboard number; `_mAP` = mean over probes of the "
@@ -90,8 +129,8 @@ def legend(key: str, reference: str, n_boot: int | None) -> list[str]:
         f"`{key} Δ [95%]` = this row's {GROUP_NAMES.get(key, key)} Average minus that of what it is compared with "
         f"(`{reference}` for every variant and the chosen line; the cross-fitted best single variant for the "
         f"cross-fitted blend line), with the 95% percentile interval of {boot}paired bootstrap resamples of the probes "
-        "(within each fold out of fold). An interval that includes 0 is no evidence of a difference: with ~190 "
-        "probes, differences under ~0.03 are usually noise.",
+        "(within each fold out of fold). An interval that includes 0 is no evidence of a difference"
+        + (f": {noise}." if noise else "."),
         f"`{CHANCE_ROW}`: what a uniformly random ranking expects (closed form, standard AP).",
     ]
 
@@ -105,7 +144,7 @@ def variants_markdown(table: pd.DataFrame, chance: pd.DataFrame | None = None, r
         view[f"{key} Δ [95%]"] = delta_column(table, key, reference)
     parts = [to_markdown(view)]
     if reference:
-        parts += ["\n".join(legend(key, reference, n_boot)) + "\n"]
+        parts += ["\n".join(legend(key, reference, n_boot, noise_text(table, chance, key))) + "\n"]
     if chance is not None and len(chance):
         parts += ["Splits, with the scores a random ranking expects on each. Splits differ in gallery size and in "
                   "relatives per probe, so scores on different splits are not comparable: compare variants within "

@@ -3,12 +3,14 @@ head over a pair combination (the seed paper's comb1 ``(x²−y²) ⊕ (x−y)²
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,16 +179,38 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The hub client timm downloads with, in offline mode for the block: a local cache is used, the network never
+    tried. The environment variable alone is not enough: the client reads it once, when timm first imports it."""
+    constants = sys.modules.get("huggingface_hub.constants")  # imported with timm; not a dependency of the kit's own
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), getattr(constants, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+
+
 def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    """timm's `name` without a classifier; with `pretrained`, its hub weights. When the hub cannot be reached (one
+    connection attempt, or HF_HUB_OFFLINE set) only the local hub cache is tried, so the answer comes at once instead
+    of after the hub client's download retries."""
     import timm
 
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=0)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not _hub_reachable()
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # use a local hub cache if there is one, never retry the network
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0)
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # timm raises several types (OSError, LocalEntryNotFoundError, RuntimeError)
         where = "offline (no network or HF_HUB_OFFLINE=1) and not in the local cache" if offline else "download failed"
         raise KinretInputError(None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,12 +44,17 @@ from kinret.submission.final_fit import final_fit
 from kinret.submission.housekeeping import (
     clean_cache,
     disk_line,
+    disk_need,
     estimate_lines,
     expected_images,
     human_bytes,
     record_rate,
+    record_size,
+    space_lines,
+    tree_bytes,
 )
 from kinret.submission.predictions import SubmissionResult, submit
+from kinret.submission.record import run_record, set_aside_old_zips, write_run_record
 from kinret.submission.report import write_report
 from kinret.train.experiments import Run, experiment_runs
 from kinret.train.grid import train_experiment
@@ -68,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ensemble_args(p)
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                    help="parallel training processes for grids")
-    p.add_argument("--dry-run", action="store_true", help="list the stages that would run, build nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the stages that would run with their estimated time and disk space; writes nothing")
     p.add_argument("--final-fit", action="store_true",
                    help="after the out-of-fold choice, train the chosen trained variants again on every labelled "
                         "family (train and val) and submit their test scores (the choice itself is unchanged)")
@@ -95,6 +102,7 @@ def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
             if failed:
                 raise RuntimeError(f"training the {exp} grid failed ({len(failed)} run(s)); see the log above")
             record_rate(args.runs, "train", len(todo), time.perf_counter() - t0)
+            record_size(args.runs, "train", len(todo), sum(tree_bytes(r.run_dir) for r, _ in todo))
 
 
 @dataclass(frozen=True)
@@ -120,21 +128,56 @@ def prepare_outputs(args: argparse.Namespace, started: float) -> None:
 def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> tuple[list, int]:
     """(source, image set) pairs whose frozen-backbone features a score matrix still needs, and their image count
     (the out-of-fold sets are rows of the training set: counted, and computed, once)."""
-    frozen = [g for g in groups if isinstance(g.sources.get(None), BackboneSource)]  # the others may be untrained
+    frozen = [g for g in groups if isinstance(g.sources.get(None), BackboneSource)]  # untrained runs have no key
     todo = pending_embeddings(frozen, splits, scores_dir)
     sizes = {(id(s), (im.parent or im).label): len((im.parent or im).paths) for s, im in todo}
     return todo, sum(sizes.values())
+
+
+def pending_work(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, todo: list
+                 ) -> tuple[dict[str, float], float]:
+    """The units each stage still has to build (features: images, train: runs, score: matrices) and the bytes of
+    those matrices (probes x gallery x 4 each); `todo` are the unfinished runs, whose variants are all to score."""
+    untrained = {r.cfg.name for r, _ in todo}
+    matrices, score_bytes = 0, 0.0
+    for g in groups:
+        for sd in splits.values():
+            n = len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir))
+            matrices += n
+            score_bytes += 4.0 * n * len(sd.split.probes) * len(sd.split.gallery)
+    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
+    return work, score_bytes
+
+
+def check_space(args: argparse.Namespace, work: dict[str, float], score_bytes: float = 0.0) -> list[str]:
+    """The disk space the work needs against what is free, one line per disk; a warning when a disk is short."""
+    need = disk_need(args.runs, work, score_bytes)
+    data_dir = DEFAULT_ROOT.parent if args.data_root is None else args.runs
+    folders = {"data": data_dir, "features": args.runs, "train": args.runs, "score": args.ensemble_dir}
+    by_folder: dict[Path, float] = {}
+    for name, nbytes in need.items():
+        by_folder[folders[name]] = by_folder.get(folders[name], 0.0) + nbytes
+    lines, short = space_lines(by_folder)
+    if short:
+        log.warning("%s", "; ".join(line for line in lines if "not enough" in line))
+    return lines
 
 
 def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], runs: list[Run]) -> None:
     scores_dir = args.ensemble_dir / "scores"
     todo = unfinished(runs)
     print("\n".join(plan(groups, splits, scores_dir, todo)))
-    untrained = {r.cfg.name for r, _ in todo}
-    matrices = sum(len(g.variants) * len(splits) if g.name in untrained else
-                   sum(len(missing_scores(g, sd, scores_dir)) for sd in splits.values()) for g in groups)
-    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
-    print("\n".join(estimate_lines(args.runs, work)))
+    work, score_bytes = pending_work(groups, splits, scores_dir, todo)
+    print("\n".join(estimate_lines(args.runs, work) + check_space(args, work, score_bytes)))
+
+
+def warn_strays(layout: DataLayout) -> None:
+    """One warning for the image files of the data folder that the run does not read, with an example."""
+    strays = layout.stray_images()
+    if strays:
+        path, why = strays[0]
+        log.warning("%d image file(s) under %s are not read, e.g. %s (%s); python -m kinret.data check %s lists "
+                    "them all", len(strays), layout.root, path, why, layout.root)
 
 
 def get_data(args: argparse.Namespace) -> Path | None:
@@ -145,20 +188,24 @@ def get_data(args: argparse.Namespace) -> Path | None:
         return args.data_root
     root, config = DEFAULT_ROOT, SynthConfig(seed=args.data_seed)
     fresh = args.regenerate or not made_from(root, config)
+    work = {"data": expected_images(config)} if fresh else {}
     if args.dry_run:
         if not fresh:
             print(f"data: synthetic families in {root} (seed {args.data_seed}), cached")
             return root
         print(f"data   generate the synthetic dataset in {root} (seed {args.data_seed})\n(then train, score, "
               "select and submit)")
-        print("\n".join(estimate_lines(args.runs, {"data": expected_images(config)})))
+        print("\n".join(estimate_lines(args.runs, work) + check_space(args, work)))
         return None
     with stage("data", f"synthetic families in {root} (seed {args.data_seed})"
                + (", generating" if fresh else ", cached") + "; pass --data-root for real FIW data"):
         t0 = time.perf_counter()
+        if fresh:
+            check_space(args, work)
         root = ensure_default(args.data_seed, args.regenerate)
         if fresh:
-            record_rate(args.runs, "data", expected_images(config), time.perf_counter() - t0)
+            record_rate(args.runs, "data", work["data"], time.perf_counter() - t0)
+            record_size(args.runs, "data", work["data"], tree_bytes(root))
     return root
 
 
@@ -168,14 +215,25 @@ def compute_features(groups: list[Group], splits: dict[str, SplitData], args: ar
     if not todo:
         return
     with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), tree_bytes(args.runs / "_cache")
         for source, images in todo:
             source.embeddings(images)
         record_rate(args.runs, "features", n_images, time.perf_counter() - t0)
+        record_size(args.runs, "features", n_images, tree_bytes(args.runs / "_cache") - before)
 
 
 def run(args: argparse.Namespace) -> Outcome | None:
-    """The stages, each announced with its size and timed; None after a dry run. Bad input raises."""
+    """The stages, each announced with its size and timed; None after a dry run, which writes nothing (not even
+    the bytecode of an experiment file). Bad input raises."""
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = dont_write or args.dry_run
+    try:
+        return _run(args)
+    finally:
+        sys.dont_write_bytecode = dont_write
+
+
+def _run(args: argparse.Namespace) -> Outcome | None:
     t0 = time.perf_counter()
     stage_times(reset=True)
     if not args.dry_run:
@@ -184,15 +242,18 @@ def run(args: argparse.Namespace) -> Outcome | None:
     if root is None:
         return None
     settings = settings_from_args(args, root, None if args.data_root is not None else args.data_seed)
-    runs, splits, groups = prepare(settings, DataLayout.of(root), args.runs, args.ensemble_dir)
+    layout = DataLayout.of(root)
+    runs, splits, groups = prepare(settings, layout, args.runs, args.ensemble_dir)
     for sd in splits.values():
-        print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"))
+        print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"), flush=True)
+    warn_strays(layout)
     if args.dry_run:
         dry_run(args, groups, splits, runs)
         return None
+    scores_dir = args.ensemble_dir / "scores"
+    check_space(args, *pending_work(groups, splits, scores_dir, unfinished(runs)))
     compute_features(groups, splits, args)
     train_missing(settings, args)
-    scores_dir = args.ensemble_dir / "scores"
     n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
     with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
                                    f"{n_matrices} score matrices to build"):
@@ -203,7 +264,12 @@ def run(args: argparse.Namespace) -> Outcome | None:
         result = final_fit(result, groups, runs, args)
     with stage("submission and report"):
         sub, report = write_outputs(args, result, splits)
-    print_closing(args, root, result, sub, report, splits, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    print_closing(args, root, result, sub, report, splits, seconds)
+    data = {"root": str(root), "seed": None if args.data_root is not None else args.data_seed}
+    sizes = {n: (len(sd.split.probes), len(sd.split.gallery)) for n, sd in splits.items()}
+    write_run_record(args.out, run_record(getattr(args, "argv", []), data, sizes, result.selection.name,
+                                          sub.zip_path, seconds, stage_times()))
     return Outcome(root, result, sub, report)
 
 
@@ -211,6 +277,10 @@ def write_outputs(args: argparse.Namespace, result: EnsembleResult, splits: dict
                   ) -> tuple[SubmissionResult, list[Path]]:
     sel, test = result.selection, splits["test"]
     sub = submit(result.chosen["test"], test.split, args.out, test.labels, args.zip_name or f"{sel.name}.zip")
+    moved = set_aside_old_zips(args.out, sub.zip_path)
+    if moved:
+        print(f"moved the earlier zip(s) {', '.join(p.name for p in moved)} to {moved[0].parent}/: "
+              f"{sub.zip_path.name} is the one to upload")
     write_text_atomic(args.out / "variants.md", result.table_md)
     write_text_atomic(args.out / "selection.json", sel.to_json(result.settings.to_dict()))
     return sub, write_report(result, args.out / "report")
@@ -241,16 +311,22 @@ def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, 
     print(f"\ndone in {minutes(seconds)}" + (f" ({times})" if times else ""))
 
 
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
+    return args
+
+
 def make(argv: Sequence[str] | None = None) -> Outcome | None:
     """`make_submission.py` as a function, for notebooks: the same options, stages and printout; returns what was
     built (None after --dry-run); bad input raises instead of exiting."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
     return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
 
     def body() -> int:
         if args.clean_cache:

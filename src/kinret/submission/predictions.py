@@ -7,6 +7,7 @@ first, integers, no header, no index column) zipped with the CSV at the root of 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import re
@@ -256,6 +257,31 @@ def read_predictions(path: str | Path, n_probes: int, n_gallery: int) -> np.ndar
     if len(ranking) != n_probes:  # every row is valid, so only their count can be wrong
         raise KinretInputError(path, f"has {len(lines)} rows, expected one per probe ({n_probes})")
     return ranking
+
+
+def predictions_shape(path: str | Path) -> tuple[int, int] | None:
+    """(rows, cells in the first row) of a predictions file or of the `predictions.csv` in its zip, read in bounded
+    chunks (only newlines and the first row's commas are counted); None when it cannot be read as text rows. Tells a
+    ranking made for another data set from a damaged one."""
+    path = Path(path)
+    rows, first, ended, last = 0, 0, False, b"\n"
+    try:
+        with contextlib.ExitStack() as stack:
+            if _looks_like_zip(path):
+                zf = stack.enter_context(zipfile.ZipFile(path))
+                stream = stack.enter_context(zf.open(CSV_NAME))
+            else:
+                stream = stack.enter_context(path.open("rb"))
+            while chunk := stream.read(_CHUNK):
+                if not ended:
+                    head = chunk.split(b"\n", 1)[0]
+                    first += head.count(b",")
+                    ended = len(head) < len(chunk)
+                rows += chunk.count(b"\n")
+                last = chunk[-1:]
+    except (KeyError, *_ZIP_ERRORS):
+        return None
+    return rows + (last != b"\n"), first + 1
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kinret.data.fiw import Family
 from kinret.data.images import load_image
 from kinret.data.track3 import Track3Split
 from kinret.ensemble.bootstrap import describe
+from kinret.ensemble.tables import score_scale
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
@@ -33,7 +35,7 @@ KIN, NON_KIN = "#1b9e77", "#d95f02"  # colour-blind safe pair, used for kin / re
 DPI = 90
 PNG_BUDGET = 120 * 1024  # report PNGs over this are palette-encoded (the notebooks' limit is 200 KiB a plot)
 REPORT_FILES = ("cmc.png", "score_histogram.png", "retrieval_grid.png", "variants.md")
-REPORT_CODE_VERSION = 1  # bump when a figure or the text changes, so a rerun redraws them
+REPORT_CODE_VERSION = 2  # bump when a figure or the text changes, so a rerun redraws them
 
 
 # ---- the dataset ----------------------------------------------------------------------------------------------------
@@ -129,8 +131,9 @@ def learning_curves(summaries: Mapping[str, str | Path]) -> Figure:
     return fig
 
 
-def score_histogram(kin: np.ndarray, non_kin: np.ndarray, title: str = "", ax=None, bins: int = 50) -> Figure:
-    """Overlaid, density-normalised histograms of kin and non-kin scores, with their AUC in the legend."""
+def score_histogram(kin: np.ndarray, non_kin: np.ndarray, title: str = "", ax=None, bins: int = 50,
+                    xlabel: str = "score") -> Figure:
+    """Overlaid, density-normalised histograms of kin and non-kin scores, their AUC above, `xlabel` under them."""
     fig = None
     if ax is None:
         fig = Figure(figsize=(5.5, 3.4), dpi=DPI, layout="constrained")
@@ -143,7 +146,7 @@ def score_histogram(kin: np.ndarray, non_kin: np.ndarray, title: str = "", ax=No
     for values, colour, name in ((non_kin, NON_KIN, "non-kin"), (kin, KIN, "kin")):
         if len(values):  # a one-family protocol has no non-kin pair: nothing to draw, AUC undefined
             ax.hist(values, bins=edges, density=True, alpha=0.55, color=colour, label=f"{name} ({len(values):,})")
-    ax.set_xlabel("score")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("density")
     ax.set_title(f"{title}{chr(10) if title else ''}kin vs non-kin AUC {auc:.3f}", fontsize=9)
     ax.legend(fontsize=8)
@@ -332,7 +335,9 @@ def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure]
         figs["cmc.png"] = cmc_figure(curves, chance=chance_cmc(pf, gf),
                                      title=f"CMC on {where.name} ({len(pf)} probes, {len(gf)} gallery faces)")
         kin, non = kin_split(chosen, pf, gf)
-        figs["score_histogram.png"] = score_histogram(kin, non, f"{sel.name}\non {where.name}, probe x gallery face")
+        axis = textwrap.fill("score: " + score_scale(sel.weights, sel.normalisation), 80)
+        figs["score_histogram.png"] = score_histogram(kin, non, f"{sel.name}\non {where.name}, probe x gallery face",
+                                                      xlabel=axis)
         picks = example_probes(per_probe_ap(chosen, pf, gf))
         figs["retrieval_grid.png"] = retrieval_grid(where.split, chosen, [p for p, _ in picks], where.labels, k,
                                                     titles=[t for _, t in picks])

@@ -28,7 +28,7 @@ import pandas as pd
 
 from kinret.cli import parser, run_command
 from kinret.errors import KinretInputError
-from kinret.io import write_text_atomic
+from kinret.io import DiskFullError, write_text_atomic
 from kinret.log import progress
 from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
 from kinret.train.experiments import Run, expand, load_experiment
@@ -46,7 +46,9 @@ def train_in_process(cfg: dict, fold: int, quiet: bool, verbose: bool) -> int:
     def body() -> None:
         train_run(config_from_dict(cfg), fold, resume=True)
 
-    return run_command(body, argparse.Namespace(quiet=quiet, verbose=verbose))
+    # Ctrl-C and a full disk end the whole grid, reported once by the command that runs it
+    return run_command(body, argparse.Namespace(quiet=quiet, verbose=verbose),
+                       propagate=(KeyboardInterrupt, DiskFullError))
 
 
 def end_with_parent(parent: int) -> None:
@@ -70,6 +72,7 @@ def end_with_parent(parent: int) -> None:
 
 def _in_worker(i: int, cfg: dict, fold: int, parent: int) -> tuple[int, int]:
     end_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the grid's process stops us
     return i, train_in_process(cfg, fold, quiet=True, verbose=False)
 
 
