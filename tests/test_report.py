@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kinret import plots
+from kinret.data import figures as data_figures
 from kinret.data.fiw import read_fiw
 from kinret.data.track3 import read_codalab, read_labelled
 from kinret.metrics import cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
 from kinret.scoring.ranking import rank_gallery
 from kinret.submission import make as submit
 from kinret.submission import report
+from kinret.train import figures as train_figures
 
 LIMIT = 200 * 1024
 
@@ -45,11 +48,11 @@ def test_example_probes_are_best_median_worst():
 
 def test_dataset_summary_and_figures_draw_the_folder(tiny_data):
     families = read_fiw(tiny_data / "train")
-    summary = report.dataset_summary(families)
+    summary = data_figures.dataset_summary(families)
     assert summary["families"] == 12 and summary["images"] == sum(f.n_images for f in families)
-    fig = report.family_montage(families[0], per_member=3)
+    fig = data_figures.family_montage(families[0], per_member=3)
     assert len([ax for ax in fig.axes if ax.images]) == sum(min(3, len(m.images)) for m in families[0].members)
-    assert len(report.png_bytes(report.counts_figure(families))) < LIMIT
+    assert len(plots.png_bytes(data_figures.counts_figure(families))) < LIMIT
 
 
 def test_retrieval_grid_frames_relatives_from_the_labels(tiny_data):
@@ -61,7 +64,7 @@ def test_retrieval_grid_frames_relatives_from_the_labels(tiny_data):
     gallery_axes = [ax for ax in fig.axes if ax.images and ax.get_title().startswith(("1:", "2:", "3:", "4:"))]
     n_rel = rel[[0, 1]].sum(1)
     framed = [tuple(ax.images[0].get_array()[0, 0, :3]) for ax in gallery_axes]
-    green = tuple(int(report.KIN[i:i + 2], 16) for i in (1, 3, 5))
+    green = tuple(int(plots.KIN[i:i + 2], 16) for i in (1, 3, 5))
     assert sum(f == green for f in framed) == sum(min(4, n) for n in n_rel)
 
 
@@ -110,5 +113,5 @@ def test_histogram_of_one_class_draws_it_alone_without_warnings():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = report.score_histogram(np.array([0.1, 0.5, 0.7]), np.array([]), "one family")
+        fig = train_figures.score_histogram(np.array([0.1, 0.5, 0.7]), np.array([]), "one family")
     assert "AUC nan" in fig.axes[0].get_title() and len(fig.axes[0].patches) == 50

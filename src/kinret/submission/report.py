@@ -1,171 +1,34 @@
-"""Figures for the notebooks and the submission report (`submissions/report/`).
-
-Every figure is a `matplotlib.figure.Figure` built without pyplot, so the same function draws inline in a notebook
-and into a PNG from a headless run (no global backend is touched). `write_report` writes what was submitted and
-why: the CMC curves of the best variants, the kin/non-kin score histogram and a retrieval grid on a labelled split,
-and the variant table with the choice, each file through a temporary name.
+"""The submission report (`submissions/report/`) and the retrieval figures it draws (notebook 3 draws them too):
+CMC curves, a retrieval grid of probes and their top-ranked faces. Figures are built without pyplot (see
+`kinret.plots`). `write_report` writes what was submitted and why: the CMC curves of the best variants, the
+kin/non-kin score histogram and a retrieval grid on a labelled split, and the variant table with the choice, each
+file through a temporary name.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
-from kinret.data.fiw import Family
-from kinret.data.images import load_image
+from kinret.data.figures import thumbnail
 from kinret.data.track3 import Track3Split
 from kinret.ensemble.bootstrap import describe
 from kinret.ensemble.tables import score_scale
-from kinret.errors import KinretInputError
-from kinret.io import atomic_path, write_text_atomic
-from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance, roc_auc, roc_curve
+from kinret.io import write_text_atomic
+from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance
+from kinret.plots import DPI, KIN, NON_KIN, save_png
 from kinret.scoring.ranking import rank_gallery
+from kinret.train.figures import score_histogram
 
-KIN, NON_KIN = "#1b9e77", "#d95f02"  # colour-blind safe pair, used for kin / relatives and non-kin throughout
-DPI = 90
-PNG_BUDGET = 120 * 1024  # report PNGs over this are palette-encoded (the notebooks' limit is 200 KiB a plot)
 REPORT_FILES = ("cmc.png", "score_histogram.png", "retrieval_grid.png", "variants.md")
 REPORT_CODE_VERSION = 2  # bump when a figure or the text changes, so a rerun redraws them
-
-
-# ---- the dataset ----------------------------------------------------------------------------------------------------
-def dataset_summary(families: Sequence[Family]) -> dict[str, float]:
-    """Counts of a family list: families, members, images; members per family and images per member."""
-    members = [len(f.members) for f in families]
-    images = [len(m.images) for f in families for m in f.members]
-    return {"families": len(families), "members": int(sum(members)), "images": int(sum(images)),
-            "members_per_family_min": int(min(members)), "members_per_family_median": float(np.median(members)),
-            "members_per_family_max": int(max(members)), "images_per_member_min": int(min(images)),
-            "images_per_member_median": float(np.median(images)), "images_per_member_max": int(max(images))}
-
-
-def counts_figure(families: Sequence[Family], title: str = "") -> Figure:
-    """Histograms of members per family and images per member."""
-    fig = Figure(figsize=(9, 3.2), dpi=DPI, layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    members = [len(f.members) for f in families]
-    images = [len(m.images) for f in families for m in f.members]
-    for ax, values, label in ((ax1, members, "members per family"), (ax2, images, "images per member")):
-        lo, hi = min(values), max(values)
-        ax.hist(values, bins=np.arange(lo - 0.5, hi + 1.5), color="#7570b3", edgecolor="white")
-        ax.set_xlabel(label)
-        ax.set_ylabel("count")
-    fig.suptitle(title or f"{len(families)} families, {sum(members)} members, {sum(images)} images")
-    return fig
-
-
-def _thumb(path: Path, size: int) -> np.ndarray:
-    return np.asarray(load_image(path).resize((size, size), Image.BILINEAR))
-
-
-def family_montage(family: Family, per_member: int = 5, thumb: int = 64) -> Figure:
-    """One row per member of `family`, up to `per_member` of its photos."""
-    rows, cols = len(family.members), max(1, min(per_member, max(len(m.images) for m in family.members)))
-    fig = Figure(figsize=(1.0 * cols + 0.8, 1.0 * rows + 0.4), dpi=DPI, layout="constrained")
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    for r, member in enumerate(family.members):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if c < len(member.images):
-                ax.imshow(_thumb(member.images[c], thumb))
-            if c == 0:
-                ax.set_ylabel(member.mid, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"family {family.fid}: {len(family.members)} members, {family.n_images} photos", fontsize=10)
-    return fig
-
-
-# ---- training -------------------------------------------------------------------------------------------------------
-def read_summary(path: str | Path) -> dict[str, np.ndarray]:
-    """A run's `summary.csv` as columns of floats (NaN where a value is empty or "nan")."""
-    path = Path(path)
-    if not path.is_file():
-        raise KinretInputError(path, "does not exist: train the run first")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:  # not even a header line
-        frame = pd.DataFrame()
-    if frame.empty:
-        raise KinretInputError(path, "has no epoch rows")
-    out = {}
-    for key in frame.columns:
-        try:
-            out[key] = frame[key].to_numpy(dtype=float)
-        except ValueError as exc:
-            raise KinretInputError(path, f"column {key!r} is not numeric ({exc})") from exc
-    return out
-
-
-def learning_curves(summaries: Mapping[str, str | Path]) -> Figure:
-    """Train loss, held-out pair AUC and held-out Track-3 scores per epoch, one line per run."""
-    fig = Figure(figsize=(11, 3.2), dpi=DPI, layout="constrained")
-    ax_loss, ax_auc, ax_t3 = fig.subplots(1, 3)
-    for label, path in summaries.items():
-        s = read_summary(path)
-        ep = s["epoch"]
-        ax_loss.plot(ep, s["train_loss"], marker="o", label=label)
-        ax_auc.plot(ep, s["pair_auc_cos"], marker="o", label=f"{label} cosine")
-        if np.isfinite(s["pair_auc_fc"]).any():
-            ax_auc.plot(ep, s["pair_auc_fc"], marker="s", ls="--", label=f"{label} FC head")
-        ax_t3.plot(ep, s["average"], marker="o", label=f"{label} Average")
-        ax_t3.plot(ep, s["mAP"], marker=".", ls=":", label=f"{label} mAP")
-    ax_auc.axhline(0.5, color="grey", lw=0.8, ls=":")
-    for ax, title in ((ax_loss, "train loss"), (ax_auc, "held-out pair AUC"), (ax_t3, "held-out Track-3 scores")):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=7)
-    return fig
-
-
-def score_histogram(kin: np.ndarray, non_kin: np.ndarray, title: str = "", ax=None, bins: int = 50,
-                    xlabel: str = "score") -> Figure:
-    """Overlaid, density-normalised histograms of kin and non-kin scores, their AUC above, `xlabel` under them."""
-    fig = None
-    if ax is None:
-        fig = Figure(figsize=(5.5, 3.4), dpi=DPI, layout="constrained")
-        ax = fig.subplots()
-    kin, non_kin = np.asarray(kin, np.float64).ravel(), np.asarray(non_kin, np.float64).ravel()
-    both = np.concatenate([kin, non_kin])
-    both = both[np.isfinite(both)]
-    edges = np.linspace(both.min(), both.max(), bins + 1) if len(both) and both.min() < both.max() else bins
-    auc = roc_auc(np.concatenate([kin, non_kin]), np.r_[np.ones(len(kin)), np.zeros(len(non_kin))])
-    for values, colour, name in ((non_kin, NON_KIN, "non-kin"), (kin, KIN, "kin")):
-        if len(values):  # a one-family protocol has no non-kin pair: nothing to draw, AUC undefined
-            ax.hist(values, bins=edges, density=True, alpha=0.55, color=colour, label=f"{name} ({len(values):,})")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel("density")
-    ax.set_title(f"{title}{chr(10) if title else ''}kin vs non-kin AUC {auc:.3f}", fontsize=9)
-    ax.legend(fontsize=8)
-    return fig if fig is not None else ax.figure
-
-
-def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
-    """ROC curves of label -> (scores, labels), the AUC in each legend entry."""
-    fig = Figure(figsize=(4.2, 4.0), dpi=DPI, layout="constrained")
-    ax = fig.subplots()
-    for label, (scores, labels) in curves.items():
-        fpr, tpr = roc_curve(scores, labels)
-        ax.plot(fpr, tpr, label=f"{label}: AUC {roc_auc(scores, labels):.3f}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance: 0.5")
-    ax.set_xlabel("false positive rate (non-kin pairs)")
-    ax.set_ylabel("true positive rate (kin pairs)")
-    ax.set_aspect("equal")
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
 
 
 # ---- retrieval ------------------------------------------------------------------------------------------------------
@@ -231,14 +94,14 @@ def retrieval_grid(split: Track3Split, scores: np.ndarray, probes: Sequence[int]
             ax = axes[r, c]
             ax.set_axis_off()
             if c < min(max_probe_photos, len(probe.images)):
-                ax.imshow(_framed(_thumb(probe.images[c], thumb), "#555555", border))
+                ax.imshow(_framed(thumbnail(probe.images[c], thumb), "#555555", border))
                 if c == 0:
                     ax.set_title(titles[r] if titles else f"s{p}", fontsize=7, loc="left")
             elif c > max_probe_photos:
                 j = int(ranking[r, c - max_probe_photos - 1])
                 hit = None if rel is None else bool(rel[p, j])
                 colour = None if hit is None else KIN if hit else NON_KIN
-                ax.imshow(_framed(_thumb(split.gallery[j].path, thumb), colour, border))
+                ax.imshow(_framed(thumbnail(split.gallery[j].path, thumb), colour, border))
                 ax.set_title(f"{c - max_probe_photos}: face{j}", fontsize=6)
     legend = "" if rel is None else "  (green frame: a relative; orange: not)"
     fig.suptitle(f"{split.name}: probe photos, then the top {k} gallery faces{legend}", fontsize=9)
@@ -269,42 +132,6 @@ def report_split(splits: Mapping):
         if name in splits and splits[name].labels is not None:
             return splits[name]
     return None
-
-
-def png_bytes(fig: Figure, budget: int = PNG_BUDGET) -> bytes:
-    """`fig` as PNG; one over `budget` bytes (a grid of photos) is re-encoded with a 256-colour palette."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    data = buf.getvalue()
-    if len(data) > budget:
-        img = Image.open(io.BytesIO(data)).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
-        buf = io.BytesIO()
-        img.save(buf, format="png", optimize=True)
-        data = min(data, buf.getvalue(), key=len)
-    return data
-
-
-class PNG(bytes):
-    """PNG bytes that a notebook displays as the image (photo grids inline far larger as matplotlib's own PNG)."""
-
-    def _repr_png_(self) -> bytes:
-        return bytes(self)
-
-    def __repr__(self) -> str:  # the text a notebook stores beside the image, not the bytes themselves
-        return f"<PNG image, {len(self) / 1024:.0f} KiB>"
-
-
-def png(fig: Figure) -> PNG:
-    """`fig` as a compact PNG for display: `report.png(report.family_montage(family))`."""
-    return PNG(png_bytes(fig))
-
-
-def save_png(fig: Figure, path: str | Path) -> Path:
-    """Render `fig` to PNG in memory (see `png_bytes`), then write it atomically."""
-    data = png_bytes(fig)
-    with atomic_path(path, suffix=".png") as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure], str]:
