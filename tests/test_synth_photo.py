@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kinret.data.synth_faces import _appearance, _draw_face, make_family, render_face
+from kinret.data.synth_faces import appearance, draw_face, make_family, render_face
 from kinret.data.synth_photo import (
     OLD_PHOTO_AGE_WEIGHT,
     OldPhoto,
@@ -99,7 +99,7 @@ def test_face_layer_is_valid_premultiplied() -> None:
     for seed in range(25):
         for m in make_family("F0001", np.random.default_rng(seed), min_members=6, max_members=12).members:
             layer = Image.new("RGBa", (168, 168), (0, 0, 0, 0))
-            _draw_face(ImageDraw.Draw(layer), _appearance(m), np.random.default_rng(seed), 112, 28)
+            draw_face(ImageDraw.Draw(layer), appearance(m), np.random.default_rng(seed), 112, 28)
             px = np.asarray(layer)
             alphas |= set(np.unique(px[..., 3]).tolist())
             assert not px[px[..., 3] == 0, :3].any()

@@ -180,7 +180,7 @@ def _over(base: np.ndarray, ink: np.ndarray, alpha: float) -> tuple[int, int, in
     return _rgb((1 - alpha) * np.asarray(base, np.float32) + alpha * np.asarray(ink, np.float32))
 
 
-def _appearance(m: SynthMember) -> dict:
+def appearance(m: SynthMember) -> dict:
     """Stable look of one member: heritable traits + age/gender styling + personal, non-heritable habits.
 
     The personal part (hairstyle, beard, greying, glasses habit) is seeded from the member's own traits, so it is
@@ -250,18 +250,18 @@ def render_face(member: SynthMember, rng: np.random.Generator, size: int = 112,
     gamma/contrast, sensor noise) and, when `old_photo` is given, made an old print (greyscale or sepia, faded,
     grainy, vignetted). The print changes nothing else: the same rng gives the same face, pose and light.
     """
-    a = _appearance(member)
+    a = appearance(member)
     s = 2 * size
     m = size // 4  # margin around the canvas, so the warp never pulls clipped edges (shoulders) into view
     # drawn straight into a premultiplied layer (see _rgb), so the 2x2 box (the anti-aliasing step) and the warp
     # need no conversions
     layer = Image.new("RGBa", (s + 4 * m, s + 4 * m), (0, 0, 0, 0))
-    _draw_face(ImageDraw.Draw(layer), a, rng, s, 2 * m)
+    draw_face(ImageDraw.Draw(layer), a, rng, s, 2 * m)
     layer = layer.reduce(2)
     return photograph(layer, rng, size, m, old_photo)
 
 
-def _draw_face(d: ImageDraw.ImageDraw, a: dict, rng: np.random.Generator, s: int, off: int) -> None:
+def draw_face(d: ImageDraw.ImageDraw, a: dict, rng: np.random.Generator, s: int, off: int) -> None:
     """Paint the face in canvas units (0..1 scaled by s, shifted by off): back to front, per-photo expression."""
     cx, cy = off + 0.5 * s, off + 0.47 * s
     fw, fh = a["fw"] * s, a["fh"] * s

@@ -117,7 +117,7 @@ def max_predictions_bytes(n_probes: int, n_gallery: int) -> int:
     return 2 * n_probes * (n_gallery * (width + 1) + 1) + (1 << 20)
 
 
-def _read_at_most(stream: BinaryIO, limit: int, chunk: int = _CHUNK) -> bytes | None:
+def read_at_most(stream: BinaryIO, limit: int, chunk: int = _CHUNK) -> bytes | None:
     """Read `stream` to its end in chunks; None as soon as it holds more than `limit` bytes. Memory stays within
     limit + chunk whatever a header claimed the stream would hold."""
     buf = bytearray()
@@ -157,7 +157,7 @@ def _read_member(path: Path, limit: int, what: str) -> bytes:
                 raise KinretInputError(path, f"{CSV_NAME} in the zip declares {info.file_size:,} bytes, more than "
                                              f"{what} can take ({limit:,} bytes at most)")
             with zf.open(info) as member:
-                raw = _read_at_most(member, limit)
+                raw = read_at_most(member, limit)
     except KinretInputError:
         raise
     except _ZIP_ERRORS as exc:
@@ -179,7 +179,7 @@ def _read_raw(path: Path, n_probes: int, n_gallery: int) -> bytes:
         if _looks_like_zip(path):
             return _read_member(path, limit, what)
         with path.open("rb") as f:
-            raw = _read_at_most(f, limit)
+            raw = read_at_most(f, limit)
     except OSError as exc:  # unreadable (permissions, I/O error): still the user's file, not a bug of the kit
         raise KinretInputError(path, f"cannot be read ({exc.strerror or exc})") from exc
     if raw is None:
