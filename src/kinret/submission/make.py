@@ -49,7 +49,7 @@ from kinret.submission.housekeeping import (
 )
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.report import write_report
-from kinret.train.experiments import Run, experiment_runs
+from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 from kinret.train.grid import train_experiment
 from kinret.train.runs import unfinished
 
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
     """Train every unfinished run of the settings' experiments, an experiment at a time."""
+    scoped = scoped_overrides(settings.experiments, settings.overrides)
     for exp in settings.experiments:
-        cfg, runs = experiment_runs(exp, settings.data_root, args.runs)
+        cfg, runs = experiment_runs(exp, settings.data_root, args.runs, scoped[exp])
         todo = unfinished(runs)
         if not todo:
             continue
