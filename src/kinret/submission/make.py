@@ -40,12 +40,19 @@ from kinret.metrics import chance_level
 from kinret.scoring.splits import SplitData
 from kinret.scoring.variants import Group, missing_scores
 from kinret.submission.housekeeping import (
+    Work,
     clean_cache,
     disk_line,
     estimate_lines,
     expected_images,
+    feature_units,
+    feature_work,
     human_bytes,
+    network_key,
     record_rate,
+    record_train_rate,
+    train_work,
+    training_images,
 )
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.report import write_report
@@ -76,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
-    """Train every unfinished run of the settings' experiments, an experiment at a time."""
+def train_missing(settings: EnsembleSettings, args: argparse.Namespace, n_train: int = 0) -> None:
+    """Train every unfinished run of the settings' experiments, an experiment at a time (`n_train`: the training
+    set's size, for the throughput recorded)."""
     scoped = scoped_overrides(settings.experiments, settings.overrides)
     for exp in settings.experiments:
         cfg, runs = experiment_runs(exp, settings.data_root, args.runs, scoped[exp])
@@ -91,7 +99,7 @@ def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
                 raise KinretInputError(None, f"training the {exp} grid stopped on bad input; see the log above")
             if failed:
                 raise RuntimeError(f"training the {exp} grid failed ({len(failed)} run(s)); see the log above")
-            record_rate(args.runs, "train", len(todo), time.perf_counter() - t0)
+            record_train_rate(args.runs, todo, n_train, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,8 @@ def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, Spl
     untrained = {r.cfg.name for r, _ in todo}
     matrices = sum(len(g.variants) * len(splits) if g.name in untrained else
                    sum(len(missing_scores(g, sd, scores_dir)) for sd in splits.values()) for g in groups)
-    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
+    work = [*feature_work(frozen_images(groups, splits, scores_dir)[0]), *train_work(todo, training_images(splits)),
+            Work("score", matrices)]
     print("\n".join(estimate_lines(args.runs, work)))
 
 
@@ -165,10 +174,14 @@ def compute_features(groups: list[Group], splits: dict[str, SplitData], args: ar
     if not todo:
         return
     with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
-        t0 = time.perf_counter()
+        seconds: dict[int, float] = {}
         for source, images in todo:
+            t0 = time.perf_counter()
             source.embeddings(images)
-        record_rate(args.runs, "features", n_images, time.perf_counter() - t0)
+            seconds[id(source)] = seconds.get(id(source), 0.0) + time.perf_counter() - t0
+        for i, (source, units) in feature_units(todo).items():
+            key = network_key(source.cfg, source.features.backbone)
+            record_rate(args.runs, f"features:{key}", units, seconds[i])
 
 
 def run(args: argparse.Namespace) -> Outcome | None:
@@ -188,7 +201,7 @@ def run(args: argparse.Namespace) -> Outcome | None:
         dry_run(args, groups, splits, runs)
         return None
     compute_features(groups, splits, args)
-    train_missing(settings, args)
+    train_missing(settings, args, training_images(splits))
     scores_dir = args.ensemble_dir / "scores"
     n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
     with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
