@@ -44,6 +44,9 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiments", nargs="*", default=list(DEFAULT_EXPERIMENTS), metavar="EXP",
                    help="experiments (names in src/kinret/train/experiments/ or .py files) whose grids are trained and "
                         "scored; give none for training-free variants only")
+    p.add_argument("--set", action="append", default=[], metavar="[EXPERIMENT:]KEY=VALUE", dest="overrides",
+                   help="a config override of every experiment, or of the one named before the colon (e.g. "
+                        "--set arcface_onnx_heads:weights=w600k_r50.onnx); saved in selection.json")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders and caches")
     p.add_argument("--ensemble-dir", type=Path, default=Path("ensemble"),
                    help="score matrices (scores/), external variants (external/NAME/), the variant table "
@@ -134,7 +137,8 @@ def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None =
 def settings_from_args(args: argparse.Namespace, data_root: Path, data_seed: int | None = None) -> EnsembleSettings:
     """The settings the ensemble options (`add_ensemble_args`) ask for, on this data folder."""
     return EnsembleSettings(
-        experiments=tuple(args.experiments), variants=None if args.variants is None else tuple(args.variants),
+        experiments=tuple(args.experiments), overrides=tuple(args.overrides),
+        variants=None if args.variants is None else tuple(args.variants),
         raw_pixels=not args.no_raw_pixels, choose=args.choose, normalise=args.normalise, max_steps=args.max_steps,
         blend_pool=args.blend_pool, bootstrap=args.bootstrap, reference=args.reference, top_n=args.top_n,
         fc_all=args.fc_all, protocol_seed=args.protocol_seed, data_root=str(data_root), data_seed=data_seed)

@@ -27,7 +27,7 @@ from kinret.scoring.protocols import SplitData, build_splits, split_group
 from kinret.scoring.store import load_scores, safe_name
 from kinret.scoring.variant_kinds import Cosine
 from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
-from kinret.train.experiments import Run, experiment_runs
+from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 
 log = logging.getLogger("kinret.ensemble")
 REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot SFace
@@ -234,7 +234,8 @@ def prepare(settings: EnsembleSettings, layout: DataLayout, runs_dir: Path, ense
             ) -> tuple[list[Run], dict[str, SplitData], list[Group]]:
     """The runs of the settings' experiments on this data, the splits they are scored on (one fold plan for all),
     and the groups of variants (narrowed to `settings.variants`)."""
-    runs = [r for exp in settings.experiments for r in experiment_runs(exp, layout.root, runs_dir)[1]]
+    scoped = scoped_overrides(settings.experiments, settings.overrides)
+    runs = [r for exp in settings.experiments for r in experiment_runs(exp, layout.root, runs_dir, scoped[exp])[1]]
     n_folds, fold_seed = fold_plan(runs)
     splits = build_splits(layout, n_folds, fold_seed, settings.protocol_seed)
     groups = discover_groups(runs, runs_dir / "_cache", ensemble_dir / "external", settings.raw_pixels,

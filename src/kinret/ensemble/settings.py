@@ -17,6 +17,7 @@ class EnsembleSettings:
     """The experiments whose variants are scored, which variants, how the choice is made, and the data it ran on.
 
     experiments: experiment names or files whose grids are trained and scored (empty: training-free variants only)
+    overrides: ``[EXPERIMENT:]key=value`` config overrides of those experiments (`--set`), unscoped ones for all
     variants: only these variants or groups of variants (None: all listed ones)
     raw_pixels: score the raw-pixel baseline
     choose: auto | best | blend; normalise: z | rank (per probe, for blends); max_steps: greedy blend steps;
@@ -28,6 +29,7 @@ class EnsembleSettings:
     """
 
     experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS
+    overrides: tuple[str, ...] = ()
     variants: tuple[str, ...] | None = None
     raw_pixels: bool = True
     choose: str = "auto"

@@ -42,21 +42,28 @@ from kinret.scoring.protocols import SplitData
 from kinret.scoring.variants import Group, missing_scores
 from kinret.submission.final_fit import final_fit
 from kinret.submission.housekeeping import (
+    Work,
     clean_cache,
     disk_line,
     disk_need,
     estimate_lines,
     expected_images,
+    feature_units,
+    feature_work,
     human_bytes,
+    network_key,
     record_rate,
     record_size,
+    record_train_rate,
     space_lines,
+    train_work,
+    training_images,
     tree_bytes,
 )
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.record import run_record, set_aside_old_zips, write_run_record
 from kinret.submission.report import write_report
-from kinret.train.experiments import Run, experiment_runs
+from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 from kinret.train.grid import train_experiment
 from kinret.train.runs import unfinished
 
@@ -87,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
-    """Train every unfinished run of the settings' experiments, an experiment at a time."""
+def train_missing(settings: EnsembleSettings, args: argparse.Namespace, n_train: int = 0) -> None:
+    """Train every unfinished run of the settings' experiments, an experiment at a time (`n_train`: the training
+    set's size, for the throughput recorded)."""
+    scoped = scoped_overrides(settings.experiments, settings.overrides)
     for exp in settings.experiments:
-        cfg, runs = experiment_runs(exp, settings.data_root, args.runs)
+        cfg, runs = experiment_runs(exp, settings.data_root, args.runs, scoped[exp])
         todo = unfinished(runs)
         if not todo:
             continue
@@ -101,7 +110,7 @@ def train_missing(settings: EnsembleSettings, args: argparse.Namespace) -> None:
                 raise KinretInputError(None, f"training the {exp} grid stopped on bad input; see the log above")
             if failed:
                 raise RuntimeError(f"training the {exp} grid failed ({len(failed)} run(s)); see the log above")
-            record_rate(args.runs, "train", len(todo), time.perf_counter() - t0)
+            record_train_rate(args.runs, todo, n_train, time.perf_counter() - t0)
             record_size(args.runs, "train", len(todo), sum(tree_bytes(r.run_dir) for r, _ in todo))
 
 
@@ -168,7 +177,9 @@ def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, Spl
     todo = unfinished(runs)
     print("\n".join(plan(groups, splits, scores_dir, todo)))
     work, score_bytes = pending_work(groups, splits, scores_dir, todo)
-    print("\n".join(estimate_lines(args.runs, work) + check_space(args, work, score_bytes)))
+    timed = [*feature_work(frozen_images(groups, splits, scores_dir)[0]), *train_work(todo, training_images(splits)),
+             Work("score", work["score"])]
+    print("\n".join(estimate_lines(args.runs, timed) + check_space(args, work, score_bytes)))
 
 
 def warn_strays(layout: DataLayout) -> None:
@@ -215,10 +226,14 @@ def compute_features(groups: list[Group], splits: dict[str, SplitData], args: ar
     if not todo:
         return
     with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
-        t0, before = time.perf_counter(), tree_bytes(args.runs / "_cache")
+        before, seconds = tree_bytes(args.runs / "_cache"), {}
         for source, images in todo:
+            t0 = time.perf_counter()
             source.embeddings(images)
-        record_rate(args.runs, "features", n_images, time.perf_counter() - t0)
+            seconds[id(source)] = seconds.get(id(source), 0.0) + time.perf_counter() - t0
+        for i, (source, units) in feature_units(todo).items():
+            key = network_key(source.cfg, source.features.backbone)
+            record_rate(args.runs, f"features:{key}", units, seconds[i])
         record_size(args.runs, "features", n_images, tree_bytes(args.runs / "_cache") - before)
 
 
@@ -253,7 +268,7 @@ def _run(args: argparse.Namespace) -> Outcome | None:
     scores_dir = args.ensemble_dir / "scores"
     check_space(args, *pending_work(groups, splits, scores_dir, unfinished(runs)))
     compute_features(groups, splits, args)
-    train_missing(settings, args)
+    train_missing(settings, args, training_images(splits))
     n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
     with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
                                    f"{n_matrices} score matrices to build"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -92,8 +93,33 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[Run]:
     return jobs
 
 
-def experiment_runs(name: str, data_root: str | Path, out_root: str | Path) -> tuple[TrainConfig, list[Run]]:
-    """The experiment's config and every run of its grid, on this data folder and into this runs folder."""
+def scoped_overrides(experiments: Sequence[str], overrides: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """experiment -> its ``key=value`` overrides out of `overrides`, each given as ``key=value`` (every experiment)
+    or ``EXPERIMENT:key=value`` (the experiment of that name or file stem only); a scope naming none of
+    `experiments` raises, and so do data_root and out_root, which the commands' own options set."""
+    stems = {name: experiment_path(name).stem for name in experiments}
+    out: dict[str, list[str]] = {name: [] for name in experiments}
+    for item in overrides:
+        target, sep, rest = item.partition("=")
+        scope, colon, key = target.rpartition(":")
+        if not sep or not key.strip():
+            raise KinretInputError(None, f"--set expects [EXPERIMENT:]key=value, got {item!r}")
+        if key.strip() in ("data_root", "out_root"):
+            raise KinretInputError(None, f"--set {key.strip()}: give the data folder with --data-root and the runs "
+                                         "folder with --runs")
+        hit = [n for n in experiments if not colon or scope.strip() in (n, stems[n])]
+        if not hit:
+            raise KinretInputError(None, f"--set {item}: {scope!r} is none of the experiments "
+                                         f"({', '.join(experiments) or 'none given'})")
+        for name in hit:
+            out[name].append(f"{key.strip()}={rest}")
+    return {name: tuple(v) for name, v in out.items()}
+
+
+def experiment_runs(name: str, data_root: str | Path, out_root: str | Path, overrides: Sequence[str] = ()
+                    ) -> tuple[TrainConfig, list[Run]]:
+    """The experiment's config, with `overrides` (``key=value``) applied, and every run of its grid, on this data
+    folder and into this runs folder."""
     cfg, grid = load_experiment(name)
-    cfg = replace(cfg, data_root=str(data_root), out_root=str(out_root))
+    cfg = replace(apply_overrides(cfg, overrides), data_root=str(data_root), out_root=str(out_root))
     return cfg, expand(cfg, grid)
