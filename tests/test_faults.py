@@ -22,15 +22,10 @@ CASES = [(k, False) for k in KINDS] + [("checkpoint", True), ("state", True)]
 
 
 @pytest.fixture(scope="module")
-def driven(tmp_path_factory):
-    """Run the driver once for every case, on 13 small families (135 faces at 32 px); (its results, the folder
-    holding each run's)."""
-    from kinret.data.synth import SynthConfig, generate
-
+def driven(small_data, tmp_path_factory):
+    """Run the driver once for every case, on the small set; (its results, the folder holding each run's)."""
     root = tmp_path_factory.mktemp("faults")
-    data = generate(root / "data", SynthConfig(seed=3, n_train=8, n_val=2, n_test=3, size=32, max_members=5,
-                                               max_images=3))
-    plan = {"data": str(data), "root": str(root), "results": str(root / "results.json"), "cases": CASES,
+    plan = {"data": str(small_data), "root": str(root), "results": str(root / "results.json"), "cases": CASES,
             "argv": ["--experiments", "tiny", "--jobs", "1", "--quiet"]}
     (root / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "KINRET_EMBED_CHUNK": "16"}  # small chunks: a cache has several
