@@ -5,9 +5,10 @@ It wraps `kinret.io.atomic_path` (every completed write is logged; a run kills i
 it imports lazily), then runs every make_submission.py of the plan in a forked child of itself: the uninterrupted
 reference run, and for each case a run killed at the first write of its kind followed by a rerun in the same folder.
 Forking spares each run its imports (about 5 s); the kills stay real SIGKILLs of whole processes. The parent computes
-nothing itself, so no thread pool exists when it forks. The runs train with one thread (`os.cpu_count` reads 1 in
-them): what is checked does not depend on it, and two threads on these tiny tensors mostly wait for each other when
-other jobs share the cores. What each run did is written to the plan's `results` file for the test to check.
+nothing itself (torch's and cv2's thread pools start in the children), and a child that hangs all the same is ended
+by an alarm after RUN_LIMIT seconds. The runs train with one thread (`os.cpu_count` reads 1 in them): what is checked
+does not depend on it, and two threads on these tiny tensors mostly wait for each other when other jobs share the
+cores. What each run did is written to the plan's `results` file for the test to check.
 
 PLAN.json: {"data": DIR, "root": DIR, "results": FILE, "argv": [...], "cases": [[kind, inside], ...]}; each run
 writes under root/<name>/ (runs/, ens/, sub/, writes.log of its completed writes, output.log).
@@ -51,6 +52,7 @@ def case_name(kind: str, inside: bool) -> str:
     return f"{kind.replace(' ', '_')}_{'inside' if inside else 'after'}"
 
 
+RUN_LIMIT = 600  # seconds a run may take
 HOOK = {"kill_at": 0, "inside": False, "log": ""}
 COUNT = [0]
 
@@ -98,6 +100,7 @@ def run(main, work: Path, argv: list[str], kill_at: int = 0, inside: bool = Fals
     if pid == 0:  # the child: never returns
         code = 1
         try:
+            signal.alarm(RUN_LIMIT)  # a child that hangs ends with SIGALRM (exit code -14) instead of the test
             import torch
 
             torch.set_num_threads(1)  # also where no training sets it (a rerun with every run finished)

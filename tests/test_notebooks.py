@@ -12,6 +12,7 @@ import nbformat
 import pytest
 from conftest import REPO
 
+from kinret.data.synth import SynthConfig
 from kinret.train.experiments import load_experiment
 
 spec = importlib.util.spec_from_file_location("nb_execute", REPO / "notebooks" / "execute.py")
@@ -50,15 +51,19 @@ def output_text(nb: nbformat.NotebookNode) -> str:
         "text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+def families_row(synth: SynthConfig) -> str:
+    """Notebook 1's row of family counts (train, val) for data made from `synth`."""
+    return f"| families | {synth.n_train} | {synth.n_val} |"
+
+
 def small_table_row() -> str:
-    small = json.loads(nb_execute.SMALL["KINRET_SYNTH"])
-    return f"| families | {small['n_train']} | {small['n_val']} |"
+    return families_row(SynthConfig(**json.loads(nb_execute.SMALL["KINRET_SYNTH"])))
 
 
 def test_the_committed_outputs_are_a_full_run():
     """`--small` is for checks only, never saved: the committed outputs show `quick` and the default data."""
     text = {p.name: output_text(nbformat.read(p, as_version=4)) for p in NOTEBOOKS}
-    assert "name = 'quick'" in text["02_training.ipynb"] and "| families | 120 | 40 |" in text[NAMES[0]]
+    assert "name = 'quick'" in text["02_training.ipynb"] and families_row(SynthConfig()) in text[NAMES[0]]
     assert not [name for name, t in text.items() if nb_execute.SMALL["KINRET_NOTEBOOK_EXPERIMENT"] in t]
     assert small_table_row() not in text[NAMES[0]]
     with pytest.raises(SystemExit):
