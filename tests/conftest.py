@@ -47,6 +47,16 @@ def tiny_data(tmp_path_factory) -> Path:
                     SynthConfig(seed=3, n_train=12, n_val=4, n_test=4, size=48))
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A smaller synthetic set (8 train, 2 val, 3 test families, 135 faces at 32 px) for whole runs repeated many
+    times or through worker processes, generated once per session."""
+    from kinret.data.synth import SynthConfig, generate
+
+    return generate(tmp_path_factory.mktemp("small") / "synthetic",
+                    SynthConfig(seed=3, n_train=8, n_val=2, n_test=3, size=32, max_members=5, max_images=3))
+
+
 def write_experiment(path: Path, **fields) -> Path:
     """An experiment file deriving from the `tiny` experiment, with these fields replaced."""
     body = ", ".join(f"{k}={v!r}" for k, v in fields.items())

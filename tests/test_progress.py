@@ -48,7 +48,7 @@ def test_minutes_reads_like_a_person():
     assert [klog.minutes(s) for s in (5, 89, 150, 7200)] == ["5 s", "89 s", "2.5 min", "2.0 h"]
 
 
-def test_make_submission_to_a_file_shows_every_stage_and_progress(tiny_data, tmp_path):
+def test_make_submission_to_a_file_shows_every_stage_and_progress(small_data, tmp_path):
     """Output to a file (not a terminal), two grid workers: each stage's start line, progress lines with an ETA from
     the main process while the workers train quietly, and the closing line with the stage times."""
     exp = write_experiment(tmp_path / "progress_exp.py", epochs=1)
@@ -56,7 +56,7 @@ def test_make_submission_to_a_file_shows_every_stage_and_progress(tiny_data, tmp
     env = {**os.environ, "KINRET_PROGRESS_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("KINRET_NO_PROGRESS", None)
     with open(log_file, "w") as f:
-        proc = subprocess.run([sys.executable, str(REPO / "make_submission.py"), "--data-root", str(tiny_data),
+        proc = subprocess.run([sys.executable, str(REPO / "make_submission.py"), "--data-root", str(small_data),
                                "--experiments", str(exp), "--runs", str(tmp_path / "runs"), "--ensemble-dir",
                                str(tmp_path / "ens"), "--out", str(tmp_path / "out"), "--jobs", "2"],
                               stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, timeout=600)
