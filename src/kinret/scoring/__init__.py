@@ -1,7 +1,8 @@
 """Scoring: similarities of per-image embeddings fused over a probe's photos (`similarity`), from scores to one
 ranking of the gallery (`ranking`), gallery-aware re-scoring (`transductive`), the score store and its ids contract
-(`store`), the splits every variant is scored on (`splits`), the kinds of variant in a registry (`variant_kinds`), and
-groups of variants with their cached score matrices (`variants`).
+(`store`), the protocols every variant is scored on (`protocols`), the kinds of variant in a registry
+(`variant_kinds`), groups of variants with their cached score matrices (`variants`), and the synthetic test split's
+family signal (`signal`).
 
 May import: kinret's base modules, `data`, `models`, `features`.
 """
