@@ -19,6 +19,7 @@ from kinret.errors import KinretInputError
 from kinret.features import cache as embed
 from kinret.train import cli as train
 from kinret.train import grid
+from kinret.train.experiments import experiment_runs
 
 
 def run(exp, data, out, *extra) -> int:
@@ -49,6 +50,18 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2") == 2  # another config: refused
     assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
     assert run(exp, tiny_data, tmp_path / "runs", "--set", "lr=0.2", "--restart") == 0
+
+
+def test_finished_checkpoint_drops_the_optimizer_and_still_resumes(tmp_path, tiny_data):
+    exp = write_experiment(tmp_path / "fin.py", epochs=1)
+    assert run(exp, tiny_data, tmp_path / "runs") == 0
+    run_dir = tmp_path / "runs" / "fin" / "fold0"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["optimizer"] is None and ckpt["epoch"] == 1  # a finished run is never resumed: no moments kept
+    (run_dir / "state.json").unlink()  # killed after the last checkpoint's rename, before its state was written
+    assert run(exp, tiny_data, tmp_path / "runs", "--resume") == 0
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in weights(tmp_path / "runs", "fin").items())
 
 
 def test_same_seed_same_weights_and_fold_minus_one_uses_val(tmp_path, tiny_data, monkeypatch, capsys):
@@ -150,6 +163,27 @@ def test_grid_trains_every_variant_once(tmp_path, tiny_data, capsys):
     assert grid.main(["-C", str(exp), "--folds", "1", "--dry-run"]) == 0
     assert "4 runs: 4 finished, 0 to train" in capsys.readouterr().out
     assert grid.main(["-C", str(exp), "--folds", "7", "--dry-run"]) == 2  # no such fold
+
+
+def test_grid_by_default_trains_heads_in_workers_and_networks_here(tmp_path, tiny_data, monkeypatch):
+    out = tmp_path / "runs"
+    heads = experiment_runs(str(write_experiment(tmp_path / "h.py", mode="head", epochs=1)), tiny_data, out)[1]
+    e2e = experiment_runs(str(write_experiment(tmp_path / "e.py", epochs=1)), tiny_data, out)[1]
+    runs = [heads[0], e2e[0], heads[1]]
+    cores = os.cpu_count()
+    assert grid.plan_text(runs, None) == f"head-only 2 at a time, end to end one at a time with {cores} core(s)"
+    assert grid.plan_text(runs, 3) == "3 at a time" and grid.plan_text(e2e[:1], 0).startswith("one at a time")
+    here, real = [], grid.train_in_process
+
+    def spy(cfg, fold, quiet, verbose):
+        here.append((cfg["name"], fold, cfg["threads"]))
+        return real(cfg, fold, quiet, verbose)
+
+    monkeypatch.setattr(grid, "train_in_process", spy)  # this process only: the workers import their own
+    assert grid.train_grid(runs, None, quiet=True) == {0: 0, 1: 0, 2: 0}
+    assert here == [("e", 0, os.cpu_count())]  # the network here with every core; both heads in the workers
+    assert len(list((out / "_cache").glob("features_*.npz"))) == 1  # built once, before the workers started
+    assert all(json.loads((r.run_dir / "state.json").read_text())["finished"] for r in runs)
 
 
 def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):

@@ -80,16 +80,20 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
 
 @torch.no_grad()
 def rest_pooled(backbone: nn.Module, prefix: np.ndarray, cut: int, device: torch.device, batch: int = 128,
-                gem_p: float = 3.0, neck: nn.Module | None = None, neck_pool: str = "avg") -> dict[str, np.ndarray]:
+                gem_p: float = 3.0, neck: nn.Module | None = None, neck_pool: str = "avg",
+                channels_last: bool = True) -> dict[str, np.ndarray]:
     """`forward_pooled` from the cached output of the backbone's first `cut` units: `prefix` (V, N, C, H, W), one
     view a row (the image, its mirror image); the rest of the network runs on each view."""
     backbone.eval()
     if neck is not None:
         neck.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    backbone.to(memory_format=fmt)
     names = pool_names(backbone)
     out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])}
     for start in range(0, prefix.shape[1], batch):
-        views = [torch.from_numpy(np.asarray(v[start:start + batch], dtype=np.float32)).to(device) for v in prefix]
+        views = [torch.from_numpy(np.asarray(v[start:start + batch], dtype=np.float32)).to(device)
+                 .contiguous(memory_format=fmt) for v in prefix]
         _stack_views(out, [_pooled(backbone, backbone.forward_rest(h, cut), names, gem_p, neck, neck_pool)
                            for h in views])
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}

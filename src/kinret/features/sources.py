@@ -186,7 +186,7 @@ class CheckpointSource:
         if rows is None:
             rows = prefix.stored(prefix.compute(images.paths[start:stop]))
         return rest_pooled(model.backbone, rows[:2 if cfg.flip_views else 1], prefix.cut, _device(),
-                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool)
+                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool, cfg.channels_last)
 
     @cached_property
     def frozen(self) -> BackboneSource:

@@ -20,7 +20,7 @@ from kinret.features.sources import CheckpointSource
 from kinret.log import stage
 from kinret.scoring.variants import Group, group_scores
 from kinret.train.experiments import Run
-from kinret.train.grid import train_grid
+from kinret.train.grid import plan_text, train_grid
 from kinret.train.runs import run_states
 
 log = logging.getLogger("kinret.submission")
@@ -42,7 +42,8 @@ def train_refits(todo: list[Run], args: argparse.Namespace) -> None:
     left = [r for r, (state, _) in zip(todo, found, strict=True) if state != "finished"]
     if not left:
         return
-    with stage("final fit", f"{len(left)} run(s) on every labelled family (train and val), {args.jobs} at a time"):
+    with stage("final fit", f"{len(left)} run(s) on every labelled family (train and val), "
+                            f"{plan_text(left, args.jobs)}"):
         codes = train_grid(left, args.jobs, args.quiet, args.verbose)
     if 2 in codes.values():
         raise KinretInputError(None, "the final fit stopped on bad input; see the log above")

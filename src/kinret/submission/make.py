@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -64,7 +63,7 @@ from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.record import run_record, set_aside_old_zips, write_run_record
 from kinret.submission.report import write_report
 from kinret.train.experiments import Run, experiment_runs, scoped_overrides
-from kinret.train.grid import train_experiment
+from kinret.train.grid import plan_text, train_experiment
 from kinret.train.runs import unfinished
 
 log = logging.getLogger("kinret.submission")
@@ -79,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where predictions.csv, the zip and the variant table go")
     p.add_argument("--zip-name", default=None, help="name of the zip in --out (default: named after the choice)")
     add_ensemble_args(p)
-    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="parallel training processes for grids")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel training processes for grids (default: head-only runs 2 at a time, end-to-end "
+                        "runs one at a time with every core)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the stages that would run with their estimated time and disk space; writes nothing")
     p.add_argument("--final-fit", action="store_true",
@@ -103,7 +103,8 @@ def train_missing(settings: EnsembleSettings, args: argparse.Namespace, n_train:
         todo = unfinished(runs)
         if not todo:
             continue
-        with stage(f"train {Path(exp).stem}", f"{len(todo)} of {len(runs)} runs to train, {args.jobs} at a time"):
+        with stage(f"train {Path(exp).stem}", f"{len(todo)} of {len(runs)} runs to train, "
+                                               f"{plan_text([r for r, _ in todo], args.jobs)}"):
             t0 = time.perf_counter()
             failed = train_experiment(cfg, runs, jobs=args.jobs, quiet=args.quiet, verbose=args.verbose)
             if 2 in failed.values():

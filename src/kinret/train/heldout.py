@@ -80,10 +80,13 @@ class RowEmbedder:
         out = []
         for i in range(0, len(rows), self.cfg.eval_batch_size):
             chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
-            e = sum(self.model.embed_rest(torch.from_numpy(gather(self.prefix[v], chunk).astype(np.float32))
-                                          .to(self.device), self.cut).float() for v in range(views)) / views
+            e = sum(self.model.embed_rest(self._prefix_rows(v, chunk), self.cut).float() for v in range(views)) / views
             out.append(e.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
+
+    def _prefix_rows(self, view: int, rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(gather(self.prefix[view], rows).astype(np.float32)).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
     @torch.no_grad()
     def pair_scores(self, ea: np.ndarray, eb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """The inputs a run is built from, rebuilt the same way by the trainer and by a later scorer: which families a fold
 trains on and holds out (`training_families`), the image table over both in family-id order (`family_table`), the
-run's cache folder and the cached frozen features of its backbone (`frozen_features`)."""
+run's cache folder and the cached frozen features of its backbone (`frozen_features`, built ahead of a grid's
+workers by `shared_features`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from kinret.data.pixels import ImageTable, decode_pixels
 from kinret.data.synth import ensure_default
 from kinret.features.cache import FrozenFeatures
 from kinret.features.prefix import Prefix
-from kinret.models.config import TrainConfig
+from kinret.models.config import TrainConfig, seed_of
+from kinret.models.networks import build_backbone, state_digest
 
 
 def training_families(cfg: TrainConfig, fold: int) -> tuple[list, list, DataLayout]:
@@ -45,3 +47,14 @@ def frozen_features(backbone: nn.Module, digest: str, data_cfg: dict, table: Ima
     feats = FrozenFeatures.of(cfg, backbone, digest, data_cfg, device, prefix).cached(
         table.paths, lambda: decode_pixels(table.paths, data_cfg["input_size"][-1], cache), cache)
     return torch.from_numpy(feats[cfg.pool])
+
+
+def shared_features(cfg: TrainConfig, fold: int, device: torch.device) -> None:
+    """Build, or find, the frozen feature cache a head-only run of `cfg` reads, from the backbone its trainer builds
+    (a scratch backbone seeded as there): every fold and every head of one backbone shares it, so a grid fills it
+    once, with every core, before its workers start."""
+    train, held, _ = training_families(cfg, fold)
+    torch.manual_seed(seed_of(cfg.seed))
+    backbone, data_cfg = build_backbone(cfg)
+    backbone.to(device)
+    frozen_features(backbone, state_digest(backbone), data_cfg, family_table(train, held), cfg, device)

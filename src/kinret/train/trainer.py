@@ -267,7 +267,11 @@ class Trainer:
         return row
 
     def checkpoint(self) -> dict:
-        return {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "optimizer": self.opt.state_dict(),
+        """What resumes or scores the run; the optimizer's state only while epochs remain (a finished run is never
+        resumed, and AdamW's moments doubled a fine-tune's checkpoint)."""
+        finished = self.epoch >= self.cfg.epochs
+        return {"model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                "optimizer": None if finished else self.opt.state_dict(),
                 "epoch": self.epoch, "step": self.step, "rows": self.rows, "config": self.cfg.to_dict(),
                 "fold": self.fold, "data_config": self.data_cfg, "backbone_digest": self.backbone_digest,
                 "train_families": self.n_train_families, "zero_shot": self.zero_shot}
@@ -280,7 +284,8 @@ class Trainer:
         ckpt = load_checkpoint(self.run_dir, self.device)
         self.model.load_state_dict(ckpt["model"])
         self.loss.load_state_dict(ckpt["loss"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["optimizer"] is not None:  # None in a last epoch's checkpoint (a kill before its state was written)
+            self.opt.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step, self.rows = ckpt["epoch"], ckpt["step"], ckpt["rows"]
         self.zero_shot = ckpt.get("zero_shot", {})
         if self.rank == 0:  # the checkpoint is the commit point: a kill after it may have left these behind
