@@ -171,7 +171,8 @@ def test_grid_by_default_trains_heads_in_workers_and_networks_here(tmp_path, tin
     e2e = experiment_runs(str(write_experiment(tmp_path / "e.py", epochs=1)), tiny_data, out)[1]
     runs = [heads[0], e2e[0], heads[1]]
     cores = os.cpu_count()
-    assert grid.plan_text(runs, None) == f"head-only 2 at a time, end to end one at a time with {cores} core(s)"
+    assert grid.plan_text(runs, None) == (f"head-only {grid.default_jobs()} at a time, end to end "
+                                         f"one at a time with {cores} core(s)")
     assert grid.plan_text(runs, 3) == "3 at a time" and grid.plan_text(e2e[:1], 0).startswith("one at a time")
     here, real = [], grid.train_in_process
 
