@@ -364,6 +364,23 @@ def test_nhwc_graph_with_bgr_convention(tmp_path):
     np.testing.assert_allclose(got["avg"][0], fmap.mean((2, 3)).numpy(), rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("name, scale", [("raw-rgb", 255.0), ("unit-rgb", 1.0)])
+def test_plain_rgb_conventions_feed_the_pixels_unnormalised(tmp_path, name, scale):
+    """`raw-rgb` (graphs that normalise inside) gets RGB 0..255, `unit-rgb` RGB 0..1, in the torch module and the
+    graph runtime alike."""
+    path = small_graph(tmp_path / "nchw.onnx", ["N", 3, 12, 12])
+    backbone, data_cfg = build_onnx_backbone(path, name)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    rgb = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() * (scale / 255.0)
+    model = onnx.load(path)
+    w, fc = (torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer)
+    ref = torch.relu(nn.functional.conv2d(rgb, w, padding=1)).flatten(1) @ fc.T
+    with torch.no_grad():
+        np.testing.assert_allclose(backbone(kit_input(pixels, data_cfg)).numpy(), ref.numpy(), rtol=1e-4, atol=1e-3)
+    got = GraphRuntime(backbone).pooled(pixels, ["native"], 3.0, False)
+    np.testing.assert_allclose(got["native"][0], ref.numpy(), rtol=1e-4, atol=1e-2)
+
+
 @pytest.mark.parametrize("case, message", [
     ("not_a_graph", "not an ONNX graph"),
     ("grey", "no 3-channel axis"),

@@ -33,7 +33,7 @@ class TrainConfig:
     weights: str = ""                   # a local file: the ONNX graph (onnx), backbone.pth (iresnet*), or a state
                                         # dict of the backbone (sface, timm; overrides `pretrained`)
     input_convention: str = "insightface"  # onnx: how the graph wants its pixels (insightface | sface | facenet |
-                                        # imagenet, see kinret.models.onnx_net.CONVENTIONS)
+                                        # imagenet | raw-rgb | unit-rgb, see kinret.models.onnx_net.CONVENTIONS)
     onnx_output: str = ""               # onnx: the graph output that is the embedding, when it has several
     input_size: int = 0                 # 0: from timm's resolve_model_data_config
     pool: str = "avg"                   # avg | max | gem | native (sface's own embedding layer)

@@ -65,6 +65,8 @@ CONVENTIONS: dict[str, InputConvention] = {
     "sface": InputConvention((0.0,) * 3, (1 / 255,) * 3, True, "BGR, raw 0..255 (OpenCV Zoo SFace)"),
     "facenet": InputConvention((0.5,) * 3, (128 / 255,) * 3, False, "RGB, (x - 127.5) / 128"),
     "imagenet": InputConvention((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False, "RGB, ImageNet mean/std"),
+    "raw-rgb": InputConvention((0.0,) * 3, (1 / 255,) * 3, False, "RGB, raw 0..255 (graphs that normalise inside)"),
+    "unit-rgb": InputConvention((0.0,) * 3, (1.0,) * 3, False, "RGB, x / 255 in 0..1"),
 }
 # (operator, input index) slots read as trained weights, and BatchNorm's running statistics
 PARAM_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
