@@ -187,6 +187,32 @@ def test_grid_by_default_trains_heads_in_workers_and_networks_here(tmp_path, tin
     assert all(json.loads((r.run_dir / "state.json").read_text())["finished"] for r in runs)
 
 
+def test_large_end_to_end_runs_train_the_odd_one_here_then_the_rest_in_workers(tmp_path, tiny_data, monkeypatch):
+    out = tmp_path / "runs"
+    e2e = experiment_runs(str(write_experiment(tmp_path / "e.py", epochs=2, n_folds=3)), tiny_data, out)[1]
+    heads = experiment_runs(str(write_experiment(tmp_path / "h.py", mode="head", epochs=1)), tiny_data, out)[1]
+    seen = grid.epoch_images(e2e[0])
+    assert seen > 0 and seen % 2 == 0  # the fold's training images, twice (two epochs)
+    workers = grid.default_jobs()
+    assert grid.schedule(e2e, None) == [([0, 1, 2], 1)]  # small: one at a time here
+    monkeypatch.setattr(grid, "LARGE_RUN_IMAGES", seen)
+    if workers < 2:
+        pytest.skip("one core: every run trains here")
+    assert grid.schedule(e2e, None) == [([0], 1), ([1, 2], 2)]
+    assert grid.schedule(e2e[:2], None) == [([0, 1], 2)]
+    assert grid.schedule(heads + e2e, None) == [([0, 1], 2), ([2], 1), ([3, 4], 2)]
+    assert grid.schedule(e2e, 3) == [([0, 1, 2], 3)]
+    cores = os.cpu_count()
+    assert grid.plan_text(e2e, None) == f"1 alone with {cores} core(s), then 2 at a time"
+    assert grid.plan_text(heads + e2e, None) == (f"head-only 2 at a time, end to end 1 alone with {cores} core(s), "
+                                                 "then 2 at a time")
+    trained = []
+    monkeypatch.setattr(grid, "_train_rest", lambda rest, n, *a: trained.append(([r.fold for r in rest], n))
+                        or dict.fromkeys(range(len(rest)), 0))
+    assert grid.train_grid(e2e, None, quiet=True) == {0: 0, 1: 0, 2: 0}
+    assert trained == [([0], 1), ([1, 2], 2)]
+
+
 def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
     from kinret.models.checkpoint import load_model
 

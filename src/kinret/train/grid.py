@@ -6,9 +6,9 @@ as a product (a list of such dicts: the union of their products); each variant t
 without a GRID trains ``runs/{experiment}/fold{k}/``, the folder ``python -m kinret.train -C`` uses). Finished
 runs are skipped, interrupted ones resumed (with the thread count they started with), stale ones (their training data
 changed) trained again; runs go to joblib worker processes with the cores shared between them (`--jobs 0`: head-only
-runs two at a time, end-to-end runs one at a time with every core), and the workers end with the grid's process,
-killed or not. Head-only variants of one backbone share one feature cache, built once before the parallel
-part so that workers never race to compute it.
+runs two at a time, end-to-end runs one at a time with every core unless they are large, see `schedule`), and the
+workers end with the grid's process, killed or not. Head-only variants of one backbone share one feature cache,
+built once before the parallel part so that workers never race to compute it.
 """
 
 from __future__ import annotations
@@ -98,25 +98,68 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+# End-to-end runs whose epochs see at least this many training images share the cores as one-thread workers after
+# the runs that do not divide evenly among them (docs/decisions.md, 2026-12-07): the default's fine-tune (3 folds of
+# ~1,700 images) took 34 s one at a time with 2 threads against 42 s split so; the real size's (3 folds of ~10,000)
+# 240 s one at a time against 198 s split so. A network's step spreads over threads, its evaluation, start-up and
+# data handling do not, and those weigh more as a run grows.
+LARGE_RUN_IMAGES = 4000
+
+
+def epoch_images(run: Run, layouts: dict | None = None) -> int:
+    """Training images a run's epochs see: its fold's training families' images times its epochs (read from its
+    data folder; `layouts` memoises the folders read)."""
+    from kinret.data.layout import DataLayout
+
+    layouts = {} if layouts is None else layouts
+    root = run.cfg.data_root
+    if root not in layouts:
+        layouts[root] = DataLayout.of(root)
+    families = layouts[root].fold_families(run.cfg.n_folds, run.cfg.fold_seed, run.fold)[0]
+    return sum(f.n_images for f in families) * run.cfg.epochs
+
+
+def schedule(runs: Sequence[Run], jobs: int | None) -> list[tuple[list[int], int]]:
+    """How `train_grid` spreads `runs`: (positions, processes) groups in the order they train, processes 1 meaning
+    one after another in this process with every core. An explicit `jobs` puts every run in `jobs` processes; `jobs`
+    None or 0 puts head-only runs in `default_jobs()` processes (their fixed costs, start-up and evaluation,
+    overlap), and end-to-end runs one after another in this process, except large ones (`LARGE_RUN_IMAGES`): the
+    remainder of their count by the worker count here first, the rest in the workers."""
+    if jobs:
+        return [(list(range(len(runs))), jobs)]
+    heads = [i for i, r in enumerate(runs) if r.cfg.mode == "head"]
+    e2e = [i for i, r in enumerate(runs) if r.cfg.mode != "head"]
+    groups = [(heads, default_jobs())] if heads else []
+    workers, layouts = default_jobs(), {}
+    if workers > 1 and len(e2e) >= workers and all(epoch_images(runs[i], layouts) >= LARGE_RUN_IMAGES for i in e2e):
+        alone = len(e2e) % workers
+        return groups + [g for g in ((e2e[:alone], 1), (e2e[alone:], workers)) if g[0]]
+    return groups + ([(e2e, 1)] if e2e else [])
+
+
 def plan_text(runs: Sequence[Run], jobs: int | None) -> str:
-    """How `train_grid` spreads `runs` over processes, in words: "2 at a time", "one at a time with 2 cores"."""
-    inline = sum(1 for r in runs if not jobs and r.cfg.mode != "head")
-    pooled = len(runs) - inline
-    parts = [f"{'head-only ' if inline else ''}{jobs or default_jobs()} at a time"] if pooled else []
-    if inline:
-        parts.append(f"{'end to end ' if pooled else ''}one at a time with {os.cpu_count() or 1} core(s)")
-    return ", ".join(parts)
+    """How `train_grid` spreads `runs` over processes, in words: "2 at a time", "one at a time with 2 core(s)",
+    "head-only 2 at a time, end to end 1 alone with 2 core(s), then 2 at a time"."""
+    if jobs:
+        return f"{jobs} at a time"
+    cores = os.cpu_count() or 1
+    groups = schedule(runs, jobs)
+    by_kind: dict[str, list[str]] = {}
+    for positions, n in groups:
+        kind = "head-only" if runs[positions[0]].cfg.mode == "head" else "end to end"
+        split = sum(runs[p[0]].cfg.mode != "head" for p, _ in groups) > 1  # large end-to-end runs: some alone first
+        alone = f"{len(positions)} alone" if split else "one at a time"
+        by_kind.setdefault(kind, []).append(f"{n} at a time" if n > 1 else f"{alone} with {cores} core(s)")
+    if len(by_kind) == 1:
+        return ", then ".join(next(iter(by_kind.values())))
+    return ", ".join(f"{kind} {', then '.join(texts)}" for kind, texts in by_kind.items())
 
 
 def train_grid(runs: Sequence[Run], jobs: int | None = None, quiet: bool = False, verbose: bool = False
                ) -> dict[int, int]:
     """Train `runs` (none of them finished) and return each one's exit code by position (0, or 2 on bad input).
     The frozen feature cache each head-only backbone's runs share is built (or found) first, here, with every core;
-    then the runs go to `jobs` worker processes sharing the cores. `jobs` None or 0 chooses per run: head-only runs in
-    `default_jobs()` processes (their fixed costs, start-up and evaluation, overlap), end-to-end runs one after
-    another in this process with every core (a network's training spreads over threads, and a worker would add its
-    start-up and leave cores idle when the runs do not divide evenly: the default's fine-tune, 3 folds, took 34 s
-    one at a time against 42 s in two processes)."""
+    then the runs train as `schedule` says."""
     cores = os.cpu_count() or 1
     shared: dict[tuple, Run] = {}
     for r in runs:
@@ -124,12 +167,10 @@ def train_grid(runs: Sequence[Run], jobs: int | None = None, quiet: bool = False
             shared.setdefault((r.cfg.features_key, r.cfg.data_root), r)
     for r in shared.values():
         _shared_features(r, cores)
-    inline = [i for i, r in enumerate(runs) if not jobs and r.cfg.mode != "head"]
     codes: dict[int, int] = {}
-    for positions, n in (([i for i in range(len(runs)) if i not in inline], jobs or default_jobs()), (inline, 1)):
-        if positions:
-            done = _train_rest([runs[i] for i in positions], n, cores, quiet, verbose)
-            codes.update({positions[j]: code for j, code in done.items()})
+    for positions, n in schedule(runs, jobs):
+        done = _train_rest([runs[i] for i in positions], n, cores, quiet, verbose)
+        codes.update({positions[j]: code for j, code in done.items()})
     return codes
 
 
