@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from kinret.metrics import average_precision, cmc_curve, evaluate_ranking, hits_in_rank_order, rank_at_k, relevance
+from kinret.metrics import (
+    average_precision,
+    cmc_curve,
+    evaluate_ranking,
+    hits_in_rank_order,
+    mid_ranks,
+    rank_at_k,
+    relevance,
+    roc_auc,
+)
 from kinret.scoring.ranking import rank_gallery
 
 
@@ -179,3 +188,18 @@ def test_summarise_hand_computed():
     assert got["rank5"] == pytest.approx(2 / 3) and got["average"] == pytest.approx((1.5 / 3 + 2 / 3) / 2)
     assert "mAP_trapezoid" not in got
 
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mid_ranks_equal_scipys_average_ranks_and_the_auc_sklearns(seed):
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 6 + 10 * seed, 40).astype(np.float32)  # many ties at first, fewer later
+    np.testing.assert_array_equal(mid_ranks(x), rankdata(x))
+    y = rng.integers(0, 2, 40).astype(bool)
+    assert roc_auc(x, y) == pytest.approx(roc_auc_score(y, x))
+    assert mid_ranks(np.array([])).shape == (0,)
+    x[3] = np.nan
+    assert np.isnan(mid_ranks(x)).all() and np.isnan(roc_auc(x, y))

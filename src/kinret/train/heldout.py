@@ -110,12 +110,13 @@ class RowEmbedder:
 # ---- the held-out protocol and its metrics --------------------------------------------------------------------------
 @dataclass
 class HeldOut:
-    """What a fold is evaluated on: the Track-3 protocol of its held-out families and seeded kin/non-kin pairs among
-    their images; `row_of` maps an image path (resolved) to its table row."""
+    """What a fold is evaluated on: the Track-3 protocol of its held-out families (with the table rows of its probe
+    photos and gallery faces, looked up once) and seeded kin/non-kin pairs among their images."""
 
     split: Track3Split
     pairs: Pairs
-    row_of: dict[Path, int]
+    probe_rows: np.ndarray
+    gallery_rows: np.ndarray
 
 
 def row_index(table: ImageTable) -> dict[Path, int]:
@@ -149,7 +150,9 @@ def held_out_setup(cfg: TrainConfig, fold: int, table: ImageTable, eval_fams: li
     if not eval_fams:
         return None
     split = held_out_protocol(eval_fams, layout, fold, cfg.seed, row_of)
-    held = HeldOut(split, held_out_pairs(cfg, table, eval_fams), row_of)
+    prow = np.array([row_of[p.resolve()] for p in split.probe_image_table()[0]], dtype=np.int64)
+    grow = np.array([row_of[g.path.resolve()] for g in split.gallery], dtype=np.int64)
+    held = HeldOut(split, held_out_pairs(cfg, table, eval_fams), prow, grow)
     chance = chance_level(split.probe_fids, split.gallery_fids)
     log.info("%s; a random ranking expects Average %.4f (mAP %.4f, Rank@5 %.4f)", split.describe(),
              chance["average"], chance["mAP"], chance["rank@5"])
@@ -161,10 +164,8 @@ def held_out_metrics(held: HeldOut | None, embedder: RowEmbedder) -> dict[str, f
     nan = float("nan")
     if held is None:
         return dict.fromkeys(METRICS, nan)
-    split, row_of = held.split, held.row_of
-    paths, owner = split.probe_image_table()
-    prow = np.array([row_of[p.resolve()] for p in paths])
-    grow = np.array([row_of[g.path.resolve()] for g in split.gallery])
+    split, prow, grow = held.split, held.probe_rows, held.gallery_rows
+    owner = split.probe_image_table()[1]
     a, b, y = held.pairs
     rows = np.unique(np.concatenate([prow, grow, a, b]))  # every distinct row embedded once
     emb = embedder.embed(rows)
