@@ -111,3 +111,10 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     assert '"mAP"' in proc.stdout and "my_features:cos-emb-meanemb" in proc.stdout
     assert (tmp_path / "data" / "small" / "val_codalab" / "probe.txt").is_file()
     assert (tmp_path / "runs_ddp" / "tiny" / "fold0" / "summary.csv").is_file()
+
+
+def test_the_data_folder_is_spelled_one_way():
+    """`$DATA` (set once with DATA=...) wherever a command takes the data folder, never a literal `DATA`."""
+    literal = re.findall(r"(?:--data-root|data_root=|kinret\.data check)\s*(DATA\b[^\n]*)", README)
+    assert literal == [], literal
+    assert "DATA=" in README
