@@ -92,8 +92,9 @@ def rest_pooled(backbone: nn.Module, prefix: np.ndarray, cut: int, device: torch
     names = pool_names(backbone)
     out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])}
     for start in range(0, prefix.shape[1], batch):
-        views = [torch.from_numpy(np.asarray(v[start:start + batch], dtype=np.float32)).to(device)
-                 .contiguous(memory_format=fmt) for v in prefix]
+        # float16 rows to float32 in torch, in the layout the model wants (numpy's half cast is ~2.5x slower)
+        views = [torch.from_numpy(np.array(v[start:start + batch])).to(device).contiguous(memory_format=fmt).float()
+                 for v in prefix]
         _stack_views(out, [_pooled(backbone, backbone.forward_rest(h, cut), names, gem_p, neck, neck_pool)
                            for h in views])
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}

@@ -85,8 +85,8 @@ class RowEmbedder:
         return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
 
     def _prefix_rows(self, view: int, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(gather(self.prefix[view], rows).astype(np.float32)).to(self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        x = torch.from_numpy(gather(self.prefix[view], rows)).to(self.device)
+        return (x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x).float()
 
     @torch.no_grad()
     def pair_scores(self, ea: np.ndarray, eb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
