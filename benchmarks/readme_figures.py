@@ -1,11 +1,11 @@
 """The README's figures, produced by the kit: its Results table and the timings it quotes for the default run,
 rendered from a run's own files so that they cannot drift from what the kit does.
 
-    python make_submission.py && cp submissions/run.json /tmp/cold.json    # the default run, from a fresh folder
-    python make_submission.py                                              # a rerun, everything cached
-    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json             # print
-    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json --write README.md
-    python benchmarks/readme_figures.py --run . --cold /tmp/cold.json --warm submissions/run.json --check README.md
+    python make_submission.py && cp submissions/run.json runs/cold_run.json  # the default run, from a fresh folder
+    python make_submission.py                                                # a rerun, everything cached
+    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json          # print
+    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json --write README.md
+    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json --check README.md
 
 `--run` is the folder `python make_submission.py` ran in (its `--out` and `--ensemble-dir` defaults: `submissions/`,
 `ensemble/`): the table comes from `ensemble/variants.csv`, the choice, its intervals and the blend's cross-fitted

@@ -189,7 +189,6 @@ def test_summarise_hand_computed():
     assert "mAP_trapezoid" not in got
 
 
-
 @pytest.mark.parametrize("seed", range(5))
 def test_mid_ranks_equal_scipys_average_ranks_and_the_auc_sklearns(seed):
     from scipy.stats import rankdata

@@ -144,10 +144,10 @@ def plan_text(runs: Sequence[Run], jobs: int | None) -> str:
         return f"{jobs} at a time"
     cores = os.cpu_count() or 1
     groups = schedule(runs, jobs)
+    split = sum(runs[p[0]].cfg.mode != "head" for p, _ in groups) > 1  # large end-to-end runs: some alone first
     by_kind: dict[str, list[str]] = {}
     for positions, n in groups:
         kind = "head-only" if runs[positions[0]].cfg.mode == "head" else "end to end"
-        split = sum(runs[p[0]].cfg.mode != "head" for p, _ in groups) > 1  # large end-to-end runs: some alone first
         alone = f"{len(positions)} alone" if split else "one at a time"
         by_kind.setdefault(kind, []).append(f"{n} at a time" if n > 1 else f"{alone} with {cores} core(s)")
     if len(by_kind) == 1:
