@@ -18,7 +18,7 @@ from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import CosFaceFamilyLoss, family_means, random_batches
 from kinret.models.networks import build_backbone, freeze_prefixes, frozen_cut, unit_freeze
 from kinret.train.experiments import load_experiment
-from kinret.train.sampling import augment, grey_images
+from kinret.features.augment import augment, grey_images
 from kinret.train.trainer import Trainer
 
 

@@ -14,7 +14,7 @@ from kinret.data.pixels import ImageTable, decode_pixels, gather
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import LOSSES, TrainingSet, build_loss, family_batches, random_batches, sample_pairs
 from kinret.models.networks import KinNet
-from kinret.train.sampling import augment
+from kinret.features.augment import augment
 from kinret.train.trainer import Objective, lr_factor
 
 

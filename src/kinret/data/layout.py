@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from kinret.data import FINAL_FIT
+from kinret.data import Fit
 from kinret.data.fiw import MID_RE, Family, family_folds, read_fiw
 from kinret.data.images import IMAGE_SUFFIXES
 from kinret.data.track3 import Track3Split, build_protocol, read_codalab, read_labelled
@@ -82,17 +82,18 @@ class DataLayout:
         return read_fiw(self.val) if self.val is not None else []
 
     def fold_families(self, n_folds: int, fold_seed: int, fold: int) -> tuple[list[Family], list[Family]]:
-        """(families trained on, families held out) of one run: fold k of `family_folds`; fold -1 trains on every
-        training family and holds out DATA/val's; fold -2 (a final fit) trains on both and holds out nothing."""
+        """(families trained on, families held out) of one run (`Fit.of(fold)` says which): fold k of
+        `family_folds`; every training family with DATA/val's held out; or both trained on, nothing held out."""
         families = self.train_families
-        if fold == FINAL_FIT:
+        fit = Fit.of(fold)
+        if fit.trains_on_val:
             val = self.val_families
             both = {f.fid for f in families} & {f.fid for f in val}
             if both:
                 raise KinretInputError(self.val, f"families {sorted(both)[:3]} are in DATA/train too: a final fit "
                                                  "trains on both, so each family must be in one of them")
             return sorted(families + val, key=lambda f: f.fid), []
-        if fold < 0:
+        if fit.evaluates_on_val:
             return families, self.val_families
         if fold >= n_folds:
             raise KinretInputError(None, f"--fold {fold} is out of range for n_folds={n_folds}")

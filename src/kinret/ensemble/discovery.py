@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kinret.errors import KinretInputError
+from kinret.features.feeds import feed_class
 from kinret.features.sources import BackboneSource, CheckpointSource, ExternalEmbeddings, RawPixelSource
 from kinret.models.config import TrainConfig
 from kinret.models.losses import trains_pair_head
-from kinret.models.networks import FACE_NETWORKS, pool_names
+from kinret.models.networks import pool_names
 from kinret.scoring.variant_kinds import GroupSpec, VariantKind, offered_variants
 from kinret.scoring.variants import Group
 from kinret.train.experiments import Run
@@ -50,6 +51,24 @@ def _group(name: str, spec: GroupSpec, sources: dict) -> Group:
     return Group(name, listed, sources, on_request=on_request)
 
 
+def _frozen_sources(jobs: Sequence[Run], cache_dir: Path, backbones: dict) -> dict[tuple, BackboneSource]:
+    """One zero-shot source per frozen pass the runs' feeds read (by `features_key`, first come first named), each
+    asked for every unit cut the fine-tunes on that pass read, so one pass computes them all. A fine-tune whose
+    network already has a zero-shot source under other views adds no group (its own pass is computed when read)."""
+    first: dict[tuple, TrainConfig] = {}
+    cuts: dict[tuple, list] = {}
+    for cfg, _, _ in jobs:
+        feed = feed_class(cfg)
+        if not feed.zero_shot(cfg):
+            continue
+        same = any(c.backbone_key == cfg.backbone_key for c in first.values())
+        if cfg.features_key not in first and (feed.cuts(cfg) == () or not same):
+            first[cfg.features_key] = cfg
+        cuts.setdefault(cfg.features_key, [])
+        cuts[cfg.features_key] += [c for c in feed.cuts(cfg) if c not in cuts[cfg.features_key]]
+    return {key: BackboneSource(cfg, cache_dir, backbones, cuts=tuple(cuts[key])) for key, cfg in first.items()}
+
+
 def discover_groups(jobs: Sequence[Run], cache_dir: Path, external_dir: Path | None, raw_pixels: bool = True,
                     top_n: int = 100, fc_all: bool = False) -> list[Group]:
     """Every group of variants: raw pixels, each frozen backbone behind head-only runs, each trained variant (its
@@ -60,24 +79,17 @@ def discover_groups(jobs: Sequence[Run], cache_dir: Path, external_dir: Path | N
     if raw_pixels:
         plain = GroupSpec(("pixels",), "pixels", top_n=top_n, fc_all=fc_all, rescore_listed=False)  # a baseline
         groups.append(_group("raw_pixels", plain, {None: RawPixelSource(cache_dir)}))
-    frozen: dict[tuple, BackboneSource] = {}  # by features_key: one zero-shot group per frozen backbone
+    frozen = _frozen_sources(jobs, cache_dir, backbones)
     by_variant: dict[str, Group] = {}
     for cfg, fold, _ in jobs:
-        tuned = cfg.mode == "e2e" and cfg.cache_prefix and cfg.backbone in FACE_NETWORKS  # its prefix: a frozen pass
-        same = [s for s in frozen.values() if s.cfg.backbone_key == cfg.backbone_key]
-        if (cfg.mode == "head" and cfg.features_key not in frozen) or (tuned and not same):
-            frozen[cfg.features_key] = BackboneSource(cfg, cache_dir, backbones)
-            spec = GroupSpec(tuple(pool_names(cfg.backbone)), main_pooling(cfg.backbone), top_n=top_n, fc_all=fc_all)
-            groups.append(_group(frozen[cfg.features_key].name, spec, {None: frozen[cfg.features_key]}))
-        if tuned:
-            src = frozen.get(cfg.features_key) or next(s for s in frozen.values()
-                                                       if s.cfg.backbone_key == cfg.backbone_key)
-            src.prefix_cfg = src.prefix_cfg or cfg
+        source = frozen.pop(cfg.features_key, None)  # its zero-shot group, listed where its first run is
+        if source is not None:
+            spec = GroupSpec(tuple(pool_names(source.cfg.backbone)), main_pooling(source.cfg.backbone), top_n=top_n,
+                             fc_all=fc_all)
+            groups.append(_group(source.name, spec, {None: source}))
         if cfg.name not in by_variant:
-            embs = ["emb"]
-            if cfg.mode == "e2e":  # every pooling of the fine-tuned backbone, but the one equal to the embedding
-                embs += [p for p in pool_names(cfg.backbone) if not (p == cfg.pool and cfg.neck == "none")]
-            spec = GroupSpec(tuple(embs), "emb", trains_pair_head(cfg.loss), top_n, fc_all)
+            feed = feed_class(cfg)
+            spec = GroupSpec(tuple(feed.embeddings(cfg)), "emb", trains_pair_head(cfg.loss), top_n, fc_all)
             by_variant[cfg.name] = _group(cfg.name, spec, {})
             groups.append(by_variant[cfg.name])
         by_variant[cfg.name].sources[fold] = CheckpointSource(cfg.run_dir(fold), cache_dir, backbones)

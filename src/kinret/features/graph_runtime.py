@@ -27,10 +27,9 @@ from kinret.data.pixels import normalize, to_float
 from kinret.log import progress
 from kinret.models.networks import POOLS
 from kinret.models.onnx_graph import GraphEngine, open_engine
-from kinret.models.onnx_net import OnnxBackbone, cosines
+from kinret.models.onnx_net import CHECK_COSINE, OnnxBackbone, cosines
 
 log = logging.getLogger(__name__)
-CHECK_COSINE = 0.999
 AUTO = "auto"
 
 

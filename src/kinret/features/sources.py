@@ -14,40 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kinret.data.pixels import decode_pixels, file_list_digest
-from kinret.dist import dist_rank_world, local_device
+from kinret.data.pixels import decode_pixels
+from kinret.dist import local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import (
-    FEATURE_CODE_VERSION,
-    FrozenFeatures,
-    build_in_chunks,
-    file_digest,
-    forward_pooled,
-    rest_pooled,
-)
-from kinret.features.prefix import Prefix, prefix_cut
+from kinret.features.cache import build_in_chunks, file_digest
+from kinret.features.feed import Feed
+from kinret.features.feeds import feed_class, load_model
+from kinret.features.frozen import CODE, Cut, FrozenPass
+from kinret.features.image_set import ImageSet
 from kinret.features.raw_pixels import RawPixels
-from kinret.models.checkpoint import load_model, shared_backbone
+from kinret.models.checkpoint import shared_backbone
 from kinret.models.config import TrainConfig, config_from_dict
 from kinret.models.losses import trains_pair_head
 from kinret.models.networks import PairFn, state_digest
+from kinret.versions import code_version
 
-
-@dataclass(frozen=True)
-class ImageSet:
-    """The images one split needs ("oof0", "val", "test", ...). `ids` are the paths relative to the data root, as
-    external files name images. An out-of-fold set is `rows` of its `parent`, every training image in the
-    trainer's order, so a frozen backbone's features come from the one cache the trainer filled."""
-
-    label: str
-    paths: tuple[Path, ...]
-    ids: tuple[str, ...]
-    parent: ImageSet | None = None
-    rows: tuple[int, ...] = ()
-
-    @cached_property
-    def digest(self) -> str:
-        return file_list_digest(self.paths)
+__all__ = ["BackboneSource", "CheckpointSource", "ExternalEmbeddings", "ImageSet", "RawPixelSource", "run_config"]
 
 
 def _key(*parts: object) -> str:
@@ -73,7 +55,7 @@ class RawPixelSource:
     pair_fn: PairFn | None = None
 
     def key(self, images: ImageSet) -> str:
-        return _key("raw32", FEATURE_CODE_VERSION, images.digest)
+        return _key("raw32", code_version("kinret.data.images", "kinret.features.raw_pixels"), images.digest)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
@@ -85,49 +67,47 @@ class RawPixelSource:
 
 @dataclass
 class BackboneSource:
-    """A frozen backbone's pooled features (every pooling), shared by the head-only checkpoints trained on it;
-    computed by the runtime `kinret.features.runtime.frozen_runtime` picks (an ONNX network's graph on a CPU). With
-    `prefix_cfg`, a fine-tune's config whose views match, the same pass also writes that fine-tune's prefix."""
+    """A frozen network's pooled features (every pooling), shared by the head-only checkpoints trained on it;
+    computed by its frozen pass (`kinret.features.frozen`), which also keeps the unit `cuts` the fine-tunes of the
+    same network read (their cached prefix), so one pass serves them all."""
 
     cfg: TrainConfig
     cache_dir: Path
     backbones: dict = field(default_factory=dict)
     pair_fn: PairFn | None = None
-    prefix_cfg: TrainConfig | None = None
+    cuts: tuple[Cut, ...] = ()
 
     @property
     def name(self) -> str:
         return self.cfg.backbone + (f"-{Path(self.cfg.weights).stem}" if self.cfg.weights else "")
 
     @cached_property
-    def _model(self) -> tuple[torch.nn.Module, dict, str]:
-        backbone, data_cfg = shared_backbone(self.cfg, self.backbones)
-        memo = ("state_digest", id(backbone))  # a backbone kept in `backbones` is frozen: hashed once, not per source
-        if memo not in self.backbones:
-            self.backbones[memo] = state_digest(backbone)
-        return backbone, data_cfg, self.backbones[memo]
-
-    @cached_property
-    def features(self) -> FrozenFeatures:
-        backbone, data_cfg, digest = self._model
-        prefix, ft = None, self.prefix_cfg
-        if ft is not None and ft.flip_views == self.cfg.flip_views and not (ft.augment and ft.grey_p > 0):
-            prefix = Prefix.of(ft, backbone, prefix_cut(ft, backbone), data_cfg, _device())
-        return FrozenFeatures.of(self.cfg, backbone, digest, data_cfg, _device(), prefix)
+    def features(self) -> FrozenPass:
+        backbone, data_cfg, digest = frozen_network(self.cfg, self.backbones)
+        return FrozenPass.of(self.cfg, backbone, digest, data_cfg, _device())
 
     def key(self, images: ImageSet) -> str:
         return self.features.key(images.digest)
 
     def raw(self, images: ImageSet) -> dict[str, np.ndarray]:
         """pooling -> (V, N, D) features of the image and (V = 2, `flip_views`) its mirror image."""
-        if images.parent is not None:
-            return {k: v[:, list(images.rows)] for k, v in self.raw(images.parent).items()}
-        size = self.features.data_cfg["input_size"][-1]
-        return self.features.cached(images.paths, lambda: decode_pixels(images.paths, size, self.cache_dir),
-                                    self.cache_dir, shard=True)
+        root, size = images.root, self.features.data_cfg["input_size"][-1]
+        found = self.features.outputs(root.paths, self.cache_dir, self.cuts, shard=True,
+                                      pixels=lambda: decode_pixels(root.paths, size, self.cache_dir))
+        return {k: images.of_root(found[k]) for k in self.features.poolings}
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))
+
+
+def frozen_network(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict, str]:
+    """(network, data config, weights digest) of a config's network, built once and kept in `backbones` with its
+    digest (a network kept there is frozen: hashed once, not per source)."""
+    backbone, data_cfg = shared_backbone(cfg, backbones)
+    memo = ("state_digest", id(backbone))
+    if memo not in backbones:
+        backbones[memo] = state_digest(backbone)
+    return backbone, data_cfg, backbones[memo]
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -139,9 +119,10 @@ def run_config(run_dir: Path) -> TrainConfig:
 
 @dataclass
 class CheckpointSource:
-    """One trained checkpoint: its embedding ("emb", what its cosine compares), for end-to-end checkpoints also every
-    pooling of its fine-tuned backbone, and its FC pair head when a pair loss trained it. Embeddings are cached in
-    ``{run_dir}/embeddings/{set}_{key}.npz``; the key covers the checkpoint file's content."""
+    """One trained checkpoint: its embedding ("emb", what its cosine compares), for a model that trained its network
+    also every pooling of it, and its FC pair head when a pair loss trained it; computed as its feed embeds an image
+    set (`kinret.features.feed.Feed.set_pooled`). Embeddings are cached in ``{run_dir}/embeddings/{set}_{key}.npz``;
+    the key covers the checkpoint file's content and what its feed reads."""
 
     run_dir: Path
     cache_dir: Path
@@ -171,62 +152,23 @@ class CheckpointSource:
         return load_model(self.run_dir, _device(), self.backbones)
 
     @cached_property
-    def prefix(self) -> Prefix | None:
-        """The cached prefix an end-to-end run with `cache_prefix` trained on (its frozen units are unchanged)."""
-        if self.cfg.mode != "e2e" or not self.cfg.cache_prefix:
-            return None
-        model, _, data_cfg = self._loaded
-        return Prefix.of(self.cfg, model.backbone, prefix_cut(self.cfg, model.backbone), data_cfg, _device())
-
-    def _from_prefix(self, images: ImageSet, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Every pooling and the embedding of rows start..stop by the rest of the network over their cached prefix
-        (the image and, with `flip_views`, its mirror image; computed here when no pass stored them)."""
-        model, cfg, prefix = self._loaded[0], self.cfg, self.prefix
-        rows = prefix.read([str(p) for p in images.paths[start:stop]], self.cache_dir)
-        if rows is None:
-            rows = prefix.stored(prefix.compute(images.paths[start:stop]))
-        return rest_pooled(model.backbone, rows[:2 if cfg.flip_views else 1], prefix.cut, _device(),
-                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool, cfg.channels_last)
-
-    @cached_property
-    def frozen(self) -> BackboneSource:
-        """The frozen backbone's features a head-only checkpoint embeds."""
-        return BackboneSource(self.cfg, self.cache_dir, self.backbones)
+    def feed(self) -> Feed:
+        """The run's feed, its starting network the shared build of the run's network (for a fine-tune's prefix)."""
+        return feed_class(self.cfg)(self.cfg, _device(), self.cache_dir,
+                                    starting=lambda: frozen_network(self.cfg, self.backbones))
 
     def key(self, images: ImageSet) -> str:
-        """The checkpoint's content, the views and, for a head-only run, the key of the frozen features it embeds
-        (their runtime included)."""
-        frozen = self.frozen.key(images) if self.cfg.mode == "head" else ""
-        return _key(self.digest, FEATURE_CODE_VERSION, f"views{2 if self.cfg.flip_views else 1}", frozen,
-                    images.digest)
+        """The checkpoint's content, the views, the code and what its feed reads for `images`."""
+        return _key(self.digest, code_version(*CODE), f"views{2 if self.cfg.flip_views else 1}",
+                    self.feed.set_key(images), images.digest)
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
-        cfg = self.cfg
-        inputs: list[np.ndarray] = []  # the decoded pixels, or the frozen backbone's features: read on first need
-
-        def compute(start: int, stop: int) -> dict[str, np.ndarray]:
-            model, _, data_cfg = self._loaded
-            if cfg.mode == "head":
-                pooled = torch.from_numpy(inputs[0][:, start:stop])
-                with torch.no_grad():
-                    emb = torch.stack([model.embed_pooled(v.to(_device())) for v in pooled])
-                return {"emb": emb.float().cpu().numpy()}
-            if self.prefix is not None:
-                return self._from_prefix(images, start, stop)
-            if not inputs:  # under torchrun a process decodes only its chunks
-                inputs.append(decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir)
-                              if dist_rank_world()[1] == 1 else None)
-            pixels = (inputs[0][start:stop] if inputs[0] is not None
-                      else decode_pixels(images.paths[start:stop], data_cfg["input_size"][-1], None))
-            return forward_pooled(model.backbone, pixels, data_cfg, _device(), cfg.eval_batch_size,
-                                  cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck,
-                                  cfg.pool, flip=cfg.flip_views)
-
-        if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
-            inputs.append(self.frozen.raw(images)[cfg.pool])
-        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True,
-                                           desc=f"embed {cfg.name} {images.label}"))
+        model, _, data_cfg = self._loaded
+        inputs = None if cache.is_file() else self.feed.set_inputs(model, data_cfg, images)  # every process, in order
+        return _views_mean(build_in_chunks(
+            cache, np.asarray(images.ids), lambda a, b: self.feed.set_pooled(model, data_cfg, images, inputs, a, b),
+            shard=True, desc=f"embed {self.cfg.name} {images.label}"))
 
     @property
     def pair_fn(self) -> PairFn | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kinret.data import DEFAULT_ROOT, FINAL_FIT
+from kinret.data import DEFAULT_ROOT, Fit
 from kinret.errors import KinretInputError
 
 
@@ -112,8 +112,8 @@ class TrainConfig:
 
     def run_dir(self, fold: int) -> Path:
         """``runs/{name}/fold{k}/`` for the default seed, ``fold{k}_seed{s}/`` for others, so seeds never collide;
-        the final fit (fold `FINAL_FIT`) in ``full/``."""
-        where = "full" if fold == FINAL_FIT else f"fold{fold}"
+        the final fit (`Fit.FINAL`) in ``full/``."""
+        where = "full" if Fit.of(fold) is Fit.FINAL else f"fold{fold}"
         return Path(self.out_root) / self.name / (where if self.seed == 0 else f"{where}_seed{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,8 +15,7 @@ kit's 0..1 pixels normalised by mean 0.5 and std 0.5 (`DATA_CFG`).
 Interface for the kit: `forward_features` gives the map after bn2 ((N, 512, 7, 7) at 112 px, `num_features` = 512),
 `forward_native` the network's own embedding (dropout, flatten, fc, features; `native_features` = fc's width), and
 the feature pass is a chain of units - conv1, bn1, prelu, then every block in order - so a frozen leading part can be
-cached (`unit_prefixes`, `forward_prefix`, `forward_rest`). The stem is three units because a unit is named by one
-parameter-name prefix, and conv1, bn1 and prelu share none.
+cached (`kinret.models.units.UnitChain`: `chain_units`, `forward_prefix`, `forward_rest`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from kinret.errors import KinretInputError
+from kinret.models.units import NativeEmbedding, UnitChain
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ LAYERS: dict[str, tuple[int, int, int, int]] = {  # blocks per layer, as publish
 IRESNETS: tuple[str, ...] = tuple(LAYERS)
 INFER = "iresnet"  # the name that takes the depth (and embedding width) from the weights file
 WIDTHS = (64, 128, 256, 512)  # channels of layer1..layer4
-STEM = ("conv1", "bn1", "prelu")
 EMBED_DIM = 512  # arcface_torch's default embedding_size
 INPUT_SIZE = 112
 FC_SIDE = 7  # the fc reads a 512 x 7 x 7 map: 112 px halved by each of the four layers
@@ -71,7 +70,7 @@ class IBasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class IResNet(nn.Module):
+class IResNet(UnitChain, NativeEmbedding):
     """An arcface_torch IResNet with the kit's backbone interface (see the module docstring).
 
     With freeze_bn=True (default) every BatchNorm and the dropout stay in eval mode even under `.train()`: a
@@ -111,25 +110,20 @@ class IResNet(nn.Module):
                     m.train(False)
         return self
 
-    # the feature pass as a chain of units, so a frozen leading part can run once and be cached (see train.prefix)
-    def units(self) -> list[nn.Module]:
+    def chain_units(self) -> list[nn.Module]:
         """The modules of the chain, in order: conv1, bn1, prelu, layer1.0, ..., layer4.<last>."""
         blocks = [b for i in range(1, 5) for b in self.get_submodule(f"layer{i}")]
         return [self.conv1, self.bn1, self.prelu, *blocks]
 
-    def unit_prefixes(self) -> list[str]:
-        """The parameter-name prefix of each unit of the chain, in order (conv1., bn1., prelu., layer1.0., ...)."""
-        return _unit_prefixes(self.layers)
-
     def forward_prefix(self, x: torch.Tensor, cut: int) -> torch.Tensor:
         """The first `cut` units on the kit's input (RGB, normalised by `DATA_CFG`)."""
-        for unit in self.units()[:cut]:
+        for unit in self.chain_units()[:cut]:
             x = unit(x)
         return x
 
     def forward_rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
         """The units after `cut`, then bn2: forward_rest(forward_prefix(x, k), k) == forward_features(x)."""
-        for unit in self.units()[cut:]:
+        for unit in self.chain_units()[cut:]:
             h = unit(h)
         return self.bn2(h)
 
@@ -146,19 +140,6 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_native(self.forward_features(x))
-
-
-def _unit_prefixes(layers: tuple[int, ...]) -> list[str]:
-    return [f"{s}." for s in STEM] + [f"layer{i}.{j}." for i, n in enumerate(layers, start=1) for j in range(n)]
-
-
-def iresnet_freeze(name: str, cut: int) -> tuple[str, ...]:
-    """`freeze` prefixes of the first `cut` units of IResNet `name` (conv1., bn1., prelu., layer1.0., ...), for
-    experiment files."""
-    prefixes = _unit_prefixes(_layers_of(name))
-    if not 0 <= cut <= len(prefixes):
-        raise KinretInputError(None, f"{name} has {len(prefixes)} units; cannot freeze the first {cut}")
-    return tuple(prefixes[:cut])
 
 
 def _layers_of(name: str) -> tuple[int, int, int, int]:

@@ -125,15 +125,6 @@ class Loss(nn.Module):
     def from_config(cls, cfg: TrainConfig, dim: int, n_families: int) -> Loss:
         return cls()
 
-    @classmethod
-    def check(cls, cfg: TrainConfig) -> None:
-        """Refuse a config the loss cannot train: a loss on the embedding (not the pair head) has nothing to train in
-        head-only mode without a neck."""
-        if not cls.trains_pair_head and cfg.mode == "head" and cfg.neck == "none":
-            raise KinretInputError(None, f"{cfg.name}: head-only mode with the embedding loss {cfg.loss!r} has "
-                                         "nothing to train; set neck=residual (starts as the identity) or "
-                                         "neck=linear")
-
     def epoch_batches(self, data: TrainingSet, cfg: TrainConfig, rng: np.random.Generator) -> list[Batch]:
         """An epoch's global batches, each of `cfg.batch_size` targets, drawn from `rng`."""
         raise NotImplementedError
@@ -294,7 +285,5 @@ def trains_pair_head(name: str) -> bool:
 
 
 def build_loss(cfg: TrainConfig, dim: int, n_families: int) -> Loss:
-    """The run's loss, once the config passed the loss's own checks."""
-    cls = loss_class(cfg.loss)
-    cls.check(cfg)
-    return cls.from_config(cfg, dim, n_families)
+    """The run's loss."""
+    return loss_class(cfg.loss).from_config(cfg, dim, n_families)

@@ -20,6 +20,7 @@ from torch import nn
 
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig
+from kinret.models.units import NativeEmbedding, UnitChain
 
 log = logging.getLogger(__name__)
 PairFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # a trained FC head: (K, D), (K, D) -> (K,) kin logits
@@ -42,7 +43,7 @@ POOLS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
 def pool_names(backbone: str | nn.Module) -> list[str]:
     """The poolings `kinret.features.cache.forward_pooled` reads off one feature map of `backbone` (a built module or
     a config's backbone name): avg, max, gem, and "native" for a network with its own embedding layer (SFace)."""
-    native = hasattr(backbone, "forward_native") if isinstance(backbone, nn.Module) else backbone in FACE_NETWORKS
+    native = isinstance(backbone, NativeEmbedding) if isinstance(backbone, nn.Module) else backbone in FACE_NETWORKS
     return list(POOLS) + (["native"] if native else [])
 
 # ---- pair combinations: (x, y) -> one vector per pair ---------------------------------------------------------------
@@ -139,36 +140,23 @@ FACE_NETWORKS: dict[str, Callable[[TrainConfig], tuple[nn.Module, dict]]] = {
 }
 
 
-def unit_freeze(cut: int) -> tuple[str, ...]:
-    """`freeze` prefixes of the first `cut` units of an ONNX backbone's chain (`units.0.` ...), for experiment files
-    (the bundled SFace: 27 units, cut 24 ends after conv_13_dw)."""
-    return tuple(f"units.{k}." for k in range(cut))
-
-
-def freeze_prefixes(backbone: nn.Module, cfg: TrainConfig) -> tuple[str, ...]:
-    """The parameter-name prefixes a run keeps frozen: `cfg.freeze` and the first `cfg.freeze_units` units."""
-    if not cfg.freeze_units:
-        return tuple(cfg.freeze)
-    units = backbone.unit_prefixes() if hasattr(backbone, "unit_prefixes") else []
-    if cfg.freeze_units > len(units):
-        raise KinretInputError(None, f"{cfg.name}: freeze_units={cfg.freeze_units}, but {cfg.backbone!r} has "
-                                     f"{len(units)} units in its chain")
-    return tuple(cfg.freeze) + tuple(units[:cfg.freeze_units])
-
-
-def frozen_cut(backbone: nn.Module, freeze: tuple[str, ...]) -> int:
-    """How many leading units of the backbone's chain (`unit_prefixes`) the `freeze` name prefixes freeze entirely:
-    the deepest cut whose prefix has no trained parameter. 0 for a backbone without a chain of units."""
-    if not hasattr(backbone, "unit_prefixes"):
-        return 0
-    params = dict(backbone.named_parameters())
-    cut = 0
-    for unit in backbone.unit_prefixes():
-        names = [n for n in params if n.startswith(unit)]
-        if not all(any(n.startswith(f) for f in freeze) for n in names):
-            break
-        cut += 1
-    return cut
+def freeze_backbone(backbone: nn.Module, cfg: TrainConfig) -> None:
+    """Keep out of training what a config freezes: the first `freeze_units` units of a face network's chain
+    (`UnitChain`) and the parameters named by the `freeze` prefixes (any backbone). A prefix that matches no
+    parameter is refused (a typo, not a recipe), and so are units on a backbone without a chain."""
+    if cfg.freeze_units:
+        if not isinstance(backbone, UnitChain):
+            raise KinretInputError(None, f"{cfg.name}: freeze_units needs a face network written as a chain of units "
+                                         f"({', '.join(FACE_NETWORKS)}), not {cfg.backbone!r}")
+        backbone.freeze_units(backbone.check_cut(cfg.freeze_units, f"{cfg.name}: freeze_units"))
+    names = [name for name, _ in backbone.named_parameters()]
+    unmatched = [f for f in cfg.freeze if not any(n.startswith(f) for n in names)]
+    if unmatched:
+        raise KinretInputError(None, f"{cfg.name}: freeze prefix {unmatched[0]!r} matches no parameter of the "
+                                     f"backbone {cfg.backbone!r} (its names look like {names[0]!r})")
+    for name, p in backbone.named_parameters():
+        if name.startswith(tuple(cfg.freeze)):
+            p.requires_grad_(False)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -262,7 +250,7 @@ def build_backbone(cfg: TrainConfig) -> tuple[nn.Module, dict]:
         data = dict(timm.data.resolve_model_data_config(model))
     if cfg.input_size:
         data["input_size"] = (3, cfg.input_size, cfg.input_size)
-    if cfg.pool == "native" and not hasattr(model, "forward_native"):
+    if cfg.pool == "native" and not isinstance(model, NativeEmbedding):
         raise KinretInputError(None, f"pool 'native' needs a face network with its own embedding layer "
                                      f"({', '.join(FACE_NETWORKS)}), not {cfg.backbone!r}")
     return model, data
@@ -313,6 +301,13 @@ class KinNet(nn.Module):
 
     def pair_logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.head(a, b)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Every BatchNorm of `model` back in eval mode (after `.train()`): it keeps its pretrained running statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def pooled_dim(backbone: nn.Module, pool: str) -> int:

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from kinret.errors import KinretInputError
-from kinret.models.sface import dequantize_linear
 
 CV2, ORT = "cv2", "onnxruntime"  # the engines that run a serialised graph
 ENGINES = (CV2, ORT)
@@ -128,6 +127,35 @@ def inspect_graph(model: Any, label: str | Path, size: int | None = None, output
 
 
 # ---- constant folding -----------------------------------------------------------------------------------------------
+def dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, axis: int = 1,
+                      block_size: int = 0) -> np.ndarray:
+    """ONNX DequantizeLinear (opset 21): y = (x - zero_point) * scale, per tensor, per axis or per block.
+
+    Blocked form: scale/zero_point have x's rank with ceil(D/block_size) entries along `axis`; element i on that
+    axis uses entry i // block_size (the last block may be short). Returns the scale's dtype (float32 here).
+    """
+    axis = axis % max(x.ndim, 1)
+    scale = np.asarray(scale)
+    zp = np.zeros_like(scale, dtype=np.int64) if zero_point is None else np.asarray(zero_point)
+    if zp.shape != scale.shape:
+        raise ValueError(f"zero_point shape {zp.shape} != scale shape {scale.shape}")
+    if block_size > 0:
+        n_blocks = -(-x.shape[axis] // block_size)
+        expected = x.shape[:axis] + (n_blocks,) + x.shape[axis + 1:]
+        if scale.shape != expected:
+            raise ValueError(f"blocked scale shape {scale.shape} != {expected} for x {x.shape}, block {block_size}")
+        take = np.arange(x.shape[axis]) // block_size
+        scale, zp = np.take(scale, take, axis=axis), np.take(zp, take, axis=axis)
+    elif scale.ndim == 1 and scale.size != 1:
+        if scale.shape[0] != x.shape[axis]:
+            raise ValueError(f"per-axis scale shape {scale.shape} does not match x {x.shape} on axis {axis}")
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    diff = x.astype(np.int64) - zp.astype(np.int64)  # exact for every integer type DequantizeLinear accepts
+    return (diff.astype(scale.dtype) * scale).astype(scale.dtype)
+
+
 def _fold_dequantize(args: list, a: dict) -> np.ndarray:
     x, scale, zp = (args + [None] * 3)[:3]
     y = dequantize_linear(x, scale, zp, axis=a.get("axis", 1), block_size=a.get("block_size", 0))

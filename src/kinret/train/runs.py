@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kinret.data import Fit
 from kinret.data.layout import DataLayout
 from kinret.data.pixels import content_hashes
 from kinret.errors import KinretInputError
@@ -44,7 +45,7 @@ def data_fingerprint(cfg: TrainConfig, fold: int) -> dict | None:
     layout = DataLayout.of(root) if root.is_dir() else None
     if layout is None or layout.train is None:
         return None
-    families, names = layout.training_files(with_val=fold < 0)
+    families, names = layout.training_files(with_val=Fit.of(fold).reads_val)
     prefix = f"{root}{os.sep}"
     hashes = content_hashes([prefix + n for n in names])
     return {"families": sorted(families), "files": dict(zip(names, hashes, strict=True))}
@@ -78,7 +79,7 @@ def data_change(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -
     """Why the run folder's recorded training data is not the data now ('' when it is, or cannot be checked).
     `fingerprints` shares the data's fingerprint between the runs of one status sweep."""
     memo = {} if fingerprints is None else fingerprints
-    key = (str(Path(cfg.data_root).resolve()), fold < 0)
+    key = (str(Path(cfg.data_root).resolve()), Fit.of(fold).reads_val)
     if key not in memo:
         memo[key] = data_fingerprint(cfg, fold)
     now = memo[key]
