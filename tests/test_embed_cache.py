@@ -1,5 +1,6 @@
-"""The embedding caches: chunks saved as they finish (a killed run recomputes only the rest), keys that change with
-the images and the weights, the mirror image as the second view, and every pooling from one pass."""
+"""The embedding caches and the frozen pass: chunks saved as they finish (a killed run recomputes only the rest), keys
+that change with the images and the weights, the mirror image as the second view, every pooling and unit cut from one
+pass, outputs added to a pass's folder later, and a damaged output rebuilt."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import timm
 import torch
 from conftest import write_image
 
-from kinret.features.cache import FrozenFeatures, build_in_chunks, forward_pooled, read_cache
+from kinret.data.pixels import decode_pixels
+from kinret.features.cache import build_in_chunks, read_cache
+from kinret.features.frozen import Cut, FrozenPass, forward_pooled
+from kinret.models.iresnet import IResNet
 from kinret.models.networks import POOLS, ResidualNeck, state_digest
 
 
@@ -74,8 +78,8 @@ def test_feature_cache_is_keyed_by_images_and_weights(backbone, tmp_path):
         return decode_pixels(paths, 32, None)
 
     def feats(model):
-        return FrozenFeatures(model, state_digest(model), DATA, "t", torch.device("cpu"), channels_last=False).cached(
-            paths, pixels, tmp_path / "cache")
+        return FrozenPass(model, state_digest(model), DATA, "t", torch.device("cpu"), channels_last=False).outputs(
+            paths, tmp_path / "cache", pixels=pixels)
 
     first = feats(backbone)
     assert feats(backbone)["avg"].tobytes() == first["avg"].tobytes() and len(calls) == 1  # served from the cache
@@ -85,4 +89,44 @@ def test_feature_cache_is_keyed_by_images_and_weights(backbone, tmp_path):
     with torch.no_grad():
         next(backbone.parameters()).add_(0.1)  # other weights
     feats(backbone)
-    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("frozen_t_*"))) == 3
+
+
+def _faces(tmp_path, n):
+    return [write_image(tmp_path / "img" / f"{i}.png", i, size=112) for i in range(n)]
+
+
+def test_a_cut_is_one_more_output_of_the_pass_added_later_and_resumed_after_a_kill(tmp_path, monkeypatch, caplog):
+    torch.manual_seed(0)
+    net = IResNet((1, 1, 1, 1)).eval()
+    data = {"input_size": (3, 112, 112), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    paths = _faces(tmp_path, 5)
+    frozen = FrozenPass(net, state_digest(net), data, "ir", torch.device("cpu"), batch=2, chunk=2)
+    first = frozen.outputs(paths, tmp_path / "cache")  # poolings only
+    folder = frozen.folder(paths, tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["avg.npy", "gem.npy", "ids.npy", "max.npy", "native.npy"]
+    calls = []
+    real = FrozenPass._compute
+
+    def killed(self, *args):
+        calls.append(args[1])
+        if len(calls) == 2 and kill:
+            raise KeyboardInterrupt  # killed while computing the second chunk
+        return real(self, *args)
+
+    monkeypatch.setattr(FrozenPass, "_compute", killed)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        frozen.outputs(paths, tmp_path / "cache", cuts=[Cut(4, "float32")])
+    kill, calls = False, []
+    out = frozen.outputs(paths, tmp_path / "cache", cuts=[Cut(4, "float32")])
+    assert calls == [2, 4]  # the saved first chunk is read, not recomputed
+    assert out["avg"].tobytes() == first["avg"].tobytes() and out["cut4-float32"].shape == (2, 5, 64, 56, 56)
+    with torch.no_grad():
+        x = torch.from_numpy(decode_pixels(paths, 112, None)).permute(0, 3, 1, 2).float() / 255
+        want = net.forward_prefix((x - 0.5) / 0.5, 4).numpy()
+    assert np.allclose(out["cut4-float32"][0], want, atol=1e-5)
+    (folder / "avg.npy").write_bytes(b"not an array")  # damaged: rebuilt with a warning naming it
+    with caplog.at_level("WARNING"):
+        again = frozen.outputs(paths, tmp_path / "cache", cuts=[Cut(4, "float32")])
+    assert "avg.npy is damaged" in caplog.text and again["avg"].tobytes() == first["avg"].tobytes()

@@ -15,11 +15,10 @@ import torch
 
 from kinret.data.pixels import decode_pixels, normalize, to_float
 from kinret.data.synth import SynthConfig, generate
-from kinret.features.cache import FrozenFeatures
+from kinret.features.feeds import CachedPrefix, load_model
+from kinret.features.frozen import FrozenPass
 from kinret.features.graph_runtime import GraphRuntime
-from kinret.features.prefix import Prefix, prefix_cut
 from kinret.features.sources import CheckpointSource, ImageSet
-from kinret.models.checkpoint import load_model
 from kinret.models.config import TrainConfig
 from kinret.models.networks import build_backbone, state_digest
 from kinret.submission import make as submit
@@ -54,15 +53,16 @@ def kit_input(paths, data_cfg) -> torch.Tensor:
 def test_the_feature_pass_writes_the_prefix_and_it_matches_the_torch_prefix(faces112, tmp_path):
     backbone, data_cfg = build_backbone(replace(TrainConfig(), backbone="sface"))
     cfg = recipe(faces112, tmp_path)
-    prefix = Prefix.of(cfg, backbone, prefix_cut(cfg, backbone), data_cfg, CPU)
+    (cut,) = CachedPrefix.cuts(cfg)
     paths = sorted((faces112 / "train").rglob("*.jpg"))[:20]
-    feats = FrozenFeatures.of(cfg, backbone, state_digest(backbone), data_cfg, CPU, prefix)
-    feats.cached(paths, lambda: decode_pixels(paths, 112, None), tmp_path)
-    stored = prefix.table(paths, tmp_path)  # the file the pass wrote: nothing computed again
+    frozen = FrozenPass.of(cfg, backbone, state_digest(backbone), data_cfg, CPU)
+    assert frozen.engine == "graph"
+    stored = frozen.outputs(paths, tmp_path, [cut])[cut.name]  # one graph pass: every pooling and the cut
     assert stored.shape == (1, len(paths), 512, 7, 7) and stored.dtype == np.float16
-    assert len(list(tmp_path.glob("prefix_*[0-9a-f].npy"))) == 1
+    assert sorted(p.name for p in frozen.folder(paths, tmp_path).iterdir()) == [
+        "avg.npy", "cut24-float16.npy", "gem.npy", "ids.npy", "max.npy", "native.npy"]
     with torch.no_grad():
-        want = backbone.forward_prefix(kit_input(paths, data_cfg), prefix.cut).numpy()
+        want = backbone.forward_prefix(kit_input(paths, data_cfg), cut.units).numpy()
     cos = cosine(stored[0], want)
     print(f"\ngraph-pass prefix vs torch prefix over {len(paths)} images: cosine min {cos.min():.6f}")
     assert cos.min() >= 0.999

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from kinret.errors import KinretInputError
-from kinret.features.prefix import Prefix
+from kinret.features.augment import augment, grey_images
+from kinret.features.frozen import FrozenPass
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import CosFaceFamilyLoss, family_means, random_batches
-from kinret.models.networks import build_backbone, freeze_prefixes, frozen_cut, unit_freeze
+from kinret.models.networks import build_backbone, freeze_backbone
 from kinret.train.experiments import load_experiment
-from kinret.features.augment import augment, grey_images
 from kinret.train.trainer import Trainer
 
 
@@ -74,18 +74,22 @@ def test_bad_recipe_fields_are_refused(item):
 
 def test_sface_prefix_and_rest_compose_to_the_whole_network():
     net, _ = build_backbone(replace(TrainConfig(), backbone="sface"))
-    assert len(net.unit_prefixes()) == 27
+    assert net.n_units == 27
     x = torch.rand(2, 3, 112, 112) * 255
     with torch.no_grad():
         whole = net.forward_features(x)
         for cut in (0, 1, 12, 27):
             assert torch.allclose(net.forward_rest(net.forward_prefix(x, cut), cut), whole, atol=1e-5)
-    assert frozen_cut(net, unit_freeze(12)) == 12
-    assert frozen_cut(net, unit_freeze(12)[1:]) == 0  # the first unit trained: nothing before it to cache
-    assert frozen_cut(net, ("units.",)) == 27
-    assert freeze_prefixes(net, replace(TrainConfig(), freeze_units=12)) == unit_freeze(12)
-    with pytest.raises(KinretInputError, match="28.*27 units"):
-        freeze_prefixes(net, replace(TrainConfig(), freeze_units=28))
+    freeze_backbone(net, replace(TrainConfig(), backbone="sface", freeze_units=12, freeze=("head.",)))
+    frozen = {n.split(".")[0] + "." + n.split(".")[1] for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {f"units.{k}" for k in range(12)} | {n for n in frozen if n.startswith("head.")}
+    assert all(not p.requires_grad for n, p in net.named_parameters() if n.startswith("head."))
+    assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith(("units.12.", "units.26.")))
+    with pytest.raises(KinretInputError, match="cannot cut after 28 units; its chain has 27"):
+        freeze_backbone(net, replace(TrainConfig(), backbone="sface", freeze_units=28))
+    timm_net, _ = build_backbone(replace(TrainConfig(), backbone="test_resnet", input_size=32))
+    with pytest.raises(KinretInputError, match="freeze_units needs a face network"):
+        freeze_backbone(timm_net, replace(TrainConfig(), backbone="test_resnet", freeze_units=2))
 
 
 # ---- the trainer -----------------------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def test_class_weights_start_at_family_means_with_their_own_lr(tmp_path, tiny_da
         cfg = replace(load_experiment("tiny")[0], data_root=str(tiny_data), out_root=str(tmp_path), mode=mode,
                       neck=neck, loss="cosface", class_init="means", lr=1e-4, classifier_lr=1e-3, epochs=1)
         t = Trainer(cfg, fold=0)
-        feats = t.frozen.numpy()  # (2, N, D): image and mirror, from the shared frozen-feature cache
+        feats = t.feed.frozen.numpy()  # (2, N, D): image and mirror, from the shared frozen pass
         rows = t.train_rows
         labels = np.array([t.label_of[f] for f in t.table.family[rows]])
         expected = naive_family_means(np.concatenate([feats[0, rows], feats[1, rows]]), np.tile(labels, 2),
@@ -160,7 +164,8 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
     cfg = recipe(face_data, tmp_path, prefix_dtype="float32", grey_p=0.5, class_init="random", flip_views=True,
                  flip_p=0.5)
     cached, full = Trainer(cfg, fold=0), Trainer(replace(cfg, cache_prefix=False), fold=0)
-    assert cached.cut == 24 and cached.prefix.shape[:2] == (4, len(cached.table))  # image, mirror and their grey
+    prefix = cached.feed.prefix  # image, mirror and their greyscale copies
+    assert cached.feed.cut == 24 and len(prefix) == 4 and prefix[0].shape == (len(cached.table), 512, 7, 7)
     for i, (rows, target) in enumerate(cached.epoch_batches(0)[:2]):
         losses, grads = [], []
         for t in (cached, full):
@@ -180,10 +185,11 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
     def forbidden(*args, **kwargs):
         raise AssertionError("the prefix was recomputed although cached")
 
-    monkeypatch.setattr(Prefix, "compute", forbidden)
-    again = Trainer(cfg, fold=1)  # another fold of the same images: the same cache file
-    assert np.array_equal(np.asarray(again.prefix[:, :3]), np.asarray(cached.prefix[:, :3]))
-    assert len(list((tmp_path / "_cache").glob("prefix_*[0-9a-f].npy"))) == 1
+    monkeypatch.setattr(FrozenPass, "_compute", forbidden)
+    again = Trainer(cfg, fold=1)  # another fold of the same images: the same frozen pass
+    assert all(np.array_equal(np.asarray(a[:3]), np.asarray(b[:3])) for a, b in zip(again.feed.prefix, prefix,
+                                                                                    strict=True))
+    assert len(list((tmp_path / "_cache").glob("frozen_*"))) == 1
     with pytest.raises(KinretInputError, match="prefix_cache_gb"):
         Trainer(replace(cfg, prefix_cache_gb=0.001, name="big"), fold=0)
     with pytest.raises(KinretInputError, match="only flip and greyscale"):
@@ -194,11 +200,13 @@ def test_cached_prefix_gives_the_full_models_loss_and_gradients(tmp_path, face_d
 
 def test_float16_prefix_stays_close(tmp_path, face_data):
     t = Trainer(recipe(face_data, tmp_path, class_init="random"), fold=0)
-    assert t.prefix.dtype == np.float16 and t.prefix.shape[0] == 1 and t.pixels is None  # one view, no pixels
-    x = torch.from_numpy(np.asarray(t.prefix[0, :8], dtype=np.float32))
+    prefix, cut = t.feed.prefix, t.feed.cut
+    assert t.feed.name == "prefix" and len(prefix) == 1 and prefix[0].dtype == np.float16  # one view, no pixels
+    assert t.feed.frozen is None  # class weights not from the means: the starting features are not read
+    x = torch.from_numpy(np.asarray(prefix[0][:8], dtype=np.float32))
     with torch.no_grad():
-        exact = t.model.backbone.forward_prefix(_pixels(t, np.arange(8)), t.cut)
-        emb_cached, emb_exact = t.model.embed_rest(x, t.cut), t.model.embed_rest(exact, t.cut)
+        exact = t.model.backbone.forward_prefix(_pixels(t, np.arange(8)), cut)
+        emb_cached, emb_exact = t.model.embed_rest(x, cut), t.model.embed_rest(exact, cut)
     assert torch.allclose(x, exact, rtol=2e-3, atol=2e-3)
     assert F.cosine_similarity(emb_cached, emb_exact).min() > 0.999
 

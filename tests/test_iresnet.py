@@ -16,9 +16,7 @@ from kinret.models.iresnet import (
     IResNet,
     blocks_per_layer,
     build_iresnet,
-    iresnet_freeze,
 )
-from kinret.models.networks import frozen_cut
 
 PUBLISHED = {"iresnet18": [2, 2, 2, 2], "iresnet34": [3, 4, 6, 3], "iresnet50": [3, 4, 14, 3],
              "iresnet100": [3, 13, 30, 3], "iresnet200": [6, 26, 60, 6]}
@@ -102,7 +100,7 @@ def test_published_block_counts_and_names():
             net = IResNet(LAYERS[name])
         assert [len(net.get_submodule(f"layer{i}")) for i in range(1, 5)] == layers, name
         assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == insightface_shapes(layers), name
-        assert len(net.unit_prefixes()) == 3 + sum(layers)
+        assert net.n_units == 3 + sum(layers)
     norms = [m for m in IResNet(LAYERS["iresnet18"]).modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     assert len(norms) == 3 + 3 * 8 + 4 and {m.eps for m in norms} == {1e-5}
 
@@ -145,24 +143,25 @@ def test_unit_chain_composes_to_the_feature_map(saved):
     with torch.no_grad():
         whole = net.forward_features(x)
         assert torch.equal(net.forward_features(x), whole)  # deterministic on the CPU
-        for cut in range(len(net.unit_prefixes()) + 1):
+        for cut in range(net.n_units + 1):
             h = net.forward_prefix(x, cut)
             if cut in shapes:
                 assert tuple(h.shape[1:]) == shapes[cut], cut
             assert torch.allclose(net.forward_rest(h, cut), whole, atol=1e-5), cut
         cl = net.to(memory_format=torch.channels_last).forward_features(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(cl, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
-    assert net.unit_prefixes()[:5] == ["conv1.", "bn1.", "prelu.", "layer1.0.", "layer1.1."]
-    names = [n for n, _ in net.named_parameters()]
-    for prefix in net.unit_prefixes():  # every parameter before bn2 sits in exactly one unit
-        assert any(n.startswith(prefix) for n in names)
-    assert sum(any(n.startswith(p) for p in net.unit_prefixes()) for n in names) == len(
-        [n for n in names if not n.startswith(("bn2.", "fc.", "features."))])
-    assert frozen_cut(net, iresnet_freeze("iresnet18", 6)) == 6
-    assert frozen_cut(net, ("conv1.", "bn1.", "prelu.", "layer1.", "layer2.")) == 7
-    assert frozen_cut(net, ("conv1.", "layer1.")) == 1  # bn1 trained: the cut stops before it
-    with pytest.raises(KinretInputError, match="11 units"):
-        iresnet_freeze("iresnet18", 12)
+    units = net.chain_units()
+    assert units[:5] == [net.conv1, net.bn1, net.prelu, net.layer1[0], net.layer1[1]]
+    in_units = {id(p) for u in units for p in u.parameters()}  # every parameter before bn2 sits in exactly one unit
+    assert sum(len(list(u.parameters())) for u in units) == len(in_units)
+    names = [n for n, p in net.named_parameters() if id(p) in in_units]
+    assert names == [n for n, _ in net.named_parameters() if not n.startswith(("bn2.", "fc.", "features."))]
+    net.freeze_units(6)  # conv1, bn1, prelu and the first three blocks
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert frozen == [n for n in names if n.startswith(("conv1.", "bn1.", "prelu.", "layer1.", "layer2.0."))] + [
+        "features.weight"]  # insightface fixes features.weight at 1
+    with pytest.raises(KinretInputError, match="its chain has 11"):
+        net.freeze_units(12)
 
 
 @pytest.mark.parametrize("freeze_bn", [True, False])

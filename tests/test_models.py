@@ -91,14 +91,18 @@ def test_every_loss_trains_through_the_model():
 
 
 def test_a_loss_on_the_embedding_refuses_a_head_only_run_without_a_neck():
+    from kinret.features.feeds import CachedFeatures, feed_class
+
     head_only = ["mode=head", "neck=none"]
     for name in LOSSES:
         cfg = apply_overrides(TrainConfig(), [f"loss={name}", *head_only])
+        assert feed_class(cfg) is CachedFeatures
         if trains_pair_head(name):
-            build_loss(cfg, 4, 2)
+            CachedFeatures.check(cfg, torch.nn.Identity())
         else:
             with pytest.raises(KinretInputError, match="nothing to train"):
-                build_loss(cfg, 4, 2)
+                CachedFeatures.check(cfg, torch.nn.Identity())
+        CachedFeatures.check(apply_overrides(cfg, ["neck=residual"]), torch.nn.Identity())
     assert trains_pair_head("bce") and not trains_pair_head("cosface")
 
 

@@ -5,6 +5,7 @@ frozen BN, trains, and its written-back weights run in cv2; wrong files are refu
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from kinret.data.pixels import normalize, to_float
 from kinret.data.synth_faces import make_family, render_face
 from kinret.errors import KinretInputError
 from kinret.features.graph_runtime import GraphRuntime, cut_key, graph_pooled, pool_map
-from kinret.models.networks import POOLS, frozen_cut
+from kinret.models.networks import POOLS
 from kinret.models.onnx_graph import fold_constants, read_graph, with_outputs
 from kinret.models.onnx_net import CONVENTIONS, OnnxBackbone, build_onnx_backbone
 from kinret.models.sface import sface_onnx_path
@@ -249,7 +250,7 @@ def test_tiny_runtime_gives_the_torch_features(tiny, engine):
     assert got[cut_key(2)].shape == (2, 5, 8, 16, 16)
 
 
-def test_tiny_chain_identity_at_every_cut_and_freeze_names(tiny):
+def test_tiny_chain_identity_at_every_cut_and_freezing_units(tiny):
     backbone, _ = build_onnx_backbone(tiny[1], "insightface")
     x = tiny_input(3)
     with torch.no_grad():
@@ -257,7 +258,13 @@ def test_tiny_chain_identity_at_every_cut_and_freeze_names(tiny):
         for k in range(len(backbone.units) + 1):
             h = backbone.forward_prefix(x, k)
             np.testing.assert_array_equal(backbone.forward_rest(h, k).numpy(), full.numpy(), err_msg=f"cut {k}")
-            assert frozen_cut(backbone, backbone.freeze_prefixes(k)) == k
+            net = copy.deepcopy(backbone)
+            net.freeze_units(k)
+            frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+            assert frozen == {n for n, _ in net.named_parameters() if n.startswith(tuple(f"units.{u}." for u in
+                                                                                           range(k)))}, k
+    with pytest.raises(KinretInputError, match=f"its chain has {backbone.n_units}"):
+        backbone.freeze_units(backbone.n_units + 1)
     names = [n for n, _ in backbone.named_parameters()]
     assert all(n.startswith(("units.", "head.")) for n in names)
     assert any(n.startswith("head.") for n in names)  # the Gemm and the last BatchNorm sit after the feature map

@@ -15,7 +15,7 @@ from conftest import make_fiw, write_image
 from kinret.data import pixels
 from kinret.data.fiw import read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, file_list_digest
-from kinret.features.cache import FrozenFeatures
+from kinret.features.frozen import FrozenPass
 from kinret.features.sources import ImageSet
 
 
@@ -53,7 +53,7 @@ def test_feature_and_source_keys_follow_the_content(faces):
     data_cfg = {"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.25,) * 3}
     paths = faces.paths
     def feature_key() -> str:
-        return FrozenFeatures(torch.nn.Identity(), "w" * 16, data_cfg, "t", runtime="torch-fp32").key(
+        return FrozenPass(torch.nn.Identity(), "w" * 16, data_cfg, "t", runtime="torch-fp32").key(
             file_list_digest(paths))
 
     before = (file_list_digest(paths), feature_key(),

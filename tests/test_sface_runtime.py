@@ -15,9 +15,9 @@ from conftest import write_experiment
 
 from kinret.data.pixels import decode_pixels
 from kinret.data.synth_faces import make_family, render_face
-from kinret.features import cache as feature_cache
+from kinret.features import frozen
 from kinret.features import runtime as rt
-from kinret.features.cache import FrozenFeatures
+from kinret.features.frozen import FrozenPass
 from kinret.features.graph_runtime import GraphRuntime, graph_pooled, pool_map
 from kinret.features.sources import BackboneSource, ImageSet
 from kinret.models.config import TrainConfig
@@ -50,8 +50,8 @@ def sface() -> tuple[OnnxBackbone, dict, str]:
 
 def features(sface, paths, cache_dir, **kw) -> dict[str, np.ndarray]:
     backbone, data_cfg, digest = sface
-    return FrozenFeatures(backbone, digest, data_cfg, "t", CPU, **kw).cached(
-        paths, lambda: decode_pixels(paths, 112, None), cache_dir)
+    return FrozenPass(backbone, digest, data_cfg, "t", CPU, **kw).outputs(
+        paths, cache_dir, pixels=lambda: decode_pixels(paths, 112, None))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,23 +69,23 @@ def test_shipped_sface_runs_on_its_graph_and_agrees_with_torch_everywhere(sface,
         assert fast[k].dtype == np.float32 and fast[k].shape == ref[k].shape
         assert (cosine(fast[k], ref[k]) >= 0.999).all(), k  # every image and view
         assert np.allclose(fast[k], ref[k], atol=1e-4), k
-    assert len(list(tmp_path.glob("features_t_*.npz"))) == 2  # one cache per runtime
+    assert len(list(tmp_path.glob("frozen_t_*"))) == 2  # one pass per runtime
 
 
 def test_the_runtime_and_the_views_are_in_the_key(sface, faces, tmp_path, monkeypatch):
     _, data_cfg, digest = sface
     backbone = sface[0]
-    keys = {FrozenFeatures(backbone, digest, data_cfg, "t", CPU, runtime=r, flip=v == 2).key("files")
+    keys = {FrozenPass(backbone, digest, data_cfg, "t", CPU, runtime=r, flip=v == 2).key("files")
             for r in (rt.GRAPH, rt.TORCH_FP32) for v in (1, 2)}
     assert len(keys) == 4
     ref = features(sface, faces, tmp_path, runtime=rt.TORCH_FP32)
-    (torch_cache,) = tmp_path.glob("features_t_*.npz")
-    with np.load(torch_cache) as z:  # poison the torch cache: the cv2 path must not read it
-        poisoned = {k: np.zeros_like(z[k]) if k != "ids" else z[k] for k in z.files}
-    np.savez(torch_cache, **poisoned)
+    (torch_pass,) = tmp_path.glob("frozen_t_*")
+    for output in torch_pass.glob("*.npy"):  # poison the torch pass: the cv2 path must not read it
+        if output.name != "ids.npy":
+            np.save(output, np.zeros_like(np.load(output)))
     fast = features(sface, faces, tmp_path)
     assert (cosine(fast["native"], ref["native"]) >= 0.999).all()
-    monkeypatch.setattr(feature_cache, "graph_pooled", lambda *a, **k: pytest.fail("graph cache not reused"))
+    monkeypatch.setattr(frozen, "graph_pooled", lambda *a, **k: pytest.fail("graph cache not reused"))
     assert np.array_equal(features(sface, faces, tmp_path)["avg"], fast["avg"])  # read back, not recomputed
 
 
@@ -96,7 +96,7 @@ def test_one_view_without_flip(sface, faces, tmp_path):
     for k in both:
         assert np.allclose(one[k][0], both[k][0], atol=1e-5), k  # the image's view is the same numbers
         assert not np.allclose(one[k][0], both[k][1], atol=1e-3), k  # and not the mirror's
-    assert len(list(tmp_path.glob("features_t_*.npz"))) == 2
+    assert len(list(tmp_path.glob("frozen_t_*"))) == 2
 
 
 def test_a_fine_tuned_sface_runs_its_own_weights_in_the_graph_and_gpus_and_timm_keep_torch(sface, faces, tmp_path):
@@ -175,6 +175,5 @@ def test_one_view_through_the_sources_and_the_head_only_trainer(tmp_path, tiny_d
     out = tmp_path / "runs"
     assert train.main(["-C", str(exp), "--quiet", "--set", f"data_root={tiny_data}", "--set",
                        f"out_root={out}"]) == 0  # flip augmentation draws view 1: it must not index past view 0
-    (cache,) = (out / "_cache").glob("features_*.npz")
-    with np.load(cache) as z:
-        assert z["pool_gem"].shape[0] == 1
+    (folder,) = (out / "_cache").glob("frozen_*")
+    assert np.load(folder / "gem.npy").shape[0] == 1

@@ -16,7 +16,7 @@ import torch
 from conftest import write_experiment
 
 from kinret.errors import KinretInputError
-from kinret.features import cache as embed
+from kinret.features import frozen
 from kinret.train import cli as train
 from kinret.train import grid
 from kinret.train.experiments import experiment_runs
@@ -130,15 +130,14 @@ def test_head_only_features_are_computed_once(tmp_path, tiny_data, monkeypatch):
     out = tmp_path / "runs"
     exp = write_experiment(tmp_path / "head.py", mode="head", pool="gem")
     assert run(exp, tiny_data, out) == 0
-    caches = list((out / "_cache").glob("features_*.npz"))
-    assert len(caches) == 1
-    with __import__("numpy").load(caches[0]) as z:
-        assert {"ids", "pool_avg", "pool_max", "pool_gem"} <= set(z.files) and z["pool_gem"].shape[0] == 2
+    (folder,) = (out / "_cache").glob("frozen_*")
+    assert {"ids.npy", "avg.npy", "max.npy", "gem.npy"} <= {p.name for p in folder.iterdir()}
+    assert __import__("numpy").load(folder / "gem.npy").shape[0] == 2
 
     def forbidden(*args, **kwargs):
         raise AssertionError("features recomputed although cached")
 
-    monkeypatch.setattr(embed, "forward_pooled", forbidden)
+    monkeypatch.setattr(frozen, "forward_pooled", forbidden)
     for loss, neck in (("focal", "none"), ("supcon", "residual")):  # other losses/folds reuse the same features
         assert run(exp, tiny_data, out, "--set", f"name=h_{loss}", "--set", f"loss={loss}", "--set",
                    f"neck={neck}", "--fold", "1") == 0
@@ -183,7 +182,7 @@ def test_grid_by_default_trains_heads_in_workers_and_networks_here(tmp_path, tin
     monkeypatch.setattr(grid, "train_in_process", spy)  # this process only: the workers import their own
     assert grid.train_grid(runs, None, quiet=True) == {0: 0, 1: 0, 2: 0}
     assert here == [("e", 0, os.cpu_count())]  # the network here with every core; both heads in the workers
-    assert len(list((out / "_cache").glob("features_*.npz"))) == 1  # built once, before the workers started
+    assert len(list((out / "_cache").glob("frozen_*"))) == 1  # built once, before the workers started
     assert all(json.loads((r.run_dir / "state.json").read_text())["finished"] for r in runs)
 
 
@@ -194,14 +193,17 @@ def test_large_end_to_end_runs_train_the_odd_one_here_then_the_rest_in_workers(t
     seen = grid.epoch_images(e2e[0])
     assert seen > 0 and seen % 2 == 0  # the fold's training images, twice (two epochs)
     workers = grid.default_jobs()
-    assert grid.schedule(e2e, None) == [([0, 1, 2], 1)]  # small: one at a time here
+    def slots(runs, jobs):
+        return [(s.positions, s.processes) for s in grid.schedule(runs, jobs)]
+
+    assert slots(e2e, None) == [([0, 1, 2], 1)]  # small: one at a time here
     monkeypatch.setattr(grid, "LARGE_RUN_IMAGES", seen)
     if workers < 2:
         pytest.skip("one core: every run trains here")
-    assert grid.schedule(e2e, None) == [([0], 1), ([1, 2], 2)]
-    assert grid.schedule(e2e[:2], None) == [([0, 1], 2)]
-    assert grid.schedule(heads + e2e, None) == [([0, 1], 2), ([2], 1), ([3, 4], 2)]
-    assert grid.schedule(e2e, 3) == [([0, 1, 2], 3)]
+    assert slots(e2e, None) == [([0], 1), ([1, 2], 2)]
+    assert slots(e2e[:2], None) == [([0, 1], 2)]
+    assert slots(heads + e2e, None) == [([0, 1], 2), ([2], 1), ([3, 4], 2)]
+    assert slots(e2e, 3) == [([0, 1, 2], 3)]
     cores = os.cpu_count()
     assert grid.plan_text(e2e, None) == f"1 alone with {cores} core(s), then 2 at a time"
     assert grid.plan_text(heads + e2e, None) == (f"head-only 2 at a time, end to end 1 alone with {cores} core(s), "
@@ -214,7 +216,7 @@ def test_large_end_to_end_runs_train_the_odd_one_here_then_the_rest_in_workers(t
 
 
 def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
-    from kinret.models.checkpoint import load_model
+    from kinret.features.feeds import load_model
 
     out = tmp_path / "runs"
     for name, extra in (("e", []), ("h", ["--set", "mode=head", "--set", "neck=residual"])):

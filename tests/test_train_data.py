@@ -11,10 +11,10 @@ from conftest import write_image
 
 from kinret.data.fiw import read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, gather
+from kinret.features.augment import augment
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import LOSSES, TrainingSet, build_loss, family_batches, random_batches, sample_pairs
 from kinret.models.networks import KinNet
-from kinret.features.augment import augment
 from kinret.train.trainer import Objective, lr_factor
 
 

@@ -191,7 +191,7 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
         assert f"| {variant} |" in table
     assert "small_heads/bce:fc-mean" not in table  # FC over all pairs only on request
     assert "sface:dba10-gem" not in table  # re-scoring on the main embedding only
-    assert len(list((tmp_path / "runs" / "_cache").glob("features_sface_*.npz"))) == 3  # train, val, test: once
+    assert len(list((tmp_path / "runs" / "_cache").glob("frozen_sface_*"))) == 3  # train, val, test: once
 
 
 def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_path, capsys, monkeypatch):

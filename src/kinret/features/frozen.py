@@ -33,7 +33,7 @@ from kinret.data.pixels import decode_pixels, file_list_digest, normalize, to_fl
 from kinret.dist import dist_rank_world
 from kinret.errors import KinretInputError
 from kinret.features.augment import LUMA
-from kinret.features.cache import chunk_bounds
+from kinret.features.cache import CHUNK, chunk_bounds
 from kinret.features.graph_runtime import cut_key, graph_pooled
 from kinret.features.runtime import GRAPH, GRAPH_BATCH, RUNTIMES, default_threads, frozen_runtime, graph_runtime
 from kinret.io import atomic_path
@@ -175,6 +175,7 @@ class FrozenPass:
     flip: bool = True
     threads: int = 0
     runtime: str = ""
+    chunk: int = CHUNK  # images per saved chunk while a pass runs
 
     @classmethod
     def of(cls, cfg: TrainConfig, backbone: nn.Module, digest: str, data_cfg: dict, device: torch.device
@@ -296,7 +297,7 @@ class FrozenPass:
             return source[0][start:stop]
 
         parts = folder / ("parts-" + hashlib.sha256("|".join(sorted(names)).encode()).hexdigest()[:8])
-        bounds = chunk_bounds(len(ids))
+        bounds = chunk_bounds(len(ids), self.chunk)
         mine = [i for i in range(len(bounds)) if i % world == rank]
         for i in progress(mine, desc=f"features {self.label} ({len(ids):,} images)", unit="chunk"):
             start, stop = bounds[i]

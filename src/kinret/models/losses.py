@@ -194,7 +194,8 @@ class BCEPairLoss(PairLoss):
 
 
 class FocalPairLoss(PairLoss):
-    """Sigmoid focal loss: alpha_t (1 - p_t)^gamma BCE, which down-weights the easy pairs (Lin et al. 2017)."""
+    """Sigmoid focal loss: alpha_t (1 - p_t)^gamma BCE, which down-weights the easy pairs (Lin et al. 2017), as
+    torchvision computes it (`torchvision.ops.sigmoid_focal_loss`; a negative alpha: no class weighting)."""
 
     def __init__(self, gamma: float = 2.0, alpha: float = 0.25):
         super().__init__()
@@ -205,11 +206,9 @@ class FocalPairLoss(PairLoss):
         return cls(cfg.focal_gamma, cfg.focal_alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        t = target.float()
-        bce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
-        p_t = torch.exp(-bce)  # the probability given to the true class
-        alpha_t = self.alpha * t + (1 - self.alpha) * (1 - t) if self.alpha >= 0 else 1.0
-        return (alpha_t * (1 - p_t) ** self.gamma * bce).mean()
+        from torchvision.ops import sigmoid_focal_loss
+
+        return sigmoid_focal_loss(logits, target.float(), alpha=self.alpha, gamma=self.gamma, reduction="mean")
 
 
 class CosFaceFamilyLoss(FamilyLoss):
