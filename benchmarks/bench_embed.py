@@ -1,7 +1,7 @@
 """Frozen SFace features: the kit's path against the fastest known runtime of the network, side by side in one run
 on the same JPEG files, decoding included on every side; interleaved, median of repeats. Target: ratio >= 0.9.
 
-- kit: `kinret.features.cache.FrozenFeatures` on a cold cache, with the runtime it picks for the shipped SFace
+- kit: `kinret.features.frozen.FrozenPass` on a cold cache, with the runtime it picks for the shipped SFace
   (its graph in cv2.dnn; batches capped at `GRAPH_BATCH` images): every pooling of the image and its mirror image,
   chunks saved, the final `.npz` written.
 - bare cv2: a batch decoded, then ``net = cv2.dnn.readNet(file); net.setInput(blob, "data"); net.forward()`` on the
@@ -31,7 +31,7 @@ import torch
 
 from kinret.data.pixels import decode_pixels, normalize, to_float
 from kinret.data.synth_faces import make_family, render_face
-from kinret.features.cache import FrozenFeatures
+from kinret.features.frozen import FrozenPass
 from kinret.features.runtime import TORCH_FP32, frozen_runtime
 from kinret.log import setup_logging
 from kinret.models.config import TrainConfig
@@ -57,8 +57,8 @@ def write_faces(folder: Path, n: int) -> list[Path]:
 def kit(backbone, data_cfg, digest, paths, batch: int, runtime: str | None) -> float:
     with tempfile.TemporaryDirectory() as cache:  # a cold cache each time: the whole path runs
         start = time.perf_counter()
-        FrozenFeatures(backbone, digest, data_cfg, "bench", CPU, batch=batch, runtime=runtime or "").cached(
-            paths, lambda: decode_pixels(paths, 112, None), Path(cache))
+        FrozenPass(backbone, digest, data_cfg, "bench", CPU, batch=batch, runtime=runtime or "").outputs(
+            paths, Path(cache), pixels=lambda: decode_pixels(paths, 112, None))
         return len(paths) / (time.perf_counter() - start)
 
 

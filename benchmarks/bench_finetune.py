@@ -33,7 +33,7 @@ from kinret.train.trainer import Trainer
 def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
     cached = Trainer(replace(base, name=f"bench_cached_{cut}", freeze_units=cut, cache_prefix=True), fold=0)
     full = Trainer(replace(base, name=f"bench_full_{cut}", freeze_units=cut, cache_prefix=False, grey_p=0.0), fold=0)
-    per_image = cached.prefix[:, 0].nbytes
+    per_image = sum(v[0].nbytes for v in cached.feed.prefix)
     trained = sum(p.numel() for p in cached.model.parameters() if p.requires_grad)
     for t in (cached, full):
         bare_loop(t, 2)  # warm-up: allocator, first-call overheads
@@ -44,7 +44,7 @@ def compare(base: TrainConfig, cut: int, repeats: int, steps: int) -> None:
         rates["cached epoch"].append(cached.train_epoch()["images_per_s"])
         rates["full epoch"].append(full.train_epoch()["images_per_s"])
     m = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"cut {cut:2d} (prefix {tuple(cached.prefix.shape[2:])}, {per_image / 1e3:.0f} KB an image with its "
+    print(f"cut {cut:2d} (prefix {tuple(cached.feed.prefix[0].shape[1:])}, {per_image / 1e3:.0f} KB an image with its "
           f"views, {trained / 1e6:.2f}M trained parameters)")
     for kind in ("step", "epoch"):
         c, f = m[f"cached {kind}"], m[f"full {kind}"]

@@ -2,7 +2,7 @@
 included), interleaved, median of repeats. Targets (issue 19): the prefix costs at most 10% over the frozen feature
 pass alone, and a fine-tuned model embeds at least as fast as the frozen feature pass.
 
-- features: `FrozenFeatures.cached` of the shipped SFace on a cold cache (its graph in cv2.dnn), every pooling;
+- features: `FrozenPass.outputs` of the shipped SFace on a cold cache (its graph in cv2.dnn), every pooling;
 - features + prefix: the same pass also writing the fine-tune's prefix (SFace's first 24 units, float16);
 - tuned model, tail over the prefix: a fine-tuned SFace's embeddings from the stored prefix (what the kit's scoring
   runs for a `cache_prefix` run: `rest_pooled`), decoding nothing;
@@ -26,9 +26,9 @@ import torch
 from bench_embed import write_faces  # this folder is on sys.path when a benchmark runs as a script
 
 from kinret.data.pixels import decode_pixels
-from kinret.features.cache import FrozenFeatures, rest_pooled
+from kinret.features.feeds import CachedPrefix
+from kinret.features.frozen import Cut, FrozenPass, rest_pooled
 from kinret.features.graph_runtime import GraphRuntime, graph_pooled
-from kinret.features.prefix import Prefix, prefix_cut
 from kinret.log import setup_logging
 from kinret.models.config import TrainConfig
 from kinret.models.networks import build_backbone, state_digest
@@ -37,18 +37,18 @@ from kinret.train.experiments import load_experiment
 CPU = torch.device("cpu")
 
 
-def frozen_pass(backbone, data_cfg, paths, prefix: Prefix | None) -> float:
-    with tempfile.TemporaryDirectory() as cache:  # cold: the whole pass runs (and writes the prefix file)
+def frozen_pass(backbone, data_cfg, paths, cuts: tuple[Cut, ...]) -> float:
+    with tempfile.TemporaryDirectory() as cache:  # cold: the whole pass runs (and writes the cut's output)
         start = time.perf_counter()
-        FrozenFeatures(backbone, state_digest(backbone), data_cfg, "bench", CPU, batch=32, flip=False,
-                       prefix=prefix).cached(paths, lambda: decode_pixels(paths, 112, None), Path(cache))
+        FrozenPass(backbone, state_digest(backbone), data_cfg, "bench", CPU, batch=32, flip=False).outputs(
+            paths, Path(cache), cuts)
         return len(paths) / (time.perf_counter() - start)
 
 
-def tail(tuned, prefix: Prefix, paths, cache: Path) -> float:
+def tail(tuned, frozen: FrozenPass, cut: Cut, paths, cache: Path) -> float:
     start = time.perf_counter()
-    rows = prefix.read([str(p) for p in paths], cache)
-    rest_pooled(tuned, rows, prefix.cut, CPU, 128)
+    rows = frozen.outputs(paths, cache, [cut])[cut.name]  # the stored prefix, memory-mapped
+    rest_pooled(tuned, list(rows), cut.units, CPU, 128)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -67,22 +67,23 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(quiet=True)
     cfg = replace(load_experiment("sface_finetune")[0], threads=2)
     backbone, data_cfg = build_backbone(replace(TrainConfig(), backbone="sface"))
-    prefix = Prefix.of(cfg, backbone, prefix_cut(cfg, backbone), data_cfg, CPU)
+    (cut,) = CachedPrefix.cuts(cfg)
     tuned, _ = build_backbone(replace(TrainConfig(), backbone="sface"))
+    frozen_units = {id(p) for unit in tuned.chain_units()[:cut.units] for p in unit.parameters()}
     with torch.no_grad():  # a fine-tuned network: every trained unit moved a little
-        for name, param in tuned.named_parameters():
-            if not name.startswith(tuple(tuned.unit_prefixes()[:prefix.cut])):
+        for param in tuned.parameters():
+            if id(param) not in frozen_units:
                 param.mul_(1.01)
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "faces").mkdir()
         paths = write_faces(Path(folder) / "faces", args.images)
         stored = Path(folder) / "cache"
-        FrozenFeatures(backbone, state_digest(backbone), data_cfg, "bench", CPU, flip=False, prefix=prefix).cached(
-            paths, lambda: decode_pixels(paths, 112, None), stored)  # the prefix the tail sides read
+        frozen = FrozenPass(backbone, state_digest(backbone), data_cfg, "bench", CPU, flip=False)
+        frozen.outputs(paths, stored, [cut])  # the prefix the tail sides read
         runtime = GraphRuntime(tuned, nets=2)
-        sides = {"features": lambda: frozen_pass(backbone, data_cfg, paths, None),
-                 "features + prefix": lambda: frozen_pass(backbone, data_cfg, paths, prefix),
-                 "tuned model, tail over the prefix": lambda: tail(tuned, prefix, paths, stored),
+        sides = {"features": lambda: frozen_pass(backbone, data_cfg, paths, ()),
+                 "features + prefix": lambda: frozen_pass(backbone, data_cfg, paths, (cut,)),
+                 "tuned model, tail over the prefix": lambda: tail(tuned, frozen, cut, paths, stored),
                  "tuned model, whole graph": lambda: whole_graph(runtime, paths)}
         for side in sides.values():  # warm-up: engines, allocators, the page cache
             side()
