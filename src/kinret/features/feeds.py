@@ -323,12 +323,14 @@ FEEDS: dict[str, type[Feed]] = {cls.name: cls for cls in (CachedFeatures, Cached
 
 
 def feed_class(cfg: TrainConfig) -> type[Feed]:
-    """The feed a config's runs consume: the one registered feed that serves it."""
+    """The feed a config's runs consume: the registered feed that serves it, the most specific one when a feed
+    derived from another serves it too (a specialised feed overrides the one it derives from)."""
     found = [cls for cls in FEEDS.values() if cls.serves(cfg)]
-    if len(found) != 1:
+    best = [cls for cls in found if all(issubclass(cls, other) for other in found)]
+    if len(best) != 1:
         raise KinretInputError(None, f"{cfg.name}: mode={cfg.mode!r}, cache_prefix={cfg.cache_prefix} is served by "
-                                     f"{len(found)} feeds ({', '.join(FEEDS)})")
-    return found[0]
+                                     f"{', '.join(c.name for c in found) or 'no feed'} (feeds: {', '.join(FEEDS)})")
+    return best[0]
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu", backbones: dict | None = None
