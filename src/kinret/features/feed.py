@@ -14,6 +14,7 @@ from kinret.data.pixels import ImageTable, gather
 from kinret.features.frozen import Cut, FrozenPass
 from kinret.features.image_set import ImageSet
 from kinret.models.config import TrainConfig, seed_of
+from kinret.models.inference import for_inference
 from kinret.models.losses import LocalBatch
 from kinret.models.networks import KinNet, build_backbone, freeze_backbone, pool_names, pooled_dim, state_digest
 
@@ -118,6 +119,13 @@ class Feed:
                    ) -> dict[str, np.ndarray]:
         """{name: (V, stop - start, D)} of `embeddings` for rows start..stop of `images`."""
         raise NotImplementedError
+
+    def inference_network(self, model: KinNet) -> nn.Module:
+        """`model`'s network for embedding a split: its BatchNorms folded into the layers before them
+        (`kinret.models.inference`), made once per model."""
+        if getattr(self, "_folded", (None, None))[0] is not model:
+            self._folded = (model, for_inference(model.backbone))
+        return self._folded[1]
 
 
 @torch.no_grad()

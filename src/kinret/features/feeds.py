@@ -259,7 +259,7 @@ class CachedPrefix(EndToEnd):
     def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: list[np.ndarray], start: int,
                    stop: int) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        return rest_pooled(model.backbone, [v[start:stop] for v in inputs], self.cut, self.device,
+        return rest_pooled(self.inference_network(model), [v[start:stop] for v in inputs], self.cut, self.device,
                            cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool, cfg.channels_last)
 
 
@@ -314,8 +314,8 @@ class Pixels(EndToEnd):
                    stop: int) -> dict[str, np.ndarray]:
         cfg, size = self.cfg, data_cfg["input_size"][-1]
         pixels = inputs[start:stop] if inputs is not None else decode_pixels(images.paths[start:stop], size, None)
-        return forward_pooled(model.backbone, pixels, data_cfg, self.device, cfg.eval_batch_size, cfg.gem_p,
-                              f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck, cfg.pool,
+        return forward_pooled(self.inference_network(model), pixels, data_cfg, self.device, cfg.eval_batch_size,
+                              cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck, cfg.pool,
                               flip=cfg.flip_views)
 
 
