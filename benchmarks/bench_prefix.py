@@ -4,8 +4,10 @@ pass alone, and a fine-tuned model embeds at least as fast as the frozen feature
 
 - features: `FrozenPass.outputs` of the shipped SFace on a cold cache (its graph in cv2.dnn), every pooling;
 - features + prefix: the same pass also writing the fine-tune's prefix (SFace's first 24 units, float16);
-- tuned model, tail over the prefix: a fine-tuned SFace's embeddings from the stored prefix (what the kit's scoring
-  runs for a `cache_prefix` run: `rest_pooled`), decoding nothing;
+- tuned model, tail over the prefix: a fine-tuned SFace's embeddings from the stored prefix (`rest_pooled`),
+  decoding nothing, the network as trained;
+- tuned model, tail, BatchNorms folded: the same with the network's BatchNorms folded into its convolutions (what the
+  kit's scoring runs for a `cache_prefix` run: `kinret.models.inference.for_inference`);
 - tuned model, whole graph: the same fine-tuned weights written back into the graph and run by cv2.dnn on the
   images (what a run needs for images no pass stored a prefix of).
 
@@ -31,6 +33,7 @@ from kinret.features.frozen import Cut, FrozenPass, rest_pooled
 from kinret.features.graph_runtime import GraphRuntime, graph_pooled
 from kinret.log import setup_logging
 from kinret.models.config import TrainConfig
+from kinret.models.inference import for_inference
 from kinret.models.networks import build_backbone, state_digest
 from kinret.train.experiments import load_experiment
 
@@ -80,10 +83,11 @@ def main(argv: list[str] | None = None) -> None:
         stored = Path(folder) / "cache"
         frozen = FrozenPass(backbone, state_digest(backbone), data_cfg, "bench", CPU, flip=False)
         frozen.outputs(paths, stored, [cut])  # the prefix the tail sides read
-        runtime = GraphRuntime(tuned, nets=2)
+        runtime, folded = GraphRuntime(tuned, nets=2), for_inference(tuned)
         sides = {"features": lambda: frozen_pass(backbone, data_cfg, paths, ()),
                  "features + prefix": lambda: frozen_pass(backbone, data_cfg, paths, (cut,)),
                  "tuned model, tail over the prefix": lambda: tail(tuned, frozen, cut, paths, stored),
+                 "tuned model, tail, BatchNorms folded": lambda: tail(folded, frozen, cut, paths, stored),
                  "tuned model, whole graph": lambda: whole_graph(runtime, paths)}
         for side in sides.values():  # warm-up: engines, allocators, the page cache
             side()
@@ -98,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:<36} {value:8.1f} img/s   runs {', '.join(f'{v:.1f}' for v in speed[name])}")
     cost = med["features"] / med["features + prefix"] - 1
     print(f"prefix cost over the feature pass alone: {cost:+.1%} ({'meets' if cost <= 0.10 else 'misses'} <= 10%)")
-    ratio = med["tuned model, tail over the prefix"] / med["features"]
+    fold = med["tuned model, tail, BatchNorms folded"] / med["tuned model, tail over the prefix"]
+    print(f"the tail with its BatchNorms folded / as trained: {fold:.2f}")
+    ratio = med["tuned model, tail, BatchNorms folded"] / med["features"]
     print(f"tuned model's embedding (tail) / frozen feature pass: {ratio:.2f} ({'meets' if ratio >= 1 else 'misses'}"
           " >= 1)")
 
