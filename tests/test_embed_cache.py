@@ -11,6 +11,7 @@ from conftest import write_image
 
 from kinret.features.cache import FrozenFeatures, build_in_chunks, forward_pooled, read_cache
 from kinret.models.networks import POOLS, ResidualNeck, state_digest
+from kinret.readback import DamagedFile
 
 
 def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
@@ -35,7 +36,7 @@ def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
     assert cache.is_file() and not (tmp_path / "feats.npz.parts").exists()
     calls = []
     assert np.array_equal(build_in_chunks(cache, ids, compute, chunk=3)["x"], out["x"]) and calls == []
-    with pytest.raises(ValueError, match="stored image ids do not match"):
+    with pytest.raises(DamagedFile, match="image id at row 0 is 'img0', 'img9' expected"):
         read_cache(cache, ids[::-1])
 
 

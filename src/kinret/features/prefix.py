@@ -40,6 +40,7 @@ from kinret.io import atomic_path
 from kinret.log import progress
 from kinret.models.config import TrainConfig
 from kinret.models.networks import freeze_prefixes, frozen_cut
+from kinret.readback import DamagedFile, check_ids, read_npy, rebuilt
 
 log = logging.getLogger(__name__)
 PREFIX_CODE_VERSION = 2  # bump when the prefix computation (views, preprocessing) changes
@@ -208,11 +209,11 @@ class Prefix:
         return self.load(target, ids)
 
     def load(self, path: Path, ids: np.ndarray | None = None) -> np.ndarray:
-        found = np.load(path, mmap_mode="r")
-        if found.shape[0] != self.views or found.shape[2:] != self.shape or (ids is not None and len(ids) !=
-                                                                             found.shape[1]):
-            raise ValueError(f"prefix cache {path}: shape {found.shape} does not fit {self.views} views of "
-                             f"{self.shape} for {len(ids) if ids is not None else '?'} images")
+        """The prefix file `path` memory-mapped, checked (`DamagedFile`): `views` views of `shape` in `dtype`, and,
+        with `ids`, its ids file holding exactly those."""
+        found = read_npy(path, (self.views, None if ids is None else len(ids), *self.shape), self.dtype, mmap=True)
+        if ids is not None:
+            check_ids(path.with_suffix(".ids.npy"), read_npy(path.with_suffix(".ids.npy"), (len(ids),)), ids)
         return found
 
     def index(self, cache_dir: Path) -> dict[str, tuple[Path, int]]:
@@ -222,7 +223,15 @@ class Prefix:
             for ids_file in sorted(Path(cache_dir).glob(f"{stem}*.ids.npy")):
                 data = ids_file.with_name(ids_file.name.removesuffix(".ids.npy") + ".npy")
                 if data.is_file():
-                    for row, i in enumerate(np.load(ids_file).tolist()):
+                    try:  # a damaged file lends no rows: they are computed again
+                        ids = read_npy(ids_file, (None,))
+                        self.load(data, ids)
+                    except DamagedFile as exc:
+                        rebuilt(exc, "its rows are computed again")
+                        continue
+                    if not _holds(data, ids):
+                        continue
+                    for row, i in enumerate(ids.tolist()):
                         self._index.setdefault(i, (data, row))
         return self._index
 
@@ -233,7 +242,10 @@ class Prefix:
         target = self.path(cache_dir, file_list_digest(paths))
         ids = np.array([str(p) for p in paths])
         if target.is_file() and target.with_suffix(".ids.npy").is_file():
-            return self.load(target, ids)
+            try:
+                return self.load(target, ids)
+            except DamagedFile as exc:
+                rebuilt(exc, "computed again")
         where = self.index(cache_dir)
         missing = [i for i, p in enumerate(ids) if p not in where]
         log.info("prefix of %d images into %s: %d from earlier passes, %d to compute", len(ids), target,
@@ -273,10 +285,31 @@ class Prefix:
         return out
 
 
+def _holds(path: Path, ids: np.ndarray) -> bool:
+    """Whether the prefix file `path` holds the images its ids name, as they are now: its name ends with the digest
+    of their paths and content (ids of other images, or images changed since, lend no rows)."""
+    try:
+        return path.stem.endswith("_" + file_list_digest([Path(i) for i in ids.tolist()]))
+    except OSError:  # an image gone since
+        return False
+
+
 def save_parts(parts_dir: Path, start: int, stop: int, array: np.ndarray) -> None:
     """One chunk of a prefix computed by a feature pass, kept until the pass assembles its file."""
     with atomic_path(parts_dir / f"rows{start:09d}-{stop:09d}.npy", suffix=".npy") as tmp:
         np.save(tmp, array)
+
+
+def _saved_part(prefix: Prefix, part: Path, n: int) -> np.ndarray | None:
+    """A chunk's part saved by a feature pass, checked; None when there is none, or after one warning when it is
+    damaged: the chunk is computed instead."""
+    if not part.is_file():
+        return None
+    try:
+        return read_npy(part, (prefix.views, n, *prefix.shape), prefix.dtype)
+    except DamagedFile as exc:
+        rebuilt(exc, "computed again")
+        return None
 
 
 def assemble_parts(prefix: Prefix, paths: Sequence[Path], parts_dir: Path, bounds: Sequence[tuple[int, int]],
@@ -289,8 +322,8 @@ def assemble_parts(prefix: Prefix, paths: Sequence[Path], parts_dir: Path, bound
     def fill(out: np.ndarray) -> None:
         for start, stop in bounds:
             part = parts_dir / f"rows{start:09d}-{stop:09d}.npy"
-            out[:, start:stop] = (np.load(part) if part.is_file()
-                                  else prefix.stored(prefix.compute(paths[start:stop])))
+            found = _saved_part(prefix, part, stop - start)
+            out[:, start:stop] = found if found is not None else prefix.stored(prefix.compute(paths[start:stop]))
 
     found = prefix.write(prefix.path(cache_dir, file_list_digest(paths)), ids, fill)
     shutil.rmtree(parts_dir, ignore_errors=True)

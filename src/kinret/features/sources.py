@@ -6,7 +6,6 @@ and names its own content in `key`."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,10 +26,11 @@ from kinret.features.cache import (
 )
 from kinret.features.prefix import Prefix, prefix_cut
 from kinret.features.raw_pixels import RawPixels
-from kinret.models.checkpoint import load_model, shared_backbone
-from kinret.models.config import TrainConfig, config_from_dict
+from kinret.models.checkpoint import load_model, run_config, shared_backbone
+from kinret.models.config import TrainConfig
 from kinret.models.losses import trains_pair_head
 from kinret.models.networks import PairFn, state_digest
+from kinret.readback import DamagedFile, read_npz
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class RawPixelSource:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
         found = build_in_chunks(cache, np.asarray(images.ids),
                                 lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True,
-                                desc=f"raw pixels {images.label}")
+                                desc=f"raw pixels {images.label}", keys=("pixels",))
         return _views_mean(found)
 
 
@@ -128,13 +128,6 @@ class BackboneSource:
 
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise KinretInputError(None, f"{path} does not exist: train this run first")
-    return config_from_dict(json.loads(path.read_text()))
 
 
 @dataclass
@@ -226,7 +219,7 @@ class CheckpointSource:
         if cfg.mode == "head" and not cache.is_file():  # under torchrun every process reaches this cache together
             inputs.append(self.frozen.raw(images)[cfg.pool])
         return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True,
-                                           desc=f"embed {cfg.name} {images.label}"))
+                                           desc=f"embed {cfg.name} {images.label}", keys=("emb",)))
 
     @property
     def pair_fn(self) -> PairFn | None:
@@ -254,10 +247,11 @@ class ExternalEmbeddings:
     @cached_property
     def _table(self) -> tuple[dict[str, int], np.ndarray]:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
-                ids, emb = data["image_ids"].astype(str), np.asarray(data["embeddings"], dtype=np.float32)
-        except (KeyError, ValueError, OSError) as exc:
-            raise KinretInputError(self.path, f"expected arrays image_ids and embeddings ({exc})") from None
+            data = read_npz(self.path, ("image_ids", "embeddings"))
+            ids, emb = data["image_ids"].astype(str), np.asarray(data["embeddings"], dtype=np.float32)
+        except ValueError as exc:  # DamagedFile among them: a file that is no .npz, or lacks one of the two
+            why = exc.reason if isinstance(exc, DamagedFile) else exc
+            raise KinretInputError(self.path, f"expected arrays image_ids and embeddings ({why})") from None
         if emb.ndim != 2 or len(emb) != len(ids):
             raise KinretInputError(self.path, f"embeddings have shape {emb.shape} for {len(ids)} image_ids")
         if not np.isfinite(emb).all():

@@ -6,6 +6,11 @@ families and the SHA-1 of every image it was trained on, so a run whose data cha
 while a relative and an absolute path to the same data are the same run. Its checkpoint is the commit point of an
 epoch: ``state.json`` and ``summary.csv`` are derived from it, and a run whose derived files lag behind its
 checkpoint (killed between the writes) is 'partial' until a resume rewrites them.
+
+Each file is checked as it is read (`kinret.readback`): a damaged checkpoint is deleted and its run trained again
+from the start; a damaged config.json, state.json or summary.csv is written again from the checkpoint; a damaged
+data.json stops the run (the record of what the run was trained on cannot be rebuilt without training it again).
+Each repair is one warning naming the file.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from kinret.data.layout import DataLayout
 from kinret.data.pixels import content_hashes
 from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
+from kinret.models.checkpoint import saved_config
 from kinret.models.config import TrainConfig, config_from_dict
-from kinret.train.checkpointing import derived_state
+from kinret.readback import DamagedFile, read_json, rebuilt
+from kinret.train.checkpointing import derived_state, load_checkpoint, read_state
 from kinret.train.experiments import Run
 
 log = logging.getLogger("kinret.train")
@@ -87,7 +94,15 @@ def data_change(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -
     path = cfg.run_dir(fold) / "data.json"
     if not path.is_file():
         return "it has no record of the data it was trained on (no data.json: trained by an older kit)"
-    change = describe_change(json.loads(path.read_text()), now)
+    try:
+        saved = read_json(path, dict, ("families", "files"))
+        if not isinstance(saved["families"], list) or not isinstance(saved["files"], dict):
+            raise DamagedFile(path, "its families are not a list or its files not a table of hashes")
+    except DamagedFile as exc:
+        raise exc.advise(f"it recorded the data this run was trained on, and without it the kit cannot tell whether "
+                         f"the run fits the data now: delete {cfg.run_dir(fold)} to train it again (python -m "
+                         "kinret.train ... --restart does that)") from None
+    change = describe_change(saved, now)
     return f"the training data changed since it was trained: {change}" if change else ""
 
 
@@ -97,17 +112,41 @@ def save_data_fingerprint(cfg: TrainConfig, fold: int) -> None:
         write_text_atomic(cfg.run_dir(fold) / "data.json", json.dumps(fingerprint, indent=0, sort_keys=True) + "\n")
 
 
-def config_conflict(cfg: TrainConfig, run_dir: Path) -> str:
-    """'' or why the run folder holds another config's run (and how to proceed)."""
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        return ""
-    saved, now = config_from_dict(json.loads(cfg_path.read_text())).to_dict(), cfg.to_dict()
-    diff = [f"{k} {v!r} saved, {now[k]!r} now" for k, v in saved.items()
-            if v != now[k] and k not in RUNTIME_FIELDS | PLACE_FIELDS]
-    if not diff:
-        return ""
-    return f"{run_dir} holds a run of another config ({'; '.join(diff)}): " + HOW_TO_PROCEED.format(run_dir=run_dir)
+def config_conflict(cfg: TrainConfig, run_dir: Path, ckpt: dict | None = None) -> str:
+    """'' or why the run folder holds another config's run (and how to proceed): its config.json, or the config
+    its checkpoint `ckpt` holds, differs from `cfg`."""
+    now = cfg.to_dict()
+    for where, found in (("config.json", saved_config(run_dir)), ("checkpoint.pt", ckpt and ckpt["config"])):
+        if found is None:
+            continue
+        diff = [f"{k} {v!r} saved, {now[k]!r} now" for k, v in config_from_dict(found).to_dict().items()
+                if v != now[k] and k not in RUNTIME_FIELDS | PLACE_FIELDS]
+        if diff:
+            return (f"{run_dir} holds a run of another config (its {where}: {'; '.join(diff)}): "
+                    + HOW_TO_PROCEED.format(run_dir=run_dir))
+    return ""
+
+
+def checked_checkpoint(run_dir: Path, fold: int) -> dict | None:
+    """The run's checkpoint, memory-mapped (its metadata checked, its tensors not read), or None after a damaged one
+    (unreadable, or holding another fold) was deleted with a warning: its run is trained again from the start."""
+    path = run_dir / "checkpoint.pt"
+    try:
+        ckpt = load_checkpoint(run_dir, mmap=True)
+        if ckpt["fold"] != fold:
+            raise DamagedFile(path, f"holds a checkpoint of fold {ckpt['fold']}, not of fold {fold}")
+        return ckpt
+    except FileNotFoundError:  # another process (torchrun's) found it damaged first
+        return None
+    except DamagedFile as exc:
+        try:
+            finished = bool((read_state(run_dir) or {}).get("finished"))
+        except DamagedFile:
+            finished = False
+        rebuilt(exc, "deleted; this " + ("finished run is trained again from the start: its training is lost" if
+                                         finished else "run is trained again from the start"))
+        path.unlink(missing_ok=True)
+        return None
 
 
 def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -> tuple[str, str]:
@@ -122,7 +161,10 @@ def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) ->
     run_dir = cfg.run_dir(fold)
     if not (run_dir / "checkpoint.pt").is_file():
         return "todo", ""
-    conflict = config_conflict(cfg, run_dir)
+    ckpt = checked_checkpoint(run_dir, fold)
+    if ckpt is None:
+        return "todo", ""
+    conflict = config_conflict(cfg, run_dir, ckpt)
     if conflict:
         return "conflict", conflict
     change = data_change(cfg, fold, fingerprints)
@@ -171,9 +213,8 @@ def fixed_runtime(cfg: TrainConfig, fold: int, status: str) -> TrainConfig:
     fresh run's thread count resolved (0: the count torch uses now) and saved in its config.json; a resumed run
     gets the thread count and eval batch size it started with, whatever the command line (or the grid's --jobs)
     says now, so it ends with the weights of an uninterrupted run."""
-    path = cfg.run_dir(fold) / "config.json"
-    if status == "resume" and path.is_file():
-        saved = json.loads(path.read_text())
+    saved = saved_config(cfg.run_dir(fold)) if status == "resume" else None
+    if saved is not None:
         fixed = replace(cfg, threads=saved.get("threads", cfg.threads),
                         eval_batch_size=saved.get("eval_batch_size", cfg.eval_batch_size))
         if fixed != cfg:
