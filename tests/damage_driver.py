@@ -94,6 +94,9 @@ def damage(kind: str, how: str, path: Path, work: Path) -> None:
     raw = path.read_bytes()
     if how == "cut in half":
         path.write_bytes(raw[:len(raw) // 2])
+    elif how == "garbled block":  # 64 bytes zeroed in the middle, as a bad disk block leaves them
+        mid = len(raw) // 2
+        path.write_bytes(raw[:mid] + bytes(64) + raw[mid + 64:])
     elif how == "random bytes":
         path.write_bytes(np.random.default_rng(len(raw)).bytes(max(len(raw), 64)))
     elif how == "wrong thing":

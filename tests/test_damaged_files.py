@@ -35,10 +35,11 @@ from kinret.readback import DamagedFile, check_ids, read_json, read_npy, read_np
 HEALED, QUIET, STOPS = "healed, one warning", "healed, no warning", "exit 2 naming it"
 ALL = ("cut in half", "random bytes", "wrong thing")
 CASES = [
-    *[("checkpoint", d, HEALED) for d in ALL],  # the run is trained again
+    *[("checkpoint", d, HEALED) for d in (*ALL, "garbled block")],  # the run is trained again
     *[(k, d, HEALED) for k in ("config.json", "state.json", "summary.csv") for d in ALL],  # from the checkpoint
     *[("data.json", d, STOPS) for d in ALL],  # the data the run was trained on: unknown without training it again
     *[(k, d, HEALED) for k in ("embeddings", "raw-pixel cache") for d in (*ALL, "missing key")],
+    ("raw-pixel cache", "garbled block", HEALED),  # an archive's checksum
     *[(k, d, HEALED) for k in ("cache chunk", "pixel caches", "score matrix") for d in ALL],
     *[("score ids", d, HEALED) for d in (*ALL, "missing key")],
     ("score ids", "other split", QUIET),  # another split's key: stale, so computed again as after a data change
@@ -156,6 +157,13 @@ def test_each_reader_names_the_file_and_the_damage(tmp_path):
     torch.save([1, 2], ckpt)
     with pytest.raises(DamagedFile, match="holds a list"):
         read_torch(ckpt)
+    torch.save({"model": {"w": torch.zeros(1000)}}, ckpt)
+    raw = ckpt.read_bytes()
+    at = raw.index(bytes(4000))  # inside the tensor's values: torch.load reads them without a check
+    ckpt.write_bytes(raw[:at] + b"\x01" * 64 + raw[at + 64:])
+    assert read_torch(ckpt)["model"]["w"].max() > 0
+    with pytest.raises(DamagedFile, match="fails its CRC-32 check"):
+        read_torch(ckpt, verify=True)
     ckpt.write_bytes(ckpt.read_bytes()[:300])
     with pytest.raises(DamagedFile, match="unreadable by torch.load: PytorchStreamReader failed"):
         read_torch(ckpt, mmap=True)
@@ -266,3 +274,23 @@ def test_a_damaged_prefix_part_or_sibling_lends_no_rows(tmp_path, caplog):
     np.testing.assert_allclose(np.array(fresh.table(paths[:2], cache)), want[:, :2], atol=1e-6)
     named = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(named) == 2 and str(part) in named[0] and str(sibling) in named[1], named
+
+
+# ---- the synthetic data set's own records ---------------------------------------------------------------------------
+def test_a_damaged_synthetic_record_regenerates_or_names_itself(tmp_path, caplog):
+    from kinret.data.synth import SynthConfig, generate, made_from
+    from kinret.scoring.signal import print_shares
+
+    cfg = SynthConfig(seed=3, n_train=4, n_val=0, n_test=2, size=32, max_members=3, max_images=2)
+    root = generate(tmp_path / "synthetic", cfg, jobs=1)
+    faces = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+    (root / "synth_config.json").write_bytes(os.urandom(64))
+    assert not made_from(root, cfg)
+    assert any("synth_config.json: damaged (not UTF-8 text): the data set is generated again" in r.getMessage()
+               for r in caplog.records)
+    generate(root, cfg, jobs=1)
+    assert made_from(root, cfg) and {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")} == faces
+    latents = root / "latents.npz"
+    latents.write_bytes(latents.read_bytes()[:100])
+    with pytest.raises(DamagedFile, match="latents.npz: damaged .*python -m kinret.synth --force"):
+        print_shares(root, None)

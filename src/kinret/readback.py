@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DELETE_IT = "delete it and run the same command again"
 PASS_THROUGH = (FileNotFoundError, PermissionError)  # not damage: the caller knows what an absent file means
 ZIP, NPY = b"PK\x03\x04", b"\x93NUMPY"  # how an .npz archive (and torch.save's file) and an .npy array begin
+_VERIFIED: set[tuple[str, int, int]] = set()  # the archives whose checksums held: path, size, mtime
 _WARNED: set[tuple[str, int, int]] = set()  # the damaged files warned about: path, size, mtime
 
 
@@ -140,14 +142,34 @@ def read_npy(path: str | os.PathLike, shape: Sequence[int | None] | None = None,
     return found
 
 
+def _verify_zip(path: Path) -> None:
+    """`DamagedFile` unless every record of the zip archive `path` matches its CRC-32 (torch.load checks none): a
+    block garbled inside a tensor is found. Read once per file and process while its size and mtime stay."""
+    st = path.stat()
+    seen = (str(path), st.st_size, st.st_mtime_ns)
+    if seen in _VERIFIED:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # zipfile raises BadZipFile, EOFError, zlib.error, ... for an archive it cannot read
+        raise DamagedFile(path, f"unreadable zip archive: {_why(exc)}") from None
+    if bad is not None:
+        raise DamagedFile(path, f"its record {bad.rsplit('/', 1)[-1]} fails its CRC-32 check")
+    _VERIFIED.add(seen)
+
+
 def read_torch(path: str | os.PathLike, keys: Sequence[str] = (), mmap: bool = False,
-               map_location: Any = "cpu") -> dict:
+               map_location: Any = "cpu", verify: bool = False) -> dict:
     """The dict `torch.save` wrote to `path` (a checkpoint: plain Python metadata beside the tensors), holding
-    `keys`. With `mmap` the tensors are mapped, not read: the archive's directory and the metadata are checked."""
+    `keys`. With `mmap` the tensors are mapped, not read: the archive's directory and the metadata are checked; with
+    `verify` every record's CRC-32 too (the whole file read, once per process)."""
     import torch
 
     path = Path(path)
     _starts_as(path, ZIP, "a checkpoint (the zip archive torch.save writes)")
+    if verify:
+        _verify_zip(path)
     try:
         found = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except PASS_THROUGH:

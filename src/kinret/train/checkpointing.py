@@ -33,9 +33,11 @@ def save_checkpoint(run_dir: Path, ckpt: dict) -> None:
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """The run's checkpoint, checked (`DamagedFile` when it is not one); with `mmap` its tensors are not read."""
-    return read_torch(Path(run_dir) / "checkpoint.pt", CHECKPOINT_KEYS, mmap=mmap, map_location=device)
+def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu", mmap: bool = False, verify: bool = False
+                    ) -> dict:
+    """The run's checkpoint, checked (`DamagedFile` when it is not one); with `mmap` its tensors are not read, with
+    `verify` the checksum of every record is checked (`kinret.readback.read_torch`)."""
+    return read_torch(Path(run_dir) / "checkpoint.pt", CHECKPOINT_KEYS, mmap=mmap, map_location=device, verify=verify)
 
 
 def write_summary(run_dir: Path, rows: Sequence[dict]) -> None:

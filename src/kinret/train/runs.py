@@ -37,6 +37,7 @@ from kinret.train.experiments import Run
 
 log = logging.getLogger("kinret.train")
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
+_CHECKED: dict[tuple[str, int, int], dict] = {}  # checkpoints found whole: (path, size, mtime) -> fold and config
 PLACE_FIELDS = {"data_root", "out_root"}  # where its data and outputs are: the data is known by its content
 HOW_TO_PROCEED = ("to keep it, train this config under another experiment name (a new experiment file, or --set "
                   "name=NEW with python -m kinret.train / kinret.grid) or into another runs folder "
@@ -128,11 +129,17 @@ def config_conflict(cfg: TrainConfig, run_dir: Path, ckpt: dict | None = None) -
 
 
 def checked_checkpoint(run_dir: Path, fold: int) -> dict | None:
-    """The run's checkpoint, memory-mapped (its metadata checked, its tensors not read), or None after a damaged one
-    (unreadable, or holding another fold) was deleted with a warning: its run is trained again from the start."""
+    """The run's checkpoint's fold and config (its metadata and checksums checked once per process while its size
+    and mtime stay), or None after a damaged one (unreadable, garbled, or holding another fold) was deleted with a
+    warning: its run is trained again from the start."""
     path = run_dir / "checkpoint.pt"
     try:
-        ckpt = load_checkpoint(run_dir, mmap=True)
+        st = path.stat()
+        seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if seen not in _CHECKED:
+            ckpt = load_checkpoint(run_dir, mmap=True, verify=True)
+            _CHECKED[seen] = {"fold": ckpt["fold"], "config": ckpt["config"]}
+        ckpt = _CHECKED[seen]
         if ckpt["fold"] != fold:
             raise DamagedFile(path, f"holds a checkpoint of fold {ckpt['fold']}, not of fold {fold}")
         return ckpt
