@@ -15,6 +15,7 @@ from kinret.features.cache import build_in_chunks, read_cache
 from kinret.features.frozen import Cut, FrozenPass, forward_pooled
 from kinret.models.iresnet import IResNet
 from kinret.models.networks import POOLS, ResidualNeck, state_digest
+from kinret.readback import DamagedFile
 
 
 def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
@@ -39,7 +40,7 @@ def test_a_killed_build_recomputes_only_the_missing_chunks(tmp_path):
     assert cache.is_file() and not (tmp_path / "feats.npz.parts").exists()
     calls = []
     assert np.array_equal(build_in_chunks(cache, ids, compute, chunk=3)["x"], out["x"]) and calls == []
-    with pytest.raises(ValueError, match="stored image ids do not match"):
+    with pytest.raises(DamagedFile, match="image id at row 0 is 'img0', 'img9' expected"):
         read_cache(cache, ids[::-1])
 
 
@@ -129,4 +130,4 @@ def test_a_cut_is_one_more_output_of_the_pass_added_later_and_resumed_after_a_ki
     (folder / "avg.npy").write_bytes(b"not an array")  # damaged: rebuilt with a warning naming it
     with caplog.at_level("WARNING"):
         again = frozen.outputs(paths, tmp_path / "cache", cuts=[Cut(4, "float32")])
-    assert "avg.npy is damaged" in caplog.text and again["avg"].tobytes() == first["avg"].tobytes()
+    assert "avg.npy: damaged" in caplog.text and again["avg"].tobytes() == first["avg"].tobytes()

@@ -11,7 +11,7 @@ class KinretInputError(ValueError):
 
     def __init__(self, path: str | os.PathLike | None, message: str, line: int | None = None):
         self.path = None if path is None else str(path)
-        self.line = line
+        self.line, self.message = line, message
         where = self.path or ""
         if line is not None:
             where += f", line {line}" if where else f"line {line}"

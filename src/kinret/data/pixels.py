@@ -19,6 +19,7 @@ from kinret.data.fiw import Family
 from kinret.data.images import load_images
 from kinret.io import atomic_path
 from kinret.log import progress
+from kinret.readback import DamagedFile, read_npy, rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ def decode_pixels(paths: Sequence[Path], size: int, cache_dir: Path | None) -> n
     if cache_dir is not None:
         cache = Path(cache_dir) / f"pixels_{size}px_{file_list_digest(paths, str(size))}.npy"
         if cache.is_file():
-            return np.load(cache, mmap_mode="r")
+            try:
+                return read_npy(cache, (len(paths), size, size, 3), np.uint8, mmap=True)
+            except DamagedFile as exc:
+                rebuilt(exc, "decoded again")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     chunk = 256
     for start in progress(range(0, len(paths), chunk), desc=f"decode {size}px", total=math.ceil(len(paths) / chunk)):

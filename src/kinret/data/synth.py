@@ -36,6 +36,7 @@ from kinret.data.track3 import GALLERY_DIR, PROBE_DIR, Track3Split, build_protoc
 from kinret.errors import KinretInputError
 from kinret.io import atomic_dir, write_text_atomic
 from kinret.log import progress
+from kinret.readback import DamagedFile, read_json, rebuilt
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -183,8 +184,9 @@ def made_from(root: str | Path, cfg: SynthConfig) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()) == dataclasses.asdict(cfg)
-    except json.JSONDecodeError:
+        return read_json(path, dict) == dataclasses.asdict(cfg)
+    except DamagedFile as exc:
+        rebuilt(exc, "the data set is generated again")
         return False
 
 

@@ -23,6 +23,7 @@ from kinret.errors import KinretInputError
 from kinret.features.sources import ExternalEmbeddings, ImageSet
 from kinret.io import atomic_path, write_text_atomic
 from kinret.metrics import chance_level
+from kinret.readback import DamagedFile, read_npz
 from kinret.scoring.protocols import SplitData, build_splits, split_group
 from kinret.scoring.store import load_scores, safe_name
 from kinret.scoring.variant_kinds import Cosine
@@ -252,9 +253,8 @@ def _covers_this_data(group: Group, splits: dict[str, SplitData], ensemble_dir: 
     source = group.sources.get(None)
     if isinstance(source, ExternalEmbeddings):
         try:
-            with np.load(source.path, allow_pickle=False) as data:
-                have = set(data["image_ids"].astype(str).tolist())
-        except (KeyError, ValueError, OSError):
+            have = set(read_npz(source.path, ("image_ids",))["image_ids"].astype(str).tolist())
+        except (DamagedFile, ValueError):
             return True  # a malformed file: its own error names it when it is read
         need = {name: [i for i in sd.images.ids if i not in have] for name, sd in splits.items()}
         if all(len(missing) == len(splits[name].images.ids) for name, missing in need.items()):

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.distributed as tdist
 from kinret.dist import dist_rank_world
 from kinret.io import atomic_path
 from kinret.log import progress
+from kinret.readback import DamagedFile, check_ids, read_npz, rebuilt
 
 log = logging.getLogger(__name__)
 CHUNK = int(os.environ.get("KINRET_EMBED_CHUNK", 1024))  # images per saved part of a cache being built
@@ -34,12 +35,16 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def read_cache(cache: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """The arrays of an `.npz` cache whose stored `ids` must equal `ids`, row for row."""
-    with np.load(cache) as data:
-        if "ids" not in data.files or data["ids"].shape != ids.shape or not (data["ids"] == ids).all():
-            raise ValueError(f"feature cache {cache}: stored image ids do not match the requested images")
-        return {k: data[k] for k in data.files if k != "ids"}
+def read_cache(cache: Path, ids: np.ndarray, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` cache whose stored `ids` must equal `ids`, row for row, each (views, len(ids), ...),
+    `keys` among them; `DamagedFile` otherwise."""
+    data = read_npz(cache, ("ids", *keys))
+    check_ids(cache, data.pop("ids"), ids)
+    wrong = [k for k, v in data.items() if v.ndim < 2 or v.shape[1] != len(ids)]
+    if wrong or not data:
+        raise DamagedFile(cache, f"array {wrong[0]!r} has shape {data[wrong[0]].shape}, not (views, {len(ids)}, ...)"
+                          if wrong else "holds no array beside its ids")
+    return data
 
 
 def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
@@ -48,16 +53,21 @@ def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
 
 
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
-                    chunk: int = CHUNK, shard: bool = False, desc: str | None = None) -> dict[str, np.ndarray]:
+                    chunk: int = CHUNK, shard: bool = False, desc: str | None = None, keys: Sequence[str] = ()
+                    ) -> dict[str, np.ndarray]:
     """`compute(start, stop)` -> arrays of shape (views, stop - start, ...) for every chunk of rows, each chunk saved
     under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
     parts removed. A chunk already saved by a killed run is read, not recomputed.
 
     With `shard`, under torchrun, every process must call this in the same order: process r computes chunks r,
     r + world, ...; after a barrier rank 0 joins the parts into the cache and the others read it after a second
-    barrier. (The trainer instead lets rank 0 fill its caches alone, so it does not shard.)"""
+    barrier. (The trainer instead lets rank 0 fill its caches alone, so it does not shard.) A damaged cache or
+    chunk (`read_cache`: `keys` are the arrays it must hold) is computed again, with one warning, and replaced."""
     if cache.is_file():
-        return read_cache(cache, ids)
+        try:
+            return read_cache(cache, ids, keys)
+        except DamagedFile as exc:
+            rebuilt(exc, "computed again")
     rank, world = dist_rank_world() if shard else (0, 1)
     parts_dir = cache.with_name(cache.name + ".parts")
     bounds = chunk_bounds(len(ids), chunk)
@@ -76,11 +86,15 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
     if rank == 0:
         for i, (start, stop) in enumerate(bounds):
             if i not in pieces:
-                pieces[i] = read_cache(parts_dir / f"rows{start:09d}-{stop:09d}.npz", ids[start:stop])
+                try:
+                    pieces[i] = read_cache(parts_dir / f"rows{start:09d}-{stop:09d}.npz", ids[start:stop], keys)
+                except DamagedFile as exc:
+                    rebuilt(exc, "computed again")
+                    pieces[i] = compute(start, stop)
         whole = {k: np.concatenate([pieces[i][k] for i in range(len(bounds))], axis=1) for k in pieces[0]}
         with atomic_path(cache, suffix=".npz") as tmp:
             np.savez(tmp, ids=ids, **whole)
         shutil.rmtree(parts_dir, ignore_errors=True)
     if world > 1:
         tdist.barrier()
-    return whole if rank == 0 else read_cache(cache, ids)
+    return whole if rank == 0 else read_cache(cache, ids, keys)

@@ -10,7 +10,8 @@ the runtime (`kinret.features.runtime`: an ONNX network's graph on a CPU, the to
 the images (paths and content) and the code that computes them. Outputs a later caller asks for are added to the
 folder by another pass; each output is computed in chunks saved as they finish (a killed pass recomputes only the
 chunks it had not saved) and renamed into place whole; under torchrun the processes split the chunks. An output
-file that does not read back as what it should be is rebuilt, with a warning naming it.
+file (or saved chunk) that does not read back as what it should be is computed again, with one warning naming it
+(`kinret.readback`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kinret.log import progress
 from kinret.models.config import TrainConfig
 from kinret.models.networks import POOLS, pool_names
 from kinret.models.onnx_net import OnnxBackbone
+from kinret.readback import DamagedFile, check_ids, read_npy, read_npz, rebuilt
 from kinret.versions import code_version
 
 log = logging.getLogger(__name__)
@@ -236,22 +238,26 @@ class FrozenPass:
         return {n: np.load(folder / f"{n}.npy", mmap_mode="r" if n not in self.poolings else None) for n in wanted}
 
     def _readable(self, folder: Path, name: str, ids: np.ndarray) -> bool:
-        """Whether `name` is in `folder` and reads back as this pass's output of `ids`; a file that does not is
-        removed with a warning (rebuilt by the caller)."""
+        """Whether output `name` is in `folder` and reads back as this pass's output of `ids`; a damaged one (or
+        every one, when the folder's ids are damaged) is removed with one warning naming it, and computed again."""
         path = folder / f"{name}.npy"
         if not path.is_file():
             return False
         try:
-            stored = np.load(folder / "ids.npy", allow_pickle=False)
-            found = np.load(path, mmap_mode="r", allow_pickle=False)
-            good = stored.shape == ids.shape and bool((stored == ids).all()) and found.shape[:2] == (self.views,
-                                                                                                      len(ids))
-        except (OSError, ValueError, EOFError):
-            good = False
-        if not good:
-            log.warning("%s is damaged or belongs to other images: computed again", path)
-            path.unlink(missing_ok=True)
-        return good
+            check_ids(folder / "ids.npy", read_npy(folder / "ids.npy"), ids)
+        except (DamagedFile, FileNotFoundError) as exc:
+            if isinstance(exc, DamagedFile):
+                rebuilt(exc, "every output of its pass is computed again")
+            for stale in folder.glob("*.npy"):
+                stale.unlink()
+            return False
+        try:
+            read_npy(path, (self.views, len(ids), *[None] * (3 if name.startswith("cut") else 1)), mmap=True)
+        except DamagedFile as exc:
+            rebuilt(exc, "computed again")
+            path.unlink()
+            return False
+        return True
 
     def _compute(self, paths: Sequence[Path], start: int, stop: int, cuts: Sequence[Cut], decoded: Callable
                  ) -> dict[str, np.ndarray]:
@@ -315,15 +321,18 @@ class FrozenPass:
 
 
 def _part_readable(part: Path, names: list[str], rows: int) -> bool:
-    """A saved chunk that holds every output of `names` for its rows (one left by a killed pass is trusted only so)."""
+    """A saved chunk that holds every output of `names` for its rows (one left by a killed pass is trusted only so;
+    a damaged one is computed again, with one warning)."""
     if not part.is_file():
         return False
     try:
-        with np.load(part, allow_pickle=False) as data:
-            return all(n in data.files and data[n].shape[1] == rows for n in names)
-    except (OSError, ValueError, EOFError):
-        log.warning("%s is damaged: computed again", part)
+        data = read_npz(part, names)
+        if any(data[n].ndim < 2 or data[n].shape[1] != rows for n in names):
+            raise DamagedFile(part, f"does not hold {rows} rows of each output")
+    except DamagedFile as exc:
+        rebuilt(exc, "computed again")
         return False
+    return True
 
 
 def _assemble(folder: Path, ids: np.ndarray, names: list[str], parts: Path, bounds: Sequence[tuple[int, int]]

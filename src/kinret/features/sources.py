@@ -6,7 +6,6 @@ and names its own content in `key`."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,10 +22,11 @@ from kinret.features.feeds import feed_class, load_model
 from kinret.features.frozen import CODE, Cut, FrozenPass
 from kinret.features.image_set import ImageSet
 from kinret.features.raw_pixels import RawPixels
-from kinret.models.checkpoint import shared_backbone
-from kinret.models.config import TrainConfig, config_from_dict
+from kinret.models.checkpoint import run_config, shared_backbone
+from kinret.models.config import TrainConfig
 from kinret.models.losses import trains_pair_head
 from kinret.models.networks import PairFn, state_digest
+from kinret.readback import DamagedFile, read_npz
 from kinret.versions import code_version
 
 __all__ = ["BackboneSource", "CheckpointSource", "ExternalEmbeddings", "ImageSet", "RawPixelSource", "run_config"]
@@ -61,7 +61,7 @@ class RawPixelSource:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
         found = build_in_chunks(cache, np.asarray(images.ids),
                                 lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True,
-                                desc=f"raw pixels {images.label}")
+                                desc=f"raw pixels {images.label}", keys=("pixels",))
         return _views_mean(found)
 
 
@@ -108,13 +108,6 @@ def frozen_network(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, 
     if memo not in backbones:
         backbones[memo] = state_digest(backbone)
     return backbone, data_cfg, backbones[memo]
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise KinretInputError(None, f"{path} does not exist: train this run first")
-    return config_from_dict(json.loads(path.read_text()))
 
 
 @dataclass
@@ -165,10 +158,15 @@ class CheckpointSource:
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
         cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
         model, _, data_cfg = self._loaded
-        inputs = None if cache.is_file() else self.feed.set_inputs(model, data_cfg, images)  # every process, in order
-        return _views_mean(build_in_chunks(
-            cache, np.asarray(images.ids), lambda a, b: self.feed.set_pooled(model, data_cfg, images, inputs, a, b),
-            shard=True, desc=f"embed {self.cfg.name} {images.label}"))
+        inputs = [None if cache.is_file() else self.feed.set_inputs(model, data_cfg, images)]  # every process, in order
+
+        def compute(start: int, stop: int) -> dict[str, np.ndarray]:
+            if inputs[0] is None:  # a damaged cache is computed again: what it reads, read now
+                inputs[0] = self.feed.set_inputs(model, data_cfg, images)
+            return self.feed.set_pooled(model, data_cfg, images, inputs[0], start, stop)
+
+        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True,
+                                           desc=f"embed {self.cfg.name} {images.label}", keys=("emb",)))
 
     @property
     def pair_fn(self) -> PairFn | None:
@@ -196,10 +194,11 @@ class ExternalEmbeddings:
     @cached_property
     def _table(self) -> tuple[dict[str, int], np.ndarray]:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
-                ids, emb = data["image_ids"].astype(str), np.asarray(data["embeddings"], dtype=np.float32)
-        except (KeyError, ValueError, OSError) as exc:
-            raise KinretInputError(self.path, f"expected arrays image_ids and embeddings ({exc})") from None
+            data = read_npz(self.path, ("image_ids", "embeddings"))
+            ids, emb = data["image_ids"].astype(str), np.asarray(data["embeddings"], dtype=np.float32)
+        except ValueError as exc:  # DamagedFile among them: a file that is no .npz, or lacks one of the two
+            why = exc.reason if isinstance(exc, DamagedFile) else exc
+            raise KinretInputError(self.path, f"expected arrays image_ids and embeddings ({why})") from None
         if emb.ndim != 2 or len(emb) != len(ids):
             raise KinretInputError(self.path, f"embeddings have shape {emb.shape} for {len(ids)} image_ids")
         if not np.isfinite(emb).all():

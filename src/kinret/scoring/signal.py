@@ -13,16 +13,26 @@ from kinret.data.fiw import read_fiw
 from kinret.data.track3 import Track3Split, read_codalab, read_labelled
 from kinret.features.raw_pixels import RawPixels
 from kinret.metrics import evaluate_ranking
+from kinret.readback import DamagedFile, read_npz
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import cosine_scores, probe_scores
+
+
+def latents(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The generator's latents.npz, checked; a damaged one names itself and how to make it again (exit code 2)."""
+    try:
+        return read_npz(path, keys)
+    except DamagedFile as exc:
+        raise exc.advise(f"generate the data set again: python -m kinret.synth --force --root {Path(path).parent} "
+                         "(with the options it was made with)") from None
 
 
 def oracle_scores(truth: Track3Split, latents_path: str | Path) -> np.ndarray:
     """Score a labelled split with the generator's own latent traits (cosine of the members' trait vectors):
     an upper reference that no image model sees. Married-in spouses share no traits, so even it is imperfect."""
-    with np.load(latents_path) as data:
-        index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
-        traits = data["traits"]
+    data = latents(latents_path, ("refs", "traits"))
+    index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
+    traits = data["traits"]
 
     def member(ref: str) -> int:
         return index["/".join(ref.split("/")[:2])]
@@ -92,10 +102,10 @@ def print_shares(root: str | Path, test: Track3Split) -> tuple[np.ndarray, np.nd
     """Per probe of the test split its share of old prints, per gallery face 1.0 for an old print else 0.0, from
     the photo styles in latents.npz; None for a dataset that recorded none (generator version 1)."""
     root = Path(root)
-    with np.load(root / "latents.npz") as data:
-        if "photo_style" not in data:
-            return None
-        style = dict(zip(data["photos"].tolist(), (data["photo_style"] > 0).tolist(), strict=True))
+    data = latents(root / "latents.npz")
+    if "photo_style" not in data:
+        return None
+    style = dict(zip(data["photos"].tolist(), (data["photo_style"] > 0).tolist(), strict=True))
 
     def printed(path: str | Path) -> float:
         return float(style[Path(path).resolve().relative_to(root.resolve()).as_posix()])
@@ -128,9 +138,9 @@ def _pixels_to_traits(root: Path, pixels: RawPixels, ridge: float = 100.0) -> np
     """A diagnostic, not a kit method: ridge regression from raw pixels to the latent traits, fitted on the train
     split's images. It shows the kinship signal is in the pixels and learnable, though plain pixel cosine is drowned
     by pose, light and age."""
-    with np.load(root / "latents.npz") as data:
-        index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
-        traits = data["traits"]
+    data = latents(root / "latents.npz", ("refs", "traits"))
+    index = {ref: i for i, ref in enumerate(data["refs"].tolist())}
+    traits = data["traits"]
     paths, rows = [], []
     for fam in read_fiw(root / "train"):
         for m in fam.members:

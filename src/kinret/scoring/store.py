@@ -16,6 +16,7 @@ import numpy as np
 
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path
+from kinret.readback import DamagedFile, read_npy, read_npz, rebuilt
 
 
 def safe_name(variant: str) -> str:
@@ -69,12 +70,17 @@ def save_scores(path: str | Path, scores: np.ndarray, probe_ids: Sequence[str], 
 
 
 def stored_key(path: str | Path) -> str | None:
-    """The cache key a score matrix was saved with, or None when it (or its ids file) is missing."""
+    """The cache key a score matrix was saved with, or None when it (or its ids file) is missing, or its ids file
+    damaged (one warning)."""
     path = Path(path)
     if not path.is_file() or not ids_path(path).is_file():
         return None
-    with np.load(ids_path(path)) as data:
-        return str(data["key"]) if "key" in data.files else ""
+    try:
+        data = read_npz(ids_path(path), ("probe_ids", "gallery_ids"))
+    except DamagedFile as exc:
+        rebuilt(exc, f"{path.name} is computed again")
+        return None
+    return str(data["key"]) if "key" in data else ""
 
 
 def load_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Sequence[str]) -> np.ndarray:
@@ -86,11 +92,11 @@ def load_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Sequenc
     if not ids_path(path).is_file():
         raise KinretInputError(ids_path(path), f"missing: {path.name} needs its probe_ids and gallery_ids beside it")
     try:
-        with np.load(ids_path(path)) as data:
-            stored = {k: data[k].astype(str) for k in ("probe_ids", "gallery_ids")}
-        scores = np.load(path, allow_pickle=False)
-    except (KeyError, ValueError, OSError) as exc:
-        raise KinretInputError(path, f"unreadable score matrix or ids file ({exc})") from None
+        data = read_npz(ids_path(path), ("probe_ids", "gallery_ids"))
+        stored = {k: data[k].astype(str) for k in ("probe_ids", "gallery_ids")}
+        scores = read_npy(path)
+    except DamagedFile as exc:
+        raise KinretInputError(exc.path, f"unreadable score matrix or ids file ({exc.reason})") from None
     for kind, want in (("probe", probe_ids), ("gallery", gallery_ids)):
         got = stored[f"{kind}_ids"]
         want = np.asarray(want, dtype=str)
@@ -101,3 +107,13 @@ def load_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Sequenc
             raise KinretInputError(ids_path(path), f"{kind} id at row {i} is {str(got[i])!r}, the split has "
                                                    f"{str(want[i])!r}")
     return check_scores(scores, probe_ids, gallery_ids, path)
+
+
+def cached_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Sequence[str]) -> np.ndarray | None:
+    """A matrix the kit stored (`load_scores`), or None after one warning when it or its ids file is damaged (cut
+    short, garbled, of another shape or for other ids): the caller computes it again."""
+    try:
+        return load_scores(path, probe_ids, gallery_ids)
+    except KinretInputError as exc:
+        rebuilt(DamagedFile(exc.path or path, exc.message), "the score matrix is computed again")
+        return None

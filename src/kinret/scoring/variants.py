@@ -21,7 +21,7 @@ import numpy as np
 from kinret.errors import KinretInputError
 from kinret.log import progress
 from kinret.scoring.protocols import SplitData
-from kinret.scoring.store import ids_digest, load_scores, safe_name, save_scores, stored_key
+from kinret.scoring.store import cached_scores, ids_digest, load_scores, safe_name, save_scores, stored_key
 from kinret.scoring.variant_kinds import SourceScoring, VariantKind
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ def group_scores(group: Group, sd: SplitData, scores_dir: Path) -> dict[str, np.
         return {group.name: load_scores(path, sd.probe_ids, sd.gallery_ids)}
     paths = {k: Path(scores_dir) / safe_name(group.variant(k)) / f"{sd.name}.npy" for k in group.kinds}
     keys = {k: group_key(group, k, sd) for k in group.kinds}
-    todo = [k for k in group.kinds if stored_key(paths[k]) != keys[k]]
-    out = {group.variant(k): load_scores(paths[k], sd.probe_ids, sd.gallery_ids) for k in group.kinds
-           if k not in todo}
+    fresh = [k for k in group.kinds if stored_key(paths[k]) == keys[k]]
+    out = {group.variant(k): m for k in fresh if (m := cached_scores(paths[k], sd.probe_ids, sd.gallery_ids))
+           is not None}  # a damaged matrix is computed again
+    todo = [k for k in group.kinds if group.variant(k) not in out]
     if todo:
         sources = group.sources_for(sd)
         parts: dict[VariantKind, list] = {k: [] for k in todo}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kinret.io import free_bytes, human_bytes, write_text_atomic
 from kinret.log import minutes
+from kinret.readback import read_record
 
 # units per second of the default run on the reference machine (2 cores, `benchmarks/bench_pipeline.py`, see
 # DEVELOPERS.md): 4,707 photos generated in 13 s, their SFace features in 60 s, 9 head runs in 41 s, 165 score
@@ -75,11 +76,7 @@ def clean_cache(runs: Path, ensemble_dir: Path) -> int:
 
 
 def _recorded(runs: Path) -> dict:
-    try:
-        found = json.loads((Path(runs) / THROUGHPUT_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return read_record(Path(runs) / THROUGHPUT_FILE, "its rates are measured again as the stages run")
 
 
 def _record(runs: Path, key: str, value: float) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kinret.io import write_text_atomic
+from kinret.readback import read_record
 
 RUN_FILE = "run.json"
 OLD_ZIPS = "old"  # where earlier zips of the kit go, inside the out folder
@@ -52,11 +53,7 @@ def write_run_record(out: Path, record: dict) -> Path:
 
 def read_run_record(out: Path) -> dict:
     """The last run's record in `out` (empty when there is none or it cannot be read)."""
-    try:
-        found = json.loads((Path(out) / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return read_record(Path(out) / RUN_FILE, "written again at the end of this run")
 
 
 def set_aside_old_zips(out: Path, current: Path) -> list[Path]:

@@ -24,6 +24,7 @@ from kinret.ensemble.tables import score_scale
 from kinret.io import write_text_atomic
 from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance
 from kinret.plots import DPI, KIN, NON_KIN, save_png
+from kinret.readback import DamagedFile, read_json, rebuilt
 from kinret.scoring.ranking import rank_gallery
 from kinret.train.figures import score_histogram
 
@@ -211,10 +212,14 @@ def write_report(result, out_dir: str | Path, top: int = 5, k: int = 10) -> list
     out_dir = Path(out_dir)
     key, stamp = report_key(result, top, k), out_dir / ".report_key"
     try:
-        previous = json.loads(stamp.read_text())
+        previous = read_json(stamp, dict, ("key", "files"))
+        if not isinstance(previous["files"], list) or not all(isinstance(n, str) for n in previous["files"]):
+            raise DamagedFile(stamp, "its files are not a list of names")
         if previous["key"] == key and all((out_dir / n).is_file() for n in previous["files"]):
             return [out_dir / n for n in previous["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except DamagedFile as exc:
+        rebuilt(exc, "the report is drawn again")
+    except OSError:
         pass
     figs, text = report_figures(result, top, k)
     written = [save_png(fig, out_dir / name) for name, fig in figs.items()]

@@ -7,33 +7,28 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kinret.errors import KinretInputError
 from kinret.metrics import roc_auc, roc_curve
 from kinret.plots import DPI, KIN, NON_KIN
+from kinret.readback import read_table
+from kinret.train.checkpointing import SUMMARY_FIELDS, derived_state
 
 
 def read_summary(path: str | Path) -> dict[str, np.ndarray]:
-    """A run's `summary.csv` as columns of floats (NaN where a value is empty or "nan")."""
+    """A run's `summary.csv` as columns of floats (NaN where a value is "nan"); a damaged one is written again from
+    the run's checkpoint beside it (`derived_state`, one warning)."""
     path = Path(path)
     if not path.is_file():
         raise KinretInputError(path, "does not exist: train the run first")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:  # not even a header line
-        frame = pd.DataFrame()
+    if (path.parent / "checkpoint.pt").is_file():
+        derived_state(path.parent)
+    frame = read_table(path, SUMMARY_FIELDS, numeric=True)
     if frame.empty:
         raise KinretInputError(path, "has no epoch rows")
-    out = {}
-    for key in frame.columns:
-        try:
-            out[key] = frame[key].to_numpy(dtype=float)
-        except ValueError as exc:
-            raise KinretInputError(path, f"column {key!r} is not numeric ({exc})") from exc
-    return out
+    return {key: frame[key].to_numpy(dtype=float) for key in frame.columns}
 
 
 def learning_curves(summaries: Mapping[str, str | Path]) -> Figure:

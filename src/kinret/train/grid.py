@@ -14,7 +14,6 @@ built once before the parallel part so that workers never race to compute it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,8 @@ from kinret.errors import KinretInputError
 from kinret.io import DiskFullError, write_text_atomic
 from kinret.log import progress
 from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
+from kinret.readback import DamagedFile
+from kinret.train.checkpointing import read_state
 from kinret.train.experiments import Run, expand, load_experiment
 from kinret.train.runs import run_states
 
@@ -248,8 +249,10 @@ def summary_table(runs: Sequence[Run]) -> pd.DataFrame:
     cols = ["average", "mAP", "rank5", "pair_auc_cos", "pair_auc_fc"]
     rows = []
     for cfg, fold, _ in runs:
-        state = cfg.run_dir(fold) / "state.json"
-        last = json.loads(state.read_text())["last"] if state.is_file() else None
+        try:
+            last = (read_state(cfg.run_dir(fold)) or {}).get("last")
+        except DamagedFile:  # a run's status check writes it again from the checkpoint
+            last = None
         if last:
             rows.append({"variant": cfg.name, "fold": fold, "epochs": last["epoch"]} | {k: last[k] for k in cols})
     return pd.DataFrame(rows, columns=["variant", "fold", "epochs", *cols])

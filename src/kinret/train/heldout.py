@@ -27,6 +27,7 @@ from kinret.models.losses import sample_pairs, trains_pair_head
 from kinret.models.networks import KinNet
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import l2_normalize, probe_scores
+from kinret.train.checkpointing import load_checkpoint
 from kinret.train.inputs import cache_dir, family_table, training_families
 
 log = logging.getLogger("kinret.train")
@@ -147,7 +148,7 @@ def held_out_pair_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
     are rebuilt from the run folder as the trainer built them, so the scores are the ones behind its pair AUC."""
     model, cfg, data_cfg = load_model(run_dir)
     # mmap: only the fold and the frozen backbone's digest are read, not the tensors load_model already has
-    meta = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    meta = load_checkpoint(Path(run_dir), mmap=True)
     fold = int(meta["fold"])
     device = resolve_device(cfg.device)
     model.to(device)

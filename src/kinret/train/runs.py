@@ -6,6 +6,11 @@ families and the SHA-1 of every image it was trained on, so a run whose data cha
 while a relative and an absolute path to the same data are the same run. Its checkpoint is the commit point of an
 epoch: ``state.json`` and ``summary.csv`` are derived from it, and a run whose derived files lag behind its
 checkpoint (killed between the writes) is 'partial' until a resume rewrites them.
+
+Each file is checked as it is read (`kinret.readback`): a damaged checkpoint is deleted and its run trained again
+from the start; a damaged config.json, state.json or summary.csv is written again from the checkpoint; a damaged
+data.json stops the run (the record of what the run was trained on cannot be rebuilt without training it again).
+Each repair is one warning naming the file.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from kinret.data.layout import DataLayout
 from kinret.data.pixels import content_hashes
 from kinret.errors import KinretInputError
 from kinret.io import write_text_atomic
+from kinret.models.checkpoint import saved_config
 from kinret.models.config import TrainConfig, config_from_dict
-from kinret.train.checkpointing import derived_state
+from kinret.readback import DamagedFile, read_json, rebuilt
+from kinret.train.checkpointing import derived_state, load_checkpoint, read_state
 from kinret.train.experiments import Run
 
 log = logging.getLogger("kinret.train")
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}  # how a run executes, not what it computes
+_CHECKED: dict[tuple[str, int, int], dict] = {}  # checkpoints found whole: (path, size, mtime) -> fold and config
 PLACE_FIELDS = {"data_root", "out_root"}  # where its data and outputs are: the data is known by its content
 HOW_TO_PROCEED = ("to keep it, train this config under another experiment name (a new experiment file, or --set "
                   "name=NEW with python -m kinret.train / kinret.grid) or into another runs folder "
@@ -88,7 +96,15 @@ def data_change(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -
     path = cfg.run_dir(fold) / "data.json"
     if not path.is_file():
         return "it has no record of the data it was trained on (no data.json: trained by an older kit)"
-    change = describe_change(json.loads(path.read_text()), now)
+    try:
+        saved = read_json(path, dict, ("families", "files"))
+        if not isinstance(saved["families"], list) or not isinstance(saved["files"], dict):
+            raise DamagedFile(path, "its families are not a list or its files not a table of hashes")
+    except DamagedFile as exc:
+        raise exc.advise(f"it recorded the data this run was trained on, and without it the kit cannot tell whether "
+                         f"the run fits the data now: delete {cfg.run_dir(fold)} to train it again (python -m "
+                         "kinret.train ... --restart does that)") from None
+    change = describe_change(saved, now)
     return f"the training data changed since it was trained: {change}" if change else ""
 
 
@@ -98,17 +114,47 @@ def save_data_fingerprint(cfg: TrainConfig, fold: int) -> None:
         write_text_atomic(cfg.run_dir(fold) / "data.json", json.dumps(fingerprint, indent=0, sort_keys=True) + "\n")
 
 
-def config_conflict(cfg: TrainConfig, run_dir: Path) -> str:
-    """'' or why the run folder holds another config's run (and how to proceed)."""
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        return ""
-    saved, now = config_from_dict(json.loads(cfg_path.read_text())).to_dict(), cfg.to_dict()
-    diff = [f"{k} {v!r} saved, {now[k]!r} now" for k, v in saved.items()
-            if v != now[k] and k not in RUNTIME_FIELDS | PLACE_FIELDS]
-    if not diff:
-        return ""
-    return f"{run_dir} holds a run of another config ({'; '.join(diff)}): " + HOW_TO_PROCEED.format(run_dir=run_dir)
+def config_conflict(cfg: TrainConfig, run_dir: Path, ckpt: dict | None = None) -> str:
+    """'' or why the run folder holds another config's run (and how to proceed): its config.json, or the config
+    its checkpoint `ckpt` holds, differs from `cfg`."""
+    now = cfg.to_dict()
+    for where, found in (("config.json", saved_config(run_dir)), ("checkpoint.pt", ckpt and ckpt["config"])):
+        if found is None:
+            continue
+        diff = [f"{k} {v!r} saved, {now[k]!r} now" for k, v in config_from_dict(found).to_dict().items()
+                if v != now[k] and k not in RUNTIME_FIELDS | PLACE_FIELDS]
+        if diff:
+            return (f"{run_dir} holds a run of another config (its {where}: {'; '.join(diff)}): "
+                    + HOW_TO_PROCEED.format(run_dir=run_dir))
+    return ""
+
+
+def checked_checkpoint(run_dir: Path, fold: int) -> dict | None:
+    """The run's checkpoint's fold and config (its metadata and checksums checked once per process while its size
+    and mtime stay), or None after a damaged one (unreadable, garbled, or holding another fold) was deleted with a
+    warning: its run is trained again from the start."""
+    path = run_dir / "checkpoint.pt"
+    try:
+        st = path.stat()
+        seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if seen not in _CHECKED:
+            ckpt = load_checkpoint(run_dir, mmap=True, verify=True)
+            _CHECKED[seen] = {"fold": ckpt["fold"], "config": ckpt["config"]}
+        ckpt = _CHECKED[seen]
+        if ckpt["fold"] != fold:
+            raise DamagedFile(path, f"holds a checkpoint of fold {ckpt['fold']}, not of fold {fold}")
+        return ckpt
+    except FileNotFoundError:  # another process (torchrun's) found it damaged first
+        return None
+    except DamagedFile as exc:
+        try:
+            finished = bool((read_state(run_dir) or {}).get("finished"))
+        except DamagedFile:
+            finished = False
+        rebuilt(exc, "deleted; this " + ("finished run is trained again from the start: its training is lost" if
+                                         finished else "run is trained again from the start"))
+        path.unlink(missing_ok=True)
+        return None
 
 
 def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) -> tuple[str, str]:
@@ -123,7 +169,10 @@ def run_status(cfg: TrainConfig, fold: int, fingerprints: dict | None = None) ->
     run_dir = cfg.run_dir(fold)
     if not (run_dir / "checkpoint.pt").is_file():
         return "todo", ""
-    conflict = config_conflict(cfg, run_dir)
+    ckpt = checked_checkpoint(run_dir, fold)
+    if ckpt is None:
+        return "todo", ""
+    conflict = config_conflict(cfg, run_dir, ckpt)
     if conflict:
         return "conflict", conflict
     change = data_change(cfg, fold, fingerprints)
@@ -172,9 +221,8 @@ def fixed_runtime(cfg: TrainConfig, fold: int, status: str) -> TrainConfig:
     fresh run's thread count resolved (0: the count torch uses now) and saved in its config.json; a resumed run
     gets the thread count and eval batch size it started with, whatever the command line (or the grid's --jobs)
     says now, so it ends with the weights of an uninterrupted run."""
-    path = cfg.run_dir(fold) / "config.json"
-    if status == "resume" and path.is_file():
-        saved = json.loads(path.read_text())
+    saved = saved_config(cfg.run_dir(fold)) if status == "resume" else None
+    if saved is not None:
         fixed = replace(cfg, threads=saved.get("threads", cfg.threads),
                         eval_batch_size=saved.get("eval_batch_size", cfg.eval_batch_size))
         if fixed != cfg:
