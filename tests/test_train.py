@@ -234,3 +234,16 @@ def test_checkpoints_rebuild_the_trained_model(tmp_path, tiny_data):
         load_model(out / "h" / "fold0")
     with pytest.raises(KinretInputError, match="train this run first"):
         load_model(out / "nothing" / "fold0")
+
+
+def test_equal_checkpoints_are_equal_bytes(tmp_path):
+    """A checkpoint's bytes follow its contents, not the temporary name it was written under (a rewritten checkpoint
+    with the same weights keeps the key of the embeddings cached from it)."""
+    from kinret.train.checkpointing import load_checkpoint, save_checkpoint
+
+    ckpt = {"model": {"w": torch.arange(4.0)}, "epoch": 1, "step": 2, "rows": [], "config": {}, "fold": 0,
+            "data_config": {}}
+    for name in ("a", "b"):
+        save_checkpoint(tmp_path / name, ckpt)
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    assert torch.equal(load_checkpoint(tmp_path / "a")["model"]["w"], ckpt["model"]["w"])

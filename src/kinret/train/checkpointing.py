@@ -29,8 +29,10 @@ STATE_KEYS = ("epoch", "epochs", "finished")
 
 
 def save_checkpoint(run_dir: Path, ckpt: dict) -> None:
-    with atomic_path(Path(run_dir) / "checkpoint.pt", suffix=".pt") as tmp:
-        torch.save(ckpt, tmp)
+    """`ckpt` as ``run_dir/checkpoint.pt``, written whole or not at all; through a file object, so the archive's
+    records are named "archive/..." and not after the temporary file (equal contents, equal bytes)."""
+    with atomic_path(Path(run_dir) / "checkpoint.pt", suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(run_dir: Path, device: str | torch.device = "cpu", mmap: bool = False, verify: bool = False
