@@ -128,3 +128,29 @@ def test_the_default_run_scores_the_fine_tune_and_the_final_fit_trains_on_train_
     assert len(summary) == 3 and ",nan," in summary[2]  # epochs 0 and 1; nothing held out to score
     assert [p.parent.name for p in (tmp_path / "ens" / "scores_final").rglob("test.npy")] == [
         next(iter(sel["weights"])).replace(":", "_").replace("/", "_")]
+
+
+def test_the_held_out_fold_is_embedded_once_for_the_trainer_and_the_scorer(tuned, faces112, monkeypatch):
+    """After its last epoch a fold model embeds its out-of-fold split as the scorer would and keeps it: the scorer
+    reads it instead of embedding the fold again, and the kept numbers are the ones it would have computed."""
+    from kinret.data.layout import DataLayout
+    from kinret.features.feeds import FEEDS
+    from kinret.scoring.protocols import build_splits
+
+    cfg, out, _ = tuned
+    images = build_splits(DataLayout.of(faces112), cfg.n_folds, cfg.fold_seed, cfg.seed)["oof0"].images
+    source = CheckpointSource(cfg.run_dir(0), out / "_cache")
+    cache = source.cache_path(images)
+    assert cache.is_file()  # written by the trainer
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the held-out fold was embedded again")
+
+    with monkeypatch.context() as m:
+        for cls in FEEDS.values():
+            m.setattr(cls, "set_inputs", forbidden)
+            m.setattr(cls, "set_pooled", forbidden)
+        kept = source.embeddings(images)
+    cache.unlink()
+    fresh = CheckpointSource(cfg.run_dir(0), out / "_cache").embeddings(images)
+    assert kept.keys() == fresh.keys() and all(np.array_equal(kept[k], fresh[k]) for k in kept)

@@ -74,7 +74,12 @@ class Feed:
 
     # ---- a run's inputs and model ---------------------------------------------------------------------------------
     def frozen_pass(self, start: nn.Module, data_cfg: dict, digest: str = "") -> FrozenPass:
-        return FrozenPass.of(self.cfg, start, digest or state_digest(start), data_cfg, self.device)
+        """The frozen pass of `start`, the network the run starts from (remembered as `starting` when none was given:
+        the trainer's model embeds a split later from the pass its training read)."""
+        digest = digest or state_digest(start)
+        if self.starting is None:
+            self.starting = lambda: (start, data_cfg, digest)
+        return FrozenPass.of(self.cfg, start, digest, data_cfg, self.device)
 
     def load(self, start: nn.Module, data_cfg: dict, table: ImageTable, frozen: bool) -> None:
         """Read (computing what is missing) the inputs of `table`'s images from the network `start`; with `frozen`,

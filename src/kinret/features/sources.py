@@ -16,12 +16,13 @@ import torch
 from kinret.data.pixels import decode_pixels
 from kinret.dist import local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import build_in_chunks, file_digest
+from kinret.features.cache import build_in_chunks, chunk_bounds, file_digest
 from kinret.features.feed import Feed
 from kinret.features.feeds import feed_class, load_model
 from kinret.features.frozen import CODE, Cut, FrozenPass
 from kinret.features.image_set import ImageSet
 from kinret.features.raw_pixels import RawPixels
+from kinret.io import atomic_path
 from kinret.models.checkpoint import run_config, shared_backbone
 from kinret.models.config import TrainConfig
 from kinret.models.losses import trains_pair_head
@@ -100,6 +101,14 @@ class BackboneSource:
         return _views_mean(self.raw(images))
 
 
+def embed_set(feed: Feed, model: torch.nn.Module, data_cfg: dict, images: ImageSet) -> dict[str, np.ndarray]:
+    """{name: (V, N, D)} of a trained model's embeddings of `images`, computed chunk by chunk as a
+    `CheckpointSource` computes them (the same numbers)."""
+    inputs = feed.set_inputs(model, data_cfg, images)
+    parts = [feed.set_pooled(model, data_cfg, images, inputs, a, b) for a, b in chunk_bounds(len(images.ids))]
+    return {k: np.concatenate([part[k] for part in parts], axis=1) for k in parts[0]}
+
+
 def frozen_network(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict, str]:
     """(network, data config, weights digest) of a config's network, built once and kept in `backbones` with its
     digest (a network kept there is frozen: hashed once, not per source)."""
@@ -155,8 +164,19 @@ class CheckpointSource:
         return _key(self.digest, code_version(*CODE), f"views{2 if self.cfg.flip_views else 1}",
                     self.feed.set_key(images), images.digest)
 
+    def cache_path(self, images: ImageSet) -> Path:
+        return self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
+
+    def store(self, images: ImageSet, arrays: dict[str, np.ndarray]) -> Path:
+        """Keep `arrays` ({name: (V, N, D)}, as `embed_set` computes them) as the embeddings of `images`, written as
+        this source writes its own: what the trainer does with the held-out images it embeds after its last epoch."""
+        cache = self.cache_path(images)
+        with atomic_path(cache, suffix=".npz") as tmp:
+            np.savez(tmp, ids=np.asarray(images.ids), **arrays)
+        return cache
+
     def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
-        cache = self.run_dir / "embeddings" / f"{images.label}_{self.key(images)}.npz"
+        cache = self.cache_path(images)
         model, _, data_cfg = self._loaded
         inputs = [None if cache.is_file() else self.feed.set_inputs(model, data_cfg, images)]  # every process, in order
 

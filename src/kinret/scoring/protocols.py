@@ -109,6 +109,29 @@ def split_group(name: str) -> str:
     return "oof" if oof_fold(name) is not None else name
 
 
+def training_set(layout: DataLayout) -> ImageSet:
+    """Every training image in the trainer's order (families in id order): the parent of the out-of-fold sets."""
+    return _image_set("train", ImageTable.from_families(layout.train_families).paths, layout.root)
+
+
+def oof_split(layout: DataLayout, n_folds: int, fold_seed: int, seed: int, k: int, train: ImageSet | None = None,
+              resolve: Callable[[Path], Path] | None = None) -> SplitData | None:
+    """oof{k}: the protocol drawn from fold k's held-out families that have two members with photos, located in the
+    training set (`train`, built when not given); None (warned) when no family qualifies. The trainer draws the same
+    one to evaluate its fold model, and embeds its images for the scorer (`kinret.train.trainer`)."""
+    root, resolve = layout.root, resolve or _resolver()
+    train = train or training_set(layout)
+    held = [f for f in layout.fold_families(n_folds, fold_seed, k)[1] if sum(1 for m in f.members if m.images) >= 2]
+    if not held:
+        log.warning("fold %d has no family with two members: no out-of-fold split for it", k)
+        return None
+    split = build_protocol(held, layout.train, seed=seed, name=f"oof{k}")[0]
+    own = _own_images(f"oof{k}", split, root)
+    position = {resolve(p): i for i, p in enumerate(train.paths)}
+    own = replace(own, parent=train, rows=tuple(position[resolve(p)] for p in own.paths))
+    return _locate(f"oof{k}", split, own, split, resolve)
+
+
 def build_splits(layout: DataLayout, n_folds: int, fold_seed: int = 0, seed: int = 0) -> dict[str, SplitData]:
     """oof0..oof{n_folds-1} (when DATA/train exists), val (when DATA/val exists) and test, in that order.
 
@@ -117,23 +140,14 @@ def build_splits(layout: DataLayout, n_folds: int, fold_seed: int = 0, seed: int
     model is only ever scored on families it never saw."""
     root, resolve = layout.root, _resolver()
     out: dict[str, SplitData] = {}
-    if layout.train is not None:
-        families = layout.train_families
-        if n_folds == 0:  # no fold models to respect: the trainer's default, or fewer on a small folder
-            n_folds = min(TrainConfig.n_folds, len(families))
+    if layout.train is not None and n_folds == 0:  # no fold models to respect: the trainer's default, or fewer
+        n_folds = min(TrainConfig.n_folds, len(layout.train_families))
     if layout.train is not None and n_folds > 1:
-        train = _image_set("train", ImageTable.from_families(families).paths, root)
-        position = {resolve(p): i for i, p in enumerate(train.paths)}
+        train = training_set(layout)
         for k in range(n_folds):
-            held = [f for f in layout.fold_families(n_folds, fold_seed, k)[1]
-                    if sum(1 for m in f.members if m.images) >= 2]
-            if not held:
-                log.warning("fold %d has no family with two members: no out-of-fold split for it", k)
-                continue
-            split = build_protocol(held, layout.train, seed=seed, name=f"oof{k}")[0]
-            own = _own_images(f"oof{k}", split, root)
-            own = replace(own, parent=train, rows=tuple(position[resolve(p)] for p in own.paths))
-            out[f"oof{k}"] = _locate(f"oof{k}", split, own, split, resolve)
+            found = oof_split(layout, n_folds, fold_seed, seed, k, train, resolve)
+            if found is not None:
+                out[f"oof{k}"] = found
     val = layout.val_split(seed)
     if val is not None:
         out["val"] = _locate("val", val, _own_images("val", val, root), val, resolve)

@@ -25,6 +25,7 @@ from kinret.metrics import chance_level, evaluate_ranking, roc_auc
 from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import sample_pairs, trains_pair_head
 from kinret.models.networks import KinNet
+from kinret.scoring.protocols import SplitData, oof_split
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import l2_normalize, probe_scores
 from kinret.train.checkpointing import load_checkpoint
@@ -116,6 +117,44 @@ def held_out_setup(cfg: TrainConfig, fold: int, table: ImageTable, eval_fams: li
     log.info("%s; a random ranking expects Average %.4f (mAP %.4f, Rank@5 %.4f)", split.describe(),
              chance["average"], chance["mAP"], chance["rank@5"])
     return held
+
+
+@dataclass
+class HeldOutSet:
+    """The scorer's out-of-fold split of a fold run (`kinret.scoring.protocols.oof_split`), which the trainer embeds
+    after its last epoch for the scorer too: the split and the table row of each of its images."""
+
+    split: SplitData
+    table_rows: np.ndarray
+
+
+def held_out_set(cfg: TrainConfig, fold: int, layout: DataLayout, row_of: dict[Path, int]) -> HeldOutSet | None:
+    """The out-of-fold split of fold `fold` as the scorer draws it with protocol seed `cfg.seed` (the default's), or
+    None for a run on whole splits or a split whose images are not all in the table."""
+    if Fit.of(fold) is not Fit.FOLD:
+        return None
+    split = oof_split(layout, cfg.n_folds, cfg.fold_seed, cfg.seed, fold)
+    rows = [row_of.get(p.resolve()) for p in split.images.paths] if split is not None else [None]
+    return None if None in rows else HeldOutSet(split, np.array(rows))
+
+
+def set_embedder(model: KinNet, embed_rows: Callable[[np.ndarray], np.ndarray], device: torch.device,
+                 fc_trained: bool, arrays: dict[str, np.ndarray], held: HeldOutSet) -> RowEmbedder:
+    """A `RowEmbedder` that takes a held-out set's embeddings (`arrays`, {name: (V, N, D)} as the scorer keeps them)
+    for its images and `embed_rows` for any other row."""
+    emb = arrays["emb"].mean(axis=0)  # the views' mean, as the scorer takes it
+    at = {int(r): i for i, r in enumerate(held.table_rows)}
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        known = np.array([r in at for r in rows.tolist()], dtype=bool)
+        out = np.empty((len(rows), emb.shape[1]), dtype=emb.dtype)
+        out[known] = emb[[at[r] for r in rows[known].tolist()]]
+        if (~known).any():
+            out[~known] = embed_rows(rows[~known])
+        return out
+
+    return RowEmbedder(model, embed, device, fc_trained)
 
 
 def held_out_metrics(held: HeldOut | None, embedder: RowEmbedder) -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -28,12 +29,20 @@ from kinret.dist import autocast, resolve_device
 from kinret.errors import KinretInputError
 from kinret.features.feed import Feed, embed_pooled_rows
 from kinret.features.feeds import feed_class
+from kinret.features.sources import CheckpointSource, embed_set
 from kinret.log import progress
 from kinret.models.config import TrainConfig, seed_of
 from kinret.models.losses import Batch, Loss, TrainingSet, build_loss, family_means
 from kinret.models.networks import KinNet, build_backbone, freeze_batchnorm
 from kinret.train.checkpointing import load_checkpoint, save_run, write_derived
-from kinret.train.heldout import RowEmbedder, held_out_metrics, held_out_setup, row_index
+from kinret.train.heldout import (
+    RowEmbedder,
+    held_out_metrics,
+    held_out_set,
+    held_out_setup,
+    row_index,
+    set_embedder,
+)
 from kinret.train.inputs import cache_dir, family_table, training_families
 
 log = logging.getLogger("kinret.train")
@@ -68,7 +77,7 @@ class Trainer:
         self.cfg, self.fold, self.rank, self.world = cfg, fold, rank, world
         self.device = resolve_device(cfg.device)
         self.run_dir = cfg.run_dir(fold)
-        train_fams, eval_fams, layout = training_families(cfg, fold)
+        train_fams, eval_fams, self.layout = training_families(cfg, fold)
         self.table = family_table(train_fams, eval_fams)
         self.train_rows = self.table.subset({f.fid for f in train_fams})
         self.row_of = row_index(self.table)
@@ -81,7 +90,7 @@ class Trainer:
         self.feed = feed_class(cfg)(cfg, self.device, cache_dir(cfg))
         self.zero_shot: dict[str, float] = {}
         self.build_model()
-        self.held_out = held_out_setup(cfg, fold, self.table, eval_fams, layout, self.row_of)
+        self.held_out = held_out_setup(cfg, fold, self.table, eval_fams, self.layout, self.row_of)
         self.embedder = RowEmbedder(self.model, lambda rows: self.feed.embed_rows(self.model, rows), self.device,
                                     self.loss.trains_pair_head)
         self.objective, self.ddp = self.wrap(Objective(self.model, self.loss, self.feed))
@@ -171,6 +180,21 @@ class Trainer:
     # ---- evaluation and checkpoints --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         return held_out_metrics(self.held_out, self.embedder)
+
+    def evaluate_last(self) -> tuple[dict[str, float], Callable[[], None]]:
+        """The held-out scores after the last epoch and what keeps the held-out images' embeddings for the scorer
+        (called once the checkpoint is saved): a fold run embeds its out-of-fold split as the scorer would
+        (`kinret.features.sources.embed_set`), so the scorer reads them instead of embedding them again."""
+        held = held_out_set(self.cfg, self.fold, self.layout, self.row_of) if self.held_out is not None else None
+        if held is None:
+            return self.evaluate(), lambda: None
+        arrays = embed_set(self.feed, self.model, self.data_cfg, held.split.images)
+        embedder = set_embedder(self.model, self.embedder.embed, self.device, self.loss.trains_pair_head, arrays,
+                                held)
+        def keep() -> None:
+            CheckpointSource(self.run_dir, cache_dir(self.cfg)).store(held.split.images, arrays)
+
+        return held_out_metrics(self.held_out, embedder), keep
 
     def epoch_zero(self) -> dict[str, float]:
         """The held-out scores before any step (summary row epoch 0) and, when the starting network's features are
@@ -281,9 +305,12 @@ class Trainer:
             row = self.train_epoch()
             self.epoch += 1
             if self.rank == 0:
-                row.update(self.evaluate())
+                scores, keep = self.evaluate_last() if self.epoch == self.cfg.epochs else (self.evaluate(), None)
+                row.update(scores)
                 self.rows.append(row)
                 self.save()
+                if keep is not None:
+                    keep()
                 fc = "" if math.isnan(row["pair_auc_fc"]) else f" fc {row['pair_auc_fc']:.3f}"  # no FC head: no figure
                 log.info("%s fold%d epoch %d/%d: loss %.4f, %.0f img/s, held-out pair AUC cos %.3f%s, "
                          "mAP %.4f, Rank@5 %.3f, Average %.4f", self.cfg.name, self.fold, row["epoch"],
