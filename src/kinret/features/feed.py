@@ -21,15 +21,15 @@ from kinret.models.networks import KinNet, build_backbone, freeze_backbone, pool
 
 class Feed:
     """One way of feeding a model (`kinret.features.feeds`). `cfg` is the run's config, `cache_dir` where the caches
-    live; `starting` gives, when a trained model's embeddings need it, the network the run started from (the one
-    whose frozen pass it read) as (network, data config, weights digest)."""
+    live; `starting` gives, when a trained model's embeddings need it, the frozen pass of the network the run started
+    from (the pass it read)."""
 
     name: ClassVar[str]
     trains_backbone: ClassVar[bool] = True  # the run trains (part of) the network, not only a neck and head
     tolerance: float = 1e-6  # how far epoch 0 may sit from the starting network's zero-shot score
 
     def __init__(self, cfg: TrainConfig, device: torch.device, cache_dir: Path,
-                 starting: Callable[[], tuple[nn.Module, dict, str]] | None = None):
+                 starting: Callable[[], FrozenPass] | None = None):
         self.cfg, self.device, self.cache_dir, self.starting = cfg, device, Path(cache_dir), starting
         self.frozen: torch.Tensor | None = None  # the starting network's pooled features of the table, when read
         self.digest = ""  # the frozen network's weights a head-only model is tied to
@@ -76,10 +76,10 @@ class Feed:
     def frozen_pass(self, start: nn.Module, data_cfg: dict, digest: str = "") -> FrozenPass:
         """The frozen pass of `start`, the network the run starts from (remembered as `starting` when none was given:
         the trainer's model embeds a split later from the pass its training read)."""
-        digest = digest or state_digest(start)
+        frozen = FrozenPass.of(self.cfg, start, digest or state_digest(start), data_cfg, self.device)
         if self.starting is None:
-            self.starting = lambda: (start, data_cfg, digest)
-        return FrozenPass.of(self.cfg, start, digest, data_cfg, self.device)
+            self.starting = lambda: frozen
+        return frozen
 
     def load(self, start: nn.Module, data_cfg: dict, table: ImageTable, frozen: bool) -> None:
         """Read (computing what is missing) the inputs of `table`'s images from the network `start`; with `frozen`,
@@ -113,8 +113,7 @@ class Feed:
 
     def starting_pass(self) -> FrozenPass:
         """The frozen pass of the network the run started from."""
-        start, data_cfg, digest = self.starting()
-        return self.frozen_pass(start, data_cfg, digest)
+        return self.starting()
 
     def set_inputs(self, model: KinNet, data_cfg: dict, images: ImageSet) -> Any:
         """What `set_pooled` reads for `images` (computed here; under torchrun every process calls it in order)."""

@@ -250,7 +250,7 @@ class CachedPrefix(EndToEnd):
         """The stored views (not the greyscale ones) of `images`, from the frozen pass of the network the model
         was fine-tuned from (whose first units it shares: checked)."""
         frozen = self.starting_pass()
-        if frozen.backbone.units_digest(self.cut) != model.backbone.units_digest(self.cut):
+        if frozen.net.units_digest(self.cut) != model.backbone.units_digest(self.cut):
             raise KinretInputError(None, f"{self.cfg.name}: the checkpoint's first {self.cut} units differ from the "
                                          f"network {self.cfg.backbone!r} it was fine-tuned from: retrain it")
         outputs = self._outputs(frozen, frozen.data_cfg, images.root.paths, shard=True)

@@ -21,7 +21,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -36,12 +36,12 @@ from kinret.errors import KinretInputError
 from kinret.features.augment import LUMA
 from kinret.features.cache import CHUNK, chunk_bounds
 from kinret.features.graph_runtime import cut_key, graph_pooled
-from kinret.features.runtime import GRAPH, GRAPH_BATCH, RUNTIMES, default_threads, frozen_runtime, graph_runtime
+from kinret.features.network import NetworkCard
+from kinret.features.runtime import GRAPH, GRAPH_BATCH, RUNTIMES, TORCH_FP32, default_threads, graph_runtime
 from kinret.io import atomic_path
 from kinret.log import progress
 from kinret.models.config import TrainConfig
 from kinret.models.networks import POOLS, pool_names
-from kinret.models.onnx_net import OnnxBackbone
 from kinret.readback import DamagedFile, check_ids, read_npy, read_npz, rebuilt
 from kinret.versions import code_version
 
@@ -164,9 +164,10 @@ class FrozenPass:
     """How a frozen network's outputs are computed and kept: the network, the digest of its weights and its input
     convention (`data_cfg`), the views (with the mirror image when `flip`), the GeM power, and how it runs (device,
     batch, cv2 worker threads, memory format, and the runtime: "" lets `frozen_runtime` pick). `label` names its
-    folders."""
+    folders. Without `backbone`, the network's `card` answers what the key needs and `build` gives the network when
+    something is to be computed (a warm run builds no network)."""
 
-    backbone: nn.Module
+    backbone: nn.Module | None
     digest: str
     data_cfg: dict
     label: str
@@ -178,6 +179,8 @@ class FrozenPass:
     threads: int = 0
     runtime: str = ""
     chunk: int = CHUNK  # images per saved chunk while a pass runs
+    card: NetworkCard | None = field(default=None, compare=False)
+    build: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, cfg: TrainConfig, backbone: nn.Module, digest: str, data_cfg: dict, device: torch.device
@@ -187,9 +190,19 @@ class FrozenPass:
                    cfg.channels_last, cfg.flip_views, cfg.threads)
 
     @cached_property
+    def net(self) -> nn.Module:
+        """The network itself (built now when the pass was given its card only)."""
+        return self.backbone if self.backbone is not None else self.build()
+
+    @cached_property
+    def _card(self) -> NetworkCard:
+        return self.card or NetworkCard.of(self.backbone, self.data_cfg, self.digest)
+
+    @cached_property
     def engine(self) -> str:
-        """The runtime that computes them: `runtime`, else the one `frozen_runtime` picks."""
-        engine = self.runtime or frozen_runtime(self.backbone, self.device)
+        """The runtime that computes them: `runtime`, else the one `frozen_runtime` picks (an ONNX network's graph
+        on a CPU)."""
+        engine = self.runtime or (GRAPH if self._card.graph and self.device.type == "cpu" else TORCH_FP32)
         if engine not in RUNTIMES:
             raise ValueError(f"unknown feature runtime {engine!r}; one of {RUNTIMES}")
         return engine
@@ -200,13 +213,13 @@ class FrozenPass:
 
     @property
     def poolings(self) -> list[str]:
-        return pool_names(self.backbone)
+        return list(POOLS) + (["native"] if self._card.native else [])
 
     def key(self, files_digest: str) -> str:
         """Names a pass by everything that changes its numbers (see the module docstring)."""
-        conv = self.backbone.convention if isinstance(self.backbone, OnnxBackbone) else None
         parts = [self.digest, str(tuple(self.data_cfg["input_size"])), str(tuple(self.data_cfg["mean"])),
-                 str(tuple(self.data_cfg["std"])), repr(conv), f"gem{self.gem_p}", f"cl{int(self.channels_last)}",
+                 str(tuple(self.data_cfg["std"])), self._card.convention, f"gem{self.gem_p}",
+                 f"cl{int(self.channels_last)}",
                  code_version(*CODE), self.engine, f"views{self.views}", files_digest]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -217,9 +230,9 @@ class FrozenPass:
         """(C, H, W) of one view's output of the first `cut` units."""
         size = self.data_cfg["input_size"][-1]
         with torch.no_grad():
-            was = self.backbone.training
-            out = self.backbone.eval().forward_prefix(torch.zeros(1, 3, size, size, device=self.device), cut)
-            self.backbone.train(was)
+            was = self.net.training
+            out = self.net.eval().forward_prefix(torch.zeros(1, 3, size, size, device=self.device), cut)
+            self.net.train(was)
         return tuple(out.shape[1:])
 
     def outputs(self, paths: Sequence[Path], cache_dir: Path, cuts: Sequence[Cut] = (), shard: bool = False,
@@ -268,7 +281,7 @@ class FrozenPass:
         if self.engine == GRAPH:
             workers = default_threads(self.threads)
             batch = min(self.batch, GRAPH_BATCH)
-            runtime = graph_runtime(self.backbone, self.digest, tuple(sorted(set(colour + grey))), workers, self.gem_p)
+            runtime = graph_runtime(self.net, self.digest, tuple(sorted(set(colour + grey))), workers, self.gem_p)
             out = graph_pooled(runtime, lambda a, b: decode_pixels(paths[start + a:start + b], size, None),
                                stop - start, self.poolings, self.gem_p, self.flip, batch, workers, desc=desc)
             if grey:
@@ -277,11 +290,11 @@ class FrozenPass:
                     stop - start, [], self.gem_p, self.flip, batch, workers, desc=desc).items()})
         else:
             pixels = decoded(start, stop)
-            out = forward_pooled(self.backbone, pixels, self.data_cfg, self.device, self.batch, self.gem_p, desc,
+            out = forward_pooled(self.net, pixels, self.data_cfg, self.device, self.batch, self.gem_p, desc,
                                  self.channels_last, flip=self.flip, cuts=colour)
             if grey:
                 out.update({f"{k}-grey": v for k, v in forward_pooled(
-                    self.backbone, grey_pixels(pixels), self.data_cfg, self.device, self.batch, self.gem_p, desc,
+                    self.net, grey_pixels(pixels), self.data_cfg, self.device, self.batch, self.gem_p, desc,
                     self.channels_last, flip=self.flip, cuts=grey).items() if k.startswith("cut")})
         found = {k: v for k, v in out.items() if not k.startswith("cut")}
         for c in cuts:

@@ -6,7 +6,7 @@ and names its own content in `key`."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from kinret.features.feed import Feed
 from kinret.features.feeds import feed_class, load_model
 from kinret.features.frozen import CODE, Cut, FrozenPass
 from kinret.features.image_set import ImageSet
+from kinret.features.network import NetworkCard, record_card, recorded_card
 from kinret.features.raw_pixels import RawPixels
 from kinret.io import atomic_path
 from kinret.models.checkpoint import run_config, shared_backbone
@@ -84,8 +85,7 @@ class BackboneSource:
 
     @cached_property
     def features(self) -> FrozenPass:
-        backbone, data_cfg, digest = frozen_network(self.cfg, self.backbones)
-        return FrozenPass.of(self.cfg, backbone, digest, data_cfg, _device())
+        return frozen_pass(self.cfg, self.backbones, self.cache_dir)
 
     def key(self, images: ImageSet) -> str:
         return self.features.key(images.digest)
@@ -109,14 +109,37 @@ def embed_set(feed: Feed, model: torch.nn.Module, data_cfg: dict, images: ImageS
     return {k: np.concatenate([part[k] for part in parts], axis=1) for k in parts[0]}
 
 
-def frozen_network(cfg: TrainConfig, backbones: dict) -> tuple[torch.nn.Module, dict, str]:
+def frozen_network(cfg: TrainConfig, backbones: dict, cache_dir: Path | None = None
+                   ) -> tuple[torch.nn.Module, dict, str]:
     """(network, data config, weights digest) of a config's network, built once and kept in `backbones` with its
-    digest (a network kept there is frozen: hashed once, not per source)."""
+    digest (a network kept there is frozen: hashed once, not per source); its card recorded under `cache_dir`."""
     backbone, data_cfg = shared_backbone(cfg, backbones)
     memo = ("state_digest", id(backbone))
     if memo not in backbones:
         backbones[memo] = state_digest(backbone)
+        if cache_dir is not None:
+            record_card(cfg, cache_dir, NetworkCard.of(backbone, data_cfg, backbones[memo]))
     return backbone, data_cfg, backbones[memo]
+
+
+def frozen_pass(cfg: TrainConfig, backbones: dict, cache_dir: Path) -> FrozenPass:
+    """The frozen pass of a config's network, named from the network's recorded card without building it when a
+    run here built it before (`kinret.features.network`); the network is built when something is computed. One per
+    config's pass settings, kept in `backbones`."""
+    memo = ("frozen_pass", cfg.backbone_key, cfg.input_convention, cfg.onnx_output, cfg.eval_batch_size, cfg.gem_p,
+            cfg.channels_last, cfg.flip_views, cfg.threads, str(cache_dir))
+    if memo not in backbones:
+        backbones[memo] = _frozen_pass(cfg, backbones, cache_dir)
+    return backbones[memo]
+
+
+def _frozen_pass(cfg: TrainConfig, backbones: dict, cache_dir: Path) -> FrozenPass:
+    card = recorded_card(cfg, cache_dir)
+    if card is None:
+        backbone, data_cfg, digest = frozen_network(cfg, backbones, cache_dir)
+        return FrozenPass.of(cfg, backbone, digest, data_cfg, _device())
+    build = lambda: frozen_network(cfg, backbones, cache_dir)[0]  # noqa: E731
+    return replace(FrozenPass.of(cfg, None, card.digest, card.data_cfg, _device()), card=card, build=build)
 
 
 @dataclass
@@ -157,7 +180,7 @@ class CheckpointSource:
     def feed(self) -> Feed:
         """The run's feed, its starting network the shared build of the run's network (for a fine-tune's prefix)."""
         return feed_class(self.cfg)(self.cfg, _device(), self.cache_dir,
-                                    starting=lambda: frozen_network(self.cfg, self.backbones))
+                                    starting=lambda: frozen_pass(self.cfg, self.backbones, self.cache_dir))
 
     def key(self, images: ImageSet) -> str:
         """The checkpoint's content, the views, the code and what its feed reads for `images`."""

@@ -279,8 +279,8 @@ def feature_work(todo: Sequence[tuple]) -> list[Work]:
     out = []
     for source, units in feature_units(todo).values():
         feats = source.features
-        rate, basis = network_rate(feats.backbone, source.cfg, feats.engine, feats.data_cfg["input_size"][-1])
-        out.append(Work("features", units, network_key(source.cfg, feats.backbone), rate, basis,
+        rate, basis = network_rate(feats.net, source.cfg, feats.engine, feats.data_cfg["input_size"][-1])
+        out.append(Work("features", units, network_key(source.cfg, feats.net), rate, basis,
                         "views" if source.cfg.flip_views else ""))
     return out
 

@@ -233,7 +233,7 @@ def compute_features(groups: list[Group], splits: dict[str, SplitData], args: ar
             source.embeddings(images)
             seconds[id(source)] = seconds.get(id(source), 0.0) + time.perf_counter() - t0
         for i, (source, units) in feature_units(todo).items():
-            key = network_key(source.cfg, source.features.backbone)
+            key = network_key(source.cfg, source.features.net)
             record_rate(args.runs, f"features:{key}", units, seconds[i])
         record_size(args.runs, "features", n_images, tree_bytes(args.runs / "_cache") - before)
 
