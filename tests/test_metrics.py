@@ -202,3 +202,20 @@ def test_mid_ranks_equal_scipys_average_ranks_and_the_auc_sklearns(seed):
     assert mid_ranks(np.array([])).shape == (0,)
     x[3] = np.nan
     assert np.isnan(mid_ranks(x)).all() and np.isnan(roc_auc(x, y))
+
+
+def test_ranks_equal_scipys_rankdata_for_both_tie_rules():
+    """The kit's one rank implementation against scipy's `rankdata` (the oracle), rows of ties included."""
+    from scipy.stats import rankdata
+
+    from kinret.metrics import ranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        x = rng.integers(0, 4, (int(rng.integers(1, 4)), int(rng.integers(1, 9)))).astype(np.float64)
+        for ties in ("average", "min"):
+            np.testing.assert_array_equal(ranks(x, ties), rankdata(x, method=ties, axis=-1))
+    assert np.isnan(ranks(np.array([[1.0, np.nan], [2.0, 1.0]]))[0]).all()
+    assert ranks(np.array([[1.0, np.nan], [2.0, 1.0]]))[1].tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match="ties"):
+        ranks(np.zeros(2), "max")

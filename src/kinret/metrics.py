@@ -211,19 +211,40 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def ranks(x: np.ndarray, ties: str = "average") -> np.ndarray:
+    """1-based ranks of `x` along its last axis, ascending; tied values share their mean rank ("average") or their
+    lowest ("min"), as scipy's `rankdata` gives them (whose import costs a training process over a second); a row
+    holding a NaN is all NaN, as scipy propagates it. The kit's one rank implementation.
+
+    >>> ranks(np.array([[3.0, 1.0, 3.0, 2.0]])).tolist(), ranks(np.array([3.0, 1.0, 3.0, 2.0]), "min").tolist()
+    ([[3.5, 1.0, 3.5, 2.0]], [3.0, 1.0, 3.0, 2.0])
+    """
+    if ties not in ("average", "min"):
+        raise ValueError(f"ties must be 'average' or 'min', not {ties!r}")
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[-1]
+    order = np.argsort(x, axis=-1, kind="mergesort")
+    xs = np.take_along_axis(x, order, axis=-1)
+    idx = np.broadcast_to(np.arange(n), xs.shape)
+    first = np.ones(xs.shape, dtype=bool)
+    first[..., 1:] = xs[..., 1:] != xs[..., :-1]  # where a group of equal values begins
+    start = np.maximum.accumulate(np.where(first, idx, 0), axis=-1)
+    if ties == "min":
+        sorted_ranks = start + 1.0
+    else:
+        last = np.ones(xs.shape, dtype=bool)
+        last[..., :-1] = first[..., 1:]  # where a group ends
+        end = np.flip(np.minimum.accumulate(np.flip(np.where(last, idx, n), -1), axis=-1), -1)
+        sorted_ranks = (start + end) / 2.0 + 1.0
+    out = np.empty(xs.shape)
+    np.put_along_axis(out, order, sorted_ranks, axis=-1)
+    out[np.isnan(x).any(axis=-1)] = np.nan
+    return out
+
+
 def mid_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of `x` where ties share their mean rank (scipy's `rankdata`, method "average", whose import
-    costs a training process over a second); all NaN when `x` holds a NaN, as scipy propagates it."""
-    x = np.asarray(x, dtype=np.float64).ravel()
-    if np.isnan(x).any():
-        return np.full(len(x), np.nan)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]]) if len(x) else np.zeros(0, dtype=np.int64)
-    counts = np.diff(np.r_[starts, len(x)])
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(starts + (counts + 1) / 2.0, counts)
-    return ranks
+    """1-based ranks of `x` (flattened) where ties share their mean rank: `ranks` with ties "average"."""
+    return ranks(np.asarray(x, dtype=np.float64).ravel())
 
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
