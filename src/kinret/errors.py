@@ -11,6 +11,7 @@ class KinretInputError(ValueError):
 
     def __init__(self, path: str | os.PathLike | None, message: str, line: int | None = None):
         self.path = None if path is None else str(path)
+        self.message = message
         self.line = line
         where = self.path or ""
         if line is not None:

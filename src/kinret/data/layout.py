@@ -14,6 +14,8 @@ files no part reads (each with the reason), and `nesting_hints` spots a layout t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -72,14 +74,16 @@ class DataLayout:
     @cached_property
     def train_families(self) -> list[Family]:
         """DATA/train's families in family-id order."""
-        if self.train is None:
-            raise KinretInputError(self.root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
-        return sorted(read_fiw(self.train), key=lambda f: f.fid)
+        with _hinted(self):
+            if self.train is None:
+                raise KinretInputError(self.root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
+            return sorted(read_fiw(self.train), key=lambda f: f.fid)
 
     @cached_property
     def val_families(self) -> list[Family]:
         """DATA/val's families (empty without DATA/val)."""
-        return read_fiw(self.val) if self.val is not None else []
+        with _hinted(self):
+            return read_fiw(self.val) if self.val is not None else []
 
     def fold_families(self, n_folds: int, fold_seed: int, fold: int) -> tuple[list[Family], list[Family]]:
         """(families trained on, families held out) of one run: fold k of `family_folds`; fold -1 trains on every
@@ -112,15 +116,17 @@ class DataLayout:
             return None
         key = ("val", seed)
         if key not in self._memo:
-            lists = self.val_lists
-            self._memo[key] = (read_labelled(*lists, self.val, name="val") if lists is not None
-                               else build_protocol(self.val_families, self.val, seed=seed, name="val")[0])
+            with _hinted(self):
+                lists = self.val_lists
+                self._memo[key] = (read_labelled(*lists, self.val, name="val") if lists is not None
+                                   else build_protocol(self.val_families, self.val, seed=seed, name="val")[0])
         return self._memo[key]
 
     @cached_property
     def test_split(self) -> Track3Split:
         """The Codalab test split (DATA/test)."""
-        return read_codalab(self.root / "test", name="test")
+        with _hinted(self):
+            return read_codalab(self.root / "test", name="test")
 
     @cached_property
     def test_labels(self) -> Track3Split | None:
@@ -231,6 +237,21 @@ class DataLayout:
                 if held:
                     hints.append((sub, f"{sub} holds {', '.join(held)}: pass --data-root {sub}"))
         return hints
+
+
+@contextmanager
+def _hinted(layout: DataLayout) -> Iterator[None]:
+    """A part that cannot be read, with the fix of a layout that sits one level too deep when there is one (what
+    ``python -m kinret.data check`` says), so that a run's error says it too; `bare` keeps the error without it."""
+    try:
+        yield
+    except KinretInputError as exc:
+        hints = [text for _, text in layout.nesting_hints()]
+        if not hints or getattr(exc, "bare", None):
+            raise
+        hinted = KinretInputError(exc.path, f"{exc.message}; hint: {'; '.join(hints)}", exc.line)
+        hinted.bare = str(exc)
+        raise hinted from exc
 
 
 def _why(parts: tuple[str, ...], val_lists: bool) -> str:
