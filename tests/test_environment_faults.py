@@ -94,9 +94,9 @@ def test_a_real_full_disk_from_a_small_tmpfs(tiny_data, tmp_path):
 
 
 def test_the_dry_run_and_the_start_of_a_run_warn_when_the_disk_is_short(tiny_data, tmp_path, monkeypatch, capsys):
-    import kinret.submission.housekeeping as housekeeping
+    import kinret.submission.disk as disk
 
-    monkeypatch.setattr(housekeeping, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 1000)
     assert main(fast(tiny_data, tmp_path, "--dry-run")) == 0
     captured = capsys.readouterr()
     assert f"under {tmp_path / 'ens'}/, 1000 B free there: not enough" in captured.out

@@ -8,9 +8,9 @@ data set). A stage to come is estimated as its units times the recorded seconds 
 - ``features:NETWORK`` (``+prefixK``: the pass also kept the output of the first K units for a fine-tune): image views
   through the frozen network; bytes: the ``_cache/`` it wrote;
 - ``train:EXPERIMENT``: its runs (head-only), or runs x training images x epochs (end to end); bytes per run;
-- ``score``: score-matrix cells (probes x gallery faces, summed over the matrices built); bytes: the matrices and the
-  tables; ``embed``: the image embeddings the scoring computes and caches (raw pixels, each trained model's on its
-  image sets; a frozen network's come from its features), bytes only (their time is the score stage's);
+- ``embed``: the image embeddings the scoring stage computes and caches (raw pixels, each trained model's on its
+  image sets; a frozen network's come from its features), most of that stage's time; bytes: those caches and the
+  tables; ``score``: score-matrix cells (probes x gallery faces, summed over the matrices built), bytes only;
 - ``submit``: the test split's cells; bytes: the submission, its zip and the report.
 
 Until a record exists on this machine, the kit's reference record is used (`REFERENCE`: what the default run
@@ -127,30 +127,40 @@ def _per_unit(work: Work, entry: dict) -> tuple[float, float]:
     return seconds, work.units * entry["bytes"] / entry["units"]
 
 
-def _alike(work: Work, records: Sequence[tuple[str, dict[str, dict]]]) -> tuple[str, str, dict] | None:
-    """(record name, key, entry) of a run of the same kind as `work` (same stage; every `like` field, then the
-    mode alone)."""
-    for fields in ([*work.like], ["mode"]) if work.like else ():
+def _passes(work: Work) -> list[tuple[list[str], bool]]:
+    """The kinds of record `work` may be estimated from when its own key has none, closest first: (the fields that
+    must match its `like`, whether the record's time applies too)."""
+    like = work.like
+    found = [(list(like), True)] if like else []  # the same kind of run: its time and bytes
+    if "network" in like and len(like) > 1:  # the same network otherwise: a feature pass takes about as long
+        found.append((["network", "mode"] if "mode" in like else ["network"], work.stage == "features"))
+    if like and like.get("mode") != "e2e":  # another network's head runs or features: bytes only (an end-to-end
+        found.append((["mode"] if "mode" in like else [], False))  # run's checkpoints follow its own network)
+    return found
+
+
+def _alike(work: Work, records: Sequence[tuple[str, dict[str, dict]]]) -> tuple[str, str, dict, bool] | None:
+    """(record name, key, entry, whether its time applies) of the closest record of the same stage (`_passes`)."""
+    for fields, timed in _passes(work):
         for name, entries in records:
             for key, e in entries.items():
                 if key.partition(":")[0] == work.stage and all(e.get(f) == work.like.get(f) for f in fields):
-                    return name, key, e
+                    return name, key, e, timed
     return None
 
 
 def estimate(work: Work, here: dict[str, dict], reference: dict[str, dict]) -> Estimate:
-    """`work` at the rates recorded here, else the reference's, else a record of the same kind (a guess: bytes only,
-    unless it is the same network), else its `size` (bytes only)."""
+    """`work` at the rates recorded here, else the reference's, else the closest record of the same stage (a guess,
+    `_passes`), else its `size` (bytes only)."""
     for name, entries in (("measured here", here), ("the kit's reference run", reference)):
         if work.key in entries:
             seconds, nbytes = _per_unit(work, entries[work.key])
             return Estimate(work, seconds if work.timed else 0.0, nbytes, name)
     found = _alike(work, [("measured here", here), ("the kit's reference run", reference)])
     if found is not None:
-        name, key, entry = found
+        name, key, entry, timed = found
         seconds, nbytes = _per_unit(work, entry)
-        same_network = entry.get("network") == work.like.get("network")
-        return Estimate(work, seconds if same_network else None, nbytes,
+        return Estimate(work, seconds if timed else None, nbytes,
                         f"a guess: not measured yet, taken from {key} ({name})")
     if work.size is not None:
         return Estimate(work, None, work.runs * work.size[0] if work.runs else work.size[0],

@@ -255,9 +255,9 @@ def score_and_choose(opts: Options, groups: list, splits: dict[str, SplitData]) 
         t1, before = time.perf_counter(), [tree_bytes(scores_dir), tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble)]
         result = run_ensemble(groups, splits, opts.settings, scores_dir, dirs.ensemble)
         matrices = tree_bytes(scores_dir) - before[0]
-        record(dirs.record, "score", cells, time.perf_counter() - t1, matrices)
-        record(dirs.record, "embed", embedded, 0.0,
-               tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble) - before[1] - matrices, timed=False)
+        record(dirs.record, "embed", embedded, time.perf_counter() - t1,
+               tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble) - before[1] - matrices)
+        record(dirs.record, "score", cells, 0.0, matrices, timed=False)
     return result
 
 

@@ -42,8 +42,9 @@ def feature_work(images: Mapping[int, tuple[BackboneSource, float]]) -> list[Wor
     out = []
     for source, n in images.values():
         views = (2 if source.cfg.flip_views else 1) * n
+        cut = source.prefix_cfg.freeze_units if source.prefix_cfg is not None else 0
         out.append(Work(feature_key(source), views, f"features {source.name}", shown=f"{views:,.0f} image views",
-                        like={"network": source.name}))
+                        like={"network": source.name, "prefix": cut}))
     return out
 
 
@@ -133,11 +134,13 @@ def _trained_embeddings(group: Group, sets: Sequence[tuple[float, bool]], folds:
 
 
 def score_lines(cells: float, matrices: int, test_cells: float, embedded: float = 0.0) -> list[Work]:
-    """The scoring work, its embedding caches and, when anything is scored (a new choice), the submission's."""
+    """The scoring stage (its time follows the image embeddings it computes, most of its work; its bytes are their
+    caches), its score matrices (bytes only) and, when anything is scored (a new choice), the submission's work."""
     if cells <= 0:
         return []
-    return [Work("score", cells, "score and choose", shown=f"{matrices:,} matrices, {cells / 1e6:,.2f}M cells"),
-            Work("embed", embedded, "embedding caches", shown=f"{embedded:,.0f} image embeddings", timed=False),
+    return [Work("embed", embedded, "score and choose", shown=f"{embedded:,.0f} image embeddings"),
+            Work("score", cells, "score matrices", shown=f"{matrices:,} matrices, {cells / 1e6:,.2f}M cells",
+                 timed=False),
             Work("submit", test_cells, "submission and report", shown=f"{test_cells / 1e6:,.2f}M cells")]
 
 
