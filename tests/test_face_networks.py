@@ -141,14 +141,14 @@ def test_onnx_and_iresnet_sources_join_the_variant_table(files, tmp_path, capsys
     found = read_record(tmp_path / "runs")
     assert {"features:iresnet-backbone", "train:face_onnx", "train:face_iresnet"} <= set(found), found
 
-    # the ensemble stage alone finds the same trained runs through the same override; without it, the runs of
-    # the experiment as written (no graph) are not the ones trained
+    # the ensemble stage alone finds the same trained runs through the same override; without it, the experiment
+    # as written has no graph, and the command says which override it needs
     ens = ["--data-root", str(files["data"]), "--runs", str(tmp_path / "runs"), "--ensemble-dir",
            str(tmp_path / "ens"), "--bootstrap", "100", "--quiet", "--experiments", str(onnx_exp)]
     assert ensemble.main([*ens, "--set", f"face_onnx:weights={files['onnx']}"]) == 0
     capsys.readouterr()
     assert ensemble.main(ens) == 2
-    assert "not trained" in capsys.readouterr().err
+    assert "face_onnx: backbone=onnx needs the network's graph" in capsys.readouterr().err
     assert submit.main([*argv, "--dry-run"]) == 0  # everything built: nothing left to estimate
     assert "estimate: nothing to build" in capsys.readouterr().out
 

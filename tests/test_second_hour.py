@@ -52,6 +52,9 @@ def disk_estimate(dry: str) -> float:
     return sum(float(n) * units[u] for n, u in found)
 
 
+FEW = ["--bootstrap", "200", "--variants", "tiny:cos-emb-meanemb", "tiny:dba10-emb", "raw_pixels:cos-pixels-meanemb"]
+
+
 @pytest.fixture(scope="module")
 def switched(small_data, tmp_path_factory):
     """One folder, two data sets (data/a, and data/b: the same less a training family), `tiny` trained on a, then
@@ -64,7 +67,7 @@ def switched(small_data, tmp_path_factory):
     t0 = time.perf_counter()
     with inside(work):
         for step, data in (("a1", "a"), ("b1", "b"), ("a2", "a")):
-            args = ["--data-root", f"data/{data}", "--experiments", "tiny", "--bootstrap", "200"]
+            args = ["--data-root", f"data/{data}", "--experiments", "tiny", *FEW]
             found[f"{step} dry"] = call([*args, "--dry-run"])
             before = written(work, dataset_name(f"data/{data}"))
             found[step] = call(args)
@@ -97,7 +100,7 @@ def test_a_data_set_changed_in_place_is_retrained_and_said_once(switched, tmp_pa
     data = tmp_path / "a"
     shutil.copytree(work / "data" / "a", data)
     runs = tmp_path / "runs"
-    args = ["--data-root", str(data), "--experiments", "tiny", "--bootstrap", "200", "--runs", str(runs),
+    args = ["--data-root", str(data), "--experiments", "tiny", *FEW, "--runs", str(runs),
             "--ensemble-dir", str(tmp_path / "ens"), "--out", str(tmp_path / "sub"), "--quiet"]
     shutil.copytree(work / "runs" / dataset_name(work / "data" / "a"), runs)  # the trained runs of this data
     face = sorted((data / "train").rglob("*.jpg"))[0]
@@ -224,8 +227,8 @@ def test_a_submitted_blend_shows_its_cross_fitted_average_and_a_word_when_val_is
 
     work, _ = switched
     with inside(work), contextlib.redirect_stdout(io.StringIO()):
-        outcome = make(["--data-root", "data/a", "--experiments", "tiny", "--bootstrap", "200", "--choose", "blend",
-                        "--quiet", "--out", "sub_blend"])
+        outcome = make(["--data-root", "data/a", "--experiments", "tiny", *FEW, "--choose", "blend", "--quiet",
+                        "--out", "sub_blend"])
     result, sel = outcome.result, outcome.result.selection
     assert len(sel.weights) > 1
     first = glance(result).splitlines()[0]

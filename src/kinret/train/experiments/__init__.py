@@ -170,9 +170,9 @@ def scoped_overrides(experiments: Sequence[str], overrides: Sequence[str]) -> di
 
 def own_runs_folder(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """`cfg` with its runs in its data set's runs folder (``runs/{data set}/``, `kinret.data.workspace`), unless the
-    ``--set`` `overrides` name one (``out_root=DIR``: DIR itself): what ``kinret.train`` and ``kinret.grid`` train
-    into, the folder ``make_submission.py`` and ``kinret.ensemble`` look in."""
-    if any(item.partition("=")[0].strip() == "out_root" for item in overrides):
+    ``--set`` `overrides` or the experiment file name one (``out_root=DIR``: DIR itself): what ``kinret.train`` and
+    ``kinret.grid`` train into, the folder ``make_submission.py`` and ``kinret.ensemble`` look in."""
+    if cfg.out_root != TrainConfig.out_root or any(item.partition("=")[0].strip() == "out_root" for item in overrides):
         return cfg
     return replace(cfg, out_root=str(work_dirs(cfg.data_root).runs))
 
