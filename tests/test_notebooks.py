@@ -100,5 +100,6 @@ def test_notebook_runs_top_to_bottom(path, workdir, capsys):
         assert drawn == ["cmc.png", "retrieval_grid.png", "score_histogram.png", "variants.md"]
         assert len(list(out.glob("*.zip"))) == 1 and "Average = (mAP + Rank@5) / 2" in text
         assert f"--experiments {cfg.name} " in text
-        assert not list((workdir / "submissions").glob("*/predictions.csv")), "the default run's outputs are kept"
+        written = [p.parent.name for p in (workdir / "submissions").glob("*/predictions.csv")]
+        assert written == ["notebook"], "the default run's outputs are kept"
         assert len(list((workdir / "runs").glob(f"*/{cfg.name}"))) == 1, "one runs folder: notebook 2's fold reused"
