@@ -1,6 +1,6 @@
 """The final fit: once the out-of-fold choice is made, every chosen trained variant is trained again on every
-labelled family (train and val: fold `kinret.data.FINAL_FIT`, in ``runs/{experiment}/{variant}/full/``), and the
-test split is scored by those models with the chosen similarity and re-scoring; training-free variants (frozen
+labelled family (train and val: fold `kinret.data.FINAL_FIT`, in ``runs/{data set}/{experiment}/{variant}/full/``),
+and the test split is scored by those models with the chosen similarity and re-scoring; training-free variants (frozen
 features, raw pixels, external files) keep their scores, and a blend keeps its weights. The choice and its
 out-of-fold figures stay the fold models'; `selection.json` records which models the submitted test scores come from
 (`final_fit`)."""

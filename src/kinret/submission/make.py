@@ -221,15 +221,16 @@ def _run(opts: Options) -> Outcome | None:
     warn_short(opts, work_of(opts, groups, splits, runs, found))
     compute_features(opts, groups, splits)
     train_missing(opts, training_images(splits))
-    result = score_and_choose(opts, groups, splits)
+    result, scored = score_and_choose(opts, groups, splits)
     if opts.final_fit:
         result = final_fit(result, groups, runs, opts)
     with stage("submission and report"):
         t1, before = time.perf_counter(), tree_bytes(opts.dirs.out)
         sub, report = write_outputs(opts, result, splits)
         test = splits["test"].split
-        record(opts.dirs.record, "submit", len(test.probes) * len(test.gallery), time.perf_counter() - t1,
-               tree_bytes(opts.dirs.out) - before)
+        if scored:  # a new choice, written where a rerun only rewrites the same files
+            record(opts.dirs.record, "submit", len(test.probes) * len(test.gallery), time.perf_counter() - t1,
+                   tree_bytes(opts.dirs.out) - before)
     seconds = time.perf_counter() - t0
     print_closing(opts, root, result, sub, report, splits, seconds, networks_of(runs))
     data = {"root": str(root), "seed": None if not opts.synthetic else opts.synth.seed}
@@ -244,8 +245,9 @@ def training_images(splits: dict[str, SplitData]) -> int:
     return next((len(sd.images.parent.paths) for sd in splits.values() if sd.images.parent is not None), 0)
 
 
-def score_and_choose(opts: Options, groups: list, splits: dict[str, SplitData]) -> EnsembleResult:
-    """Score every variant's missing matrices, choose, and record the cells built, their time and bytes."""
+def score_and_choose(opts: Options, groups: list, splits: dict[str, SplitData]) -> tuple[EnsembleResult, bool]:
+    """Score every variant's missing matrices, choose, and record what the stage did (the embeddings computed, the
+    cells built, their time and bytes); returns the result and whether any matrix was built."""
     scores_dir, dirs = opts.dirs.ensemble / "scores", opts.dirs
     missing = [(len(missing_scores(g, sd, scores_dir)), sd) for g in groups for sd in splits.values()]
     cells = sum(n * len(sd.split.probes) * len(sd.split.gallery) for n, sd in missing)
@@ -258,7 +260,7 @@ def score_and_choose(opts: Options, groups: list, splits: dict[str, SplitData]) 
         record(dirs.record, "embed", embedded, time.perf_counter() - t1,
                tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble) - before[1] - matrices)
         record(dirs.record, "score", cells, 0.0, matrices, timed=False)
-    return result
+    return result, cells > 0
 
 
 def write_outputs(opts: Options, result: EnsembleResult, splits: dict[str, SplitData]

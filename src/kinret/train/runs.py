@@ -1,4 +1,4 @@
-"""Run folders (``runs/{experiment}/fold{k}/``): what state a run is in, and the refusal to overwrite another
+"""Run folders (``runs/{data set}/{experiment}/fold{k}/``): what state a run is in, and the refusal to overwrite another
 config's trained weights.
 
 A run is its config (less how and where it runs) and the content of its training data: ``data.json`` records the

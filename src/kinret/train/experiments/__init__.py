@@ -85,7 +85,7 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[Run]:
         keys = [k for k in block if k != "fold"]
         for values in itertools.product(*(block[k] for k in keys)):
             variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values)
-            # no GRID: the experiment's single run is runs/{experiment}/fold{k}, as `kinret.train -C` writes it
+            # no GRID: the experiment's single run is {runs}/{experiment}/fold{k}, as `kinret.train -C` writes it
             sets = ([f"name={cfg.name}/{variant}"] if variant else []) + [f"{k}={_text(v)}"
                                                                         for k, v in zip(keys, values, strict=True)]
             vcfg = apply_overrides(cfg, sets)
