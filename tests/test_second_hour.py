@@ -208,6 +208,17 @@ def test_a_truncated_probe_list_says_what_to_do_and_doing_it_works(data, tmp_pat
     assert code == 0, err[-3000:]
 
 
+def test_a_truth_list_of_another_length_says_what_to_do_and_doing_it_works(data, tmp_path):
+    truth = data / "test_truth" / "probe_list.csv"
+    truth.write_text("\n".join(truth.read_text().splitlines()[:-1]) + "\n")  # a row lost
+    code, _, err = call(fast(data, tmp_path, "--quiet"))
+    line = one_line(err)
+    assert code == 2 and "restore the organisers' lists" in line and "move DATA/test_truth away" in line
+    (data / "test_truth").rename(tmp_path / "truth_aside")  # the fix, as the line gives it
+    code, out, err = call(fast(data, tmp_path))
+    assert code == 0 and "local test score skipped" in out, err[-3000:]
+
+
 # ---- 3. the dry run's disk estimate ---------------------------------------------------------------------------------
 def test_the_dry_runs_disk_estimate_is_within_a_factor_2_of_what_the_run_writes(switched):
     _, found = switched
