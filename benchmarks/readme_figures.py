@@ -172,9 +172,9 @@ def results_fragment(run: dict) -> str:
     data = (f"the synthetic default (seed {synth['seed']}: {synth['n_train']} train, {synth['n_val']} val, "
             f"{synth['n_test']} test families)" if synth else f"`{rec['data']['root']}`")
     intro = (f"Produced by the kit: `python {' '.join(rec['command'])}` on {data}, {rec['cores']} CPU cores "
-             f"({rec['date'][:10]}), rendered by `python benchmarks/readme_figures.py` from the run's own files. The full "
-             "table is `submissions/synthetic/variants.md`; these rows are its chosen submission, the cross-fitted "
-             "comparison, the best variant of each group, the reference and the chance line. "
+             f"({rec['date'][:10]}), rendered by `python benchmarks/readme_figures.py` from the run's own files. "
+             "The full table is `submissions/synthetic/variants.md`; these rows are its chosen submission, the "
+             "cross-fitted comparison, the best variant of each group, the reference and the chance line. "
              f"{_sizes(run).capitalize()} (standard AP). The last column is the out-of-fold Average minus the "
              "reference's, with its paired-bootstrap 95% interval.")
     gain = sel.get("crossfit_gain") or {}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kinret.data.synth import SynthConfig
 from kinret.ensemble.cli import network_name
+from kinret.ensemble.run import pending_embeddings
 from kinret.features.sources import BackboneSource
 from kinret.scoring.protocols import SplitData
 from kinret.scoring.variants import Group, missing_scores
@@ -103,8 +104,6 @@ def train_work(todo: Sequence[Run], n_train: float, known: Mapping[str, dict] | 
 def embedding_units(groups: Sequence[Group], splits: Mapping[str, SplitData], scores_dir: Path) -> float:
     """Image embeddings the scoring computes and caches: every image set of a missing matrix through each source
     that writes a cache of its own (raw pixels, trained models; a frozen network's come from its feature cache)."""
-    from kinret.ensemble.run import pending_embeddings
-
     todo = pending_embeddings(list(groups), dict(splits), scores_dir)
     return float(sum(len(images.paths) for source, images in todo if not isinstance(source, BackboneSource)))
 
