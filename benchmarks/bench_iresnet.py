@@ -16,7 +16,7 @@ faces (uint8 pixels, prepared as the kit prepares them; JPEG decoding not includ
 cache with `flip_views` runs each image twice. Sides are interleaved over `--repeats`; the median is printed with
 every run. GFLOPs: torch's FlopCounterMode over one image of the torch module (2 per multiply-add). Memory: RSS
 before the network is built (interpreter, torch and the kit imported), once it is built, and the process's peak
-(VmHWM) after the pass. The dry run's reference rates (`kinret.submission.housekeeping`) come from this benchmark.
+(VmHWM) after the pass.
 
     python benchmarks/bench_iresnet.py                      # 64 images, batch 32, 2 threads: the default sides
     python benchmarks/bench_iresnet.py --images 256 --repeats 3 --side sface --side iresnet100
@@ -48,7 +48,6 @@ from kinret.models.config import TrainConfig
 from kinret.models.iresnet import IRESNETS, build_iresnet
 from kinret.models.networks import build_backbone, pool_names, state_digest
 from kinret.models.onnx_net import build_onnx_backbone
-from kinret.submission.housekeeping import network_gflops
 
 CPU = torch.device("cpu")
 SIDES = ["sface", "iresnet50", "iresnet100"]
@@ -103,6 +102,20 @@ def graph_pass(net: torch.nn.Module, threads: int, pixels: np.ndarray, batch: in
                      min(batch, GRAPH_BATCH), threads)
 
     return one_batch
+
+
+def network_gflops(backbone, size: int) -> float:
+    """GFLOPs (2 per multiply-add, torch's FlopCounterMode) of one `size` px image through the backbone's feature
+    pass and its own embedding layer when it has one: printed beside each side's rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(backbone.parameters(), None)
+    x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+    with FlopCounterMode(display=False) as counter:
+        fmap = backbone.forward_features(x)
+        if hasattr(backbone, "forward_native"):
+            backbone.forward_native(fmap)
+    return counter.get_total_flops() / 1e9
 
 
 @torch.no_grad()

@@ -1,18 +1,20 @@
 """The README's figures, produced by the kit: its Results table and the timings it quotes for the default run,
 rendered from a run's own files so that they cannot drift from what the kit does.
 
-    python make_submission.py && cp submissions/run.json runs/cold_run.json  # the default run, from a fresh folder
-    python make_submission.py                                                # a rerun, everything cached
-    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json          # print
-    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json --write README.md
-    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/run.json --check README.md
+    python make_submission.py && cp submissions/synthetic/run.json runs/cold_run.json  # the default, fresh folder
+    python make_submission.py                                                          # a rerun, all cached
+    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/synthetic/run.json
+    python benchmarks/readme_figures.py --run . --cold runs/cold_run.json --warm submissions/synthetic/run.json \
+        --write README.md   # or --check README.md
 
-`--run` is the folder `python make_submission.py` ran in (its `--out` and `--ensemble-dir` defaults: `submissions/`,
-`ensemble/`): the table comes from `ensemble/variants.csv`, the choice, its intervals and the blend's cross-fitted
-gain from `submissions/selection.json`, each split's probe count from `ensemble/per_probe.csv.gz`, the gallery
-sizes, the machine and every stage's wall time from `submissions/run.json` (or `--cold`, that file as the run from a
-fresh folder left it; `--warm`, as a rerun left it), the synthetic data's size from the data folder's
-`synth_config.json`. In the README each figure sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`
+`--run` is the folder `python make_submission.py` ran in (its `--out` and `--ensemble-dir` defaults: the data set's
+`submissions/{data set}/` and `ensemble/{data set}/`, found as the one data set there, or `synthetic`): the table comes
+from `variants.csv`, the choice, its intervals and the blend's cross-fitted gain from `selection.json`, each split's
+probe count from `per_probe.csv.gz`, the gallery sizes, the machine and every stage's wall time from `run.json` (or
+`--cold`, that file as the run from a fresh folder left it; `--warm`, as a rerun left it), the synthetic data's size
+from the data folder's `synth_config.json`. A choice made at the edge (the blend's cross-fitted gain with the lower
+end of its interval within `EDGE` of 0) is said to be one that another CPU may not make. In the README each figure
+sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`
 (NAME: results, timings); `--check` exits 1 when they differ from the run's.
 """
 
@@ -49,9 +51,25 @@ def kind(variant: str) -> str:
                 "external scores")
 
 
-def load_run(run_dir: Path, out: str = "submissions", ensemble: str = "ensemble", cold: Path | None = None) -> dict:
-    """The files of the run in `run_dir` that the figures are made of."""
+# A choice whose cross-fitted blend gain has the lower end of its interval this close to 0 may go the other way on
+# another CPU: the same default run's lower end was -0.003 on one machine and +0.004 on two others (docs/decisions.md,
+# "The default's choice across CPUs").
+EDGE = 0.01
+
+
+def data_set(run_dir: Path) -> str:
+    """The data set whose submission the run folder holds: the only folder of submissions/ with a run.json, else
+    the synthetic default's."""
+    found = sorted(p.parent.name for p in (Path(run_dir) / "submissions").glob("*/run.json"))
+    return found[0] if len(found) == 1 else "synthetic"
+
+
+def load_run(run_dir: Path, out: str | None = None, ensemble: str | None = None, cold: Path | None = None) -> dict:
+    """The files of the run in `run_dir` that the figures are made of (`out`, `ensemble`: relative to it, default
+    the data set's own folders)."""
     run_dir = Path(run_dir)
+    out = out or f"submissions/{data_set(run_dir)}"
+    ensemble = ensemble or f"ensemble/{data_set(run_dir)}"
     record = json.loads((Path(cold) if cold else run_dir / out / "run.json").read_text())
     root = Path(record["data"]["root"])
     synth = (root if root.is_absolute() else run_dir / root) / "synth_config.json"
@@ -67,7 +85,8 @@ def shown_rows(table: pd.DataFrame, selection: dict) -> list[tuple[str, str]]:
     each group in the table's order (best out of fold first)."""
     names = table["variant"].astype(str).tolist()
     chosen = f"chosen: {selection['name']}"
-    rows = [(chosen, f"chosen: `{selection['name']}`")]
+    spread = choice_spread(selection)
+    rows = [(chosen, f"chosen here: `{selection['name']}`" + (f" ({spread})" if spread else ""))]
     rows += [(n, n.replace(" (cross-fitted out-of-fold)", " (cross-fitted out of fold)").replace(
         "best single", "best single variant")) for n in names if n.endswith("(cross-fitted out-of-fold)")]
     variants = [n for n in names if n != chosen and "cross-fitted" not in n and n != CHANCE_ROW]
@@ -82,6 +101,16 @@ def shown_rows(table: pd.DataFrame, selection: dict) -> list[tuple[str, str]]:
     if CHANCE_ROW in names:
         rows.append((CHANCE_ROW, "a random ranking (expected)"))
     return rows
+
+
+def choice_spread(selection: dict) -> str:
+    """'' or, for a choice made at the edge (`EDGE`), what another CPU may submit instead."""
+    gain = selection.get("crossfit_gain") or {}
+    if "lo" not in gain or abs(gain["lo"]) >= EDGE:
+        return ""
+    other = (f"the single variant `{selection['best_single']}`" if selection["name"].startswith("blend")
+             else "the blend")
+    return f"at the edge: another CPU may submit {other}, see below"
 
 
 def _cell(value: object) -> str:
@@ -142,11 +171,10 @@ def results_fragment(run: dict) -> str:
     table, sel, rec, synth = run["table"], run["selection"], run["record"], run["synth"]
     data = (f"the synthetic default (seed {synth['seed']}: {synth['n_train']} train, {synth['n_val']} val, "
             f"{synth['n_test']} test families)" if synth else f"`{rec['data']['root']}`")
-    took = rec.get("process_seconds") or rec["seconds"]
-    intro = (f"Produced by the kit: `python {' '.join(rec['command'])}` on {data}, {rec['cores']} CPU cores, "
-             f"{took:.0f} s, rendered by `python benchmarks/readme_figures.py` from the run's own files. The full "
-             "table is `submissions/variants.md`; these rows are its chosen submission, the cross-fitted comparison, "
-             "the best variant of each group, the reference and the chance line. "
+    intro = (f"Produced by the kit: `python {' '.join(rec['command'])}` on {data}, {rec['cores']} CPU cores "
+             f"({rec['date'][:10]}), rendered by `python benchmarks/readme_figures.py` from the run's own files. "
+             "The full table is `submissions/synthetic/variants.md`; these rows are its chosen submission, the "
+             "cross-fitted comparison, the best variant of each group, the reference and the chance line. "
              f"{_sizes(run).capitalize()} (standard AP). The last column is the out-of-fold Average minus the "
              "reference's, with its paired-bootstrap 95% interval.")
     gain = sel.get("crossfit_gain") or {}
@@ -156,10 +184,14 @@ def results_fragment(run: dict) -> str:
         moved = ("did as well as" if round(d, 3) == 0 else f"gained {d:+.3f} over" if d > 0
                  else f"lost {-d:.3f} against")
         went = "the blend" if sel["name"].startswith("blend") else "the single variant"
+        edge = (f" The interval's lower end lies within {EDGE} of 0, where the decision follows the CPU's float "
+                "kernels: another CPU may submit the other candidate, whose out-of-fold figures are the cross-fitted "
+                "rows and whose single variant is the best row of its group."
+                if choice_spread(sel) else "")
         parts.append(textwrap.fill(
             f"Cross-fitted out of fold (both chosen on the other folds), the blend {moved} the best single variant "
-            f"(95% interval [{gain['lo']:+.3f}, {gain['hi']:+.3f}]), so {went} was submitted. {_noise(table)} "
-            "Galleries differ in size between splits, so compare numbers within a column.", WIDTH))
+            f"(95% interval [{gain['lo']:+.3f}, {gain['hi']:+.3f}]), so {went} was submitted here.{edge} "
+            f"{_noise(table)} Galleries differ in size between splits, so compare numbers within a column.", WIDTH))
     return "\n".join(parts)
 
 
@@ -178,7 +210,7 @@ def timings_fragment(cold: dict, warm: dict | None = None) -> str:
     took = cold.get("process_seconds") or cold["seconds"]
     stages = ", ".join(f"{name} {s:.0f} s" for name, s in cold["stages"])
     load = cold.get("load_average")
-    text = (f"Measured by the run itself (`submissions/run.json`) on {cold['cores']} CPU cores"
+    text = (f"Measured by the run itself (`submissions/synthetic/run.json`) on {cold['cores']} CPU cores"
             + (f" (load average {load[0]:.1f})" if load else "") + f", {cold['date'][:10]}: {took:.0f} s from a "
             f"fresh folder ({stages}; the rest is Python start-up)")
     if warm:
@@ -206,11 +238,15 @@ def stale(text: str, fragments: dict[str, str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True, help="the folder make_submission.py ran in")
-    p.add_argument("--out", default="submissions", help="its --out, relative to --run")
-    p.add_argument("--ensemble-dir", default="ensemble", help="its --ensemble-dir, relative to --run")
+    p.add_argument("--out", default=None, help="its --out, relative to --run (default: submissions/{data set})")
+    p.add_argument("--ensemble-dir", default=None,
+                   help="its --ensemble-dir, relative to --run (default: ensemble/{data set})")
     p.add_argument("--cold", type=Path, default=None, help="the run.json of the run from a fresh folder (default: "
                                                            "--run's own)")
     p.add_argument("--warm", type=Path, default=None, help="the run.json of a rerun with everything cached")
+    p.add_argument("--only", choices=("results", "timings"), default=None,
+                   help="one of the figures (the results come back the same from any run on one machine; the "
+                        "timings need an idle one)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--write", type=Path, metavar="README", help="replace the figures in this file")
     what.add_argument("--check", type=Path, metavar="README", help="exit 1 when this file's figures differ")
@@ -218,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = load_run(args.run, args.out, args.ensemble_dir, args.cold)
     warm = json.loads(args.warm.read_text()) if args.warm else None
     fragments = {"results": results_fragment(run), "timings": timings_fragment(run["record"], warm)}
+    fragments = {n: f for n, f in fragments.items() if args.only in (None, n)}
     if args.write:
         write_text_atomic(args.write, replace(args.write.read_text(), fragments))
     elif args.check:

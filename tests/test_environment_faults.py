@@ -94,12 +94,13 @@ def test_a_real_full_disk_from_a_small_tmpfs(tiny_data, tmp_path):
 
 
 def test_the_dry_run_and_the_start_of_a_run_warn_when_the_disk_is_short(tiny_data, tmp_path, monkeypatch, capsys):
-    import kinret.submission.housekeeping as housekeeping
+    import kinret.submission.disk as disk
 
-    monkeypatch.setattr(housekeeping, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 1000)
     assert main(fast(tiny_data, tmp_path, "--dry-run")) == 0
     captured = capsys.readouterr()
-    assert f"under {tmp_path / 'ens'}/, 1000 B free there: not enough" in captured.out
+    line = next(ln for ln in captured.out.splitlines() if ln.startswith("disk: about"))
+    assert f"{tmp_path / 'ens'}/" in line and "1000 B free there: not enough, the run will stop" in line
     assert "not enough" in captured.err  # the warning
     assert main(fast(tiny_data, tmp_path, "--quiet")) == 0  # the start of a run warns, and the run goes on
     assert captured.err.count("not enough") == 1 and "not enough" in capsys.readouterr().err

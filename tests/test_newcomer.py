@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kinret.data.layout import DataLayout
+from kinret.data.workspace import dataset_name, work_dirs
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig
 from kinret.models.networks import build_backbone
@@ -48,6 +49,11 @@ def test_pretrained_weights_offline_answer_at_once_without_retries(monkeypatch):
 
 
 # ---- shared: a run folder --------------------------------------------------------------------------------------------
+def sub(work: Path) -> Path:
+    """The submission folder of data/small's runs in `work`."""
+    return work / "submissions" / dataset_name(work / "data" / "small")
+
+
 def fast(data: Path | str, *extra: str) -> list[str]:
     """make_submission.py's arguments for a training-free run (raw pixels only: seconds) in the current folder."""
     return ["--data-root", str(data), "--experiments", *extra]
@@ -122,11 +128,12 @@ def test_an_external_folder_of_other_data_is_left_out_with_one_warning(tiny_data
     from kinret.submission.make import main
 
     monkeypatch.chdir(tmp_path)
-    _external(tmp_path / "ensemble" / "external" / "elsewhere", [f"train/F9{i:03d}/MID1/a.jpg" for i in range(5)])
+    ensemble = work_dirs(tiny_data).ensemble  # the data set's own ensemble folder, where its external folders go
+    _external(ensemble / "external" / "elsewhere", [f"train/F9{i:03d}/MID1/a.jpg" for i in range(5)])
     assert main(fast(tiny_data)) == 0
     err = capsys.readouterr().err
-    assert err.count("left out") == 1 and "ensemble/external/elsewhere left out: its embeddings.npz covers none" in err
-    assert "elsewhere" not in (tmp_path / "ensemble" / "variants.csv").read_text()
+    assert err.count("left out") == 1 and f"{ensemble}/external/elsewhere left out: its embeddings.npz covers" in err
+    assert "elsewhere" not in (ensemble / "variants.csv").read_text()
 
 
 def test_an_external_folder_covering_part_of_the_data_stops_the_run_naming_it(tiny_data, tmp_path, monkeypatch,
@@ -136,10 +143,11 @@ def test_an_external_folder_covering_part_of_the_data_stops_the_run_naming_it(ti
 
     monkeypatch.chdir(tmp_path)
     test_images = [str(p.relative_to(tiny_data)) for p in sorted((tiny_data / "test").rglob("*")) if is_image_file(p)]
-    _external(tmp_path / "ensemble" / "external" / "half", test_images)
+    _external(work_dirs(tiny_data).ensemble / "external" / "half", test_images)
     assert main(fast(tiny_data, "--quiet")) == 2
     err = capsys.readouterr().err
-    assert "ensemble/external/half/embeddings.npz: no embedding for" in err and "--ensemble-dir" in err
+    assert f"{work_dirs(tiny_data).ensemble}/external/half/embeddings.npz: no embedding for" in err
+    assert "--ensemble-dir" in err
 
 
 # ---- 3. the data check names every image it leaves out ---------------------------------------------------------------
@@ -220,22 +228,22 @@ def test_readme_figures_disagreeing_with_the_run_fail_the_check(ran, tmp_path, c
     assert figures.main(["--run", str(ran), "--write", str(readme)]) == 0
     assert figures.main(["--run", str(ran), "--check", str(readme)]) == 0
     text = readme.read_text()
-    record = json.loads((ran / "submissions" / "run.json").read_text())
+    record = json.loads((sub(ran) / "run.json").read_text())
     assert f"{record['process_seconds']:.0f} s from a fresh folder" in " ".join(text.split()) and "typed" not in text
-    chosen = json.loads((ran / "submissions" / "selection.json").read_text())["name"]
-    row = next(line for line in text.splitlines() if line.startswith(f"| chosen: `{chosen}` |"))
+    chosen = json.loads((sub(ran) / "selection.json").read_text())["name"]
+    row = next(line for line in text.splitlines() if line.startswith(f"| chosen here: `{chosen}`"))
     readme.write_text(text.replace(row, row.replace("0.", "1.", 1)))  # one figure typed over
     assert figures.main(["--run", str(ran), "--check", str(readme)]) == 1
 
 
 def test_a_run_records_its_stage_times_and_sizes(ran):
-    record = json.loads((ran / "submissions" / "run.json").read_text())
+    record = json.loads((sub(ran) / "run.json").read_text())
     assert record["command"] == ["make_submission.py", *fast("data/small", "--quiet")]
     test = DataLayout.of(ran / "data" / "small").test_split
     assert record["splits"]["test"] == {"probes": len(test.probes), "gallery": len(test.gallery)}
     assert record["cores"] >= 1
     assert [name for name, _ in record["stages"]] == ["score and choose", "submission and report"]
-    assert record["zip"] == f"{record['choice']}.zip" and (ran / "submissions" / record["zip"]).is_file()
+    assert record["zip"] == f"{record['choice']}.zip" and (sub(ran) / record["zip"]).is_file()
 
 
 # ---- 7. the smaller frictions ----------------------------------------------------------------------------------------
@@ -248,8 +256,9 @@ def test_help_gives_each_default_once():
 
 
 def test_the_variant_table_names_its_real_probe_count(ran):
-    text = (ran / "ensemble" / "variants.md").read_text()
-    per_probe = __import__("pandas").read_csv(ran / "ensemble" / "per_probe.csv.gz")
+    ensemble = ran / "ensemble" / dataset_name(ran / "data" / "small")
+    text = (ensemble / "variants.md").read_text()
+    per_probe = __import__("pandas").read_csv(ensemble / "per_probe.csv.gz")
     oof = per_probe[per_probe["group"] == "oof"].drop_duplicates(["split", "probe"])
     assert f"{len(oof)} probes scored here, intervals about ±" in text and "~190" not in text
 
@@ -297,7 +306,7 @@ def test_scoring_against_another_data_sets_truth_says_the_lists_do_not_match(ran
     for name, keep in (("probe_list.csv", 4), ("gallery_list.csv", 60)):  # 3 probes, 59 gallery faces: another set
         lines = (truth / name).read_text().splitlines()[:keep]
         (other / name).write_text("\n".join(lines) + "\n")
-    predictions = ran / "submissions" / "predictions.csv"
+    predictions = sub(ran) / "predictions.csv"
     assert main(["--predictions", str(predictions), "--probes", str(other / "probe_list.csv"),
                  "--gallery", str(other / "gallery_list.csv")]) == 2
     err = capsys.readouterr().err

@@ -89,7 +89,9 @@ def test_notebook_runs_top_to_bottom(path, workdir, capsys):
         assert "oracle" in text and len(sizes) == 2 and small_table_row() in text  # the small set was used
     cfg = load_experiment(nb_execute.SMALL["KINRET_NOTEBOOK_EXPERIMENT"])[0]
     if path.name.startswith("02"):
-        summary = (workdir / "runs" / cfg.name / "fold0" / "summary.csv").read_text().splitlines()
+        found = sorted((workdir / "runs").glob(f"synthetic-*/{cfg.name}/fold0/summary.csv"))  # the small set's own
+        assert len(found) == 1, "notebook 2 trains into runs/{data set}/"
+        summary = found[0].read_text().splitlines()
         assert len(summary) == 1 + 1 + cfg.epochs and f"{cfg.eval_pairs} kin pairs" in text  # header, epoch 0
         assert f"name = '{cfg.name}'" in text
     if path.name.startswith("03"):
@@ -98,4 +100,6 @@ def test_notebook_runs_top_to_bottom(path, workdir, capsys):
         assert drawn == ["cmc.png", "retrieval_grid.png", "score_histogram.png", "variants.md"]
         assert len(list(out.glob("*.zip"))) == 1 and "Average = (mAP + Rank@5) / 2" in text
         assert f"--experiments {cfg.name} " in text
-        assert not (workdir / "submissions" / "predictions.csv").exists(), "the default run's outputs are kept"
+        written = [p.parent.name for p in (workdir / "submissions").glob("*/predictions.csv")]
+        assert written == ["notebook"], "the default run's outputs are kept"
+        assert len(list((workdir / "runs").glob(f"*/{cfg.name}"))) == 1, "one runs folder: notebook 2's fold reused"

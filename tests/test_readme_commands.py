@@ -15,6 +15,7 @@ import sys
 import pytest
 from conftest import REPO
 
+from kinret.data.workspace import dataset_name
 from kinret.train.experiments import load_experiment
 
 README = (REPO / "README.md").read_text()
@@ -107,10 +108,16 @@ def test_readme_runnable_blocks_run_as_written(tmp_path):
     proc = subprocess.run(["bash", "-c", script()], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"a README block failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert (tmp_path / "submissions" / "report" / "retrieval_grid.png").is_file()
+    small, small2 = (dataset_name(tmp_path / "data" / name) for name in ("small", "small2"))
+    assert (tmp_path / "submissions" / small / "report" / "retrieval_grid.png").is_file()
     assert '"mAP"' in proc.stdout and "my_features:cos-emb-meanemb" in proc.stdout
     assert (tmp_path / "data" / "small" / "val_codalab" / "probe.txt").is_file()
     assert (tmp_path / "runs_ddp" / "tiny" / "fold0" / "summary.csv").is_file()
+    # the second data set's work sits beside the first's, and going back to the first finds it all built
+    for part in ("runs", "submissions"):
+        assert {p.name for p in (tmp_path / part).iterdir() if p.is_dir()} >= {small, small2}
+    assert (tmp_path / "submissions" / small2 / "predictions.csv").is_file()
+    assert "estimate: nothing to build" in proc.stdout
 
 
 def test_the_data_folder_is_spelled_one_way():

@@ -69,7 +69,10 @@ def test_truncated_gallery_list_names_the_unlisted_image_and_where_the_list_ends
     with pytest.raises(KinretInputError) as info:
         read_codalab(root)
     assert str(info.value) == (f"{root / 'gallery.txt'}, line 4: the list ends here with 4 entries, but "
-                               "gallery/gallery_faces holds 5 images; not listed: face4.jpg")
+                               "gallery/gallery_faces holds 5 images; not listed: face4.jpg; to fix it, restore "
+                               "the missing line(s) (the next one is likely '4 ./gallery/gallery_faces/face4.jpg') or "
+                               "delete gallery.txt to order the images by the numbers in their names (face0.jpg, "
+                               "face1.jpg, ...)")
     assert info.value.line == 4 and info.value.path == str(root / "gallery.txt")
 
 
@@ -79,7 +82,9 @@ def test_truncated_probe_list_names_the_unlisted_probe_folder(tmp_path):
     with pytest.raises(KinretInputError) as info:
         read_codalab(root)
     assert str(info.value) == (f"{root / 'probe.txt'}, line 2: the list ends here with 2 entries, but "
-                               "probes/probe_subjects holds 3 probe folders; not listed: s2")
+                               "probes/probe_subjects holds 3 probe folders; not listed: s2; to fix it, restore "
+                               "the missing line(s) (the next one is likely '2 ./probes/probe_subjects/s2') or delete "
+                               "probe.txt to order the probe folders by the numbers in their names (s0, s1, ...)")
 
 
 def test_unlisted_images_are_named_first_few_in_natural_order(tmp_path):
@@ -87,7 +92,9 @@ def test_unlisted_images_are_named_first_few_in_natural_order(tmp_path):
     write_lists(root, 2, 3)
     with pytest.raises(KinretInputError, match=r"line 3: the list ends here with 3 entries, but gallery/gallery_faces "
                                                r"holds 12 images; not listed: face3.jpg, face4.jpg, face5.jpg, "
-                                               r"face6.jpg, face7.jpg and 4 more$"):
+                                               r"face6.jpg, face7.jpg and 4 more; to fix it, restore the missing "
+                                               r"line\(s\) \(the next one is likely "
+                                               r"'3 ./gallery/gallery_faces/face3.jpg'\)"):
         read_codalab(root)
 
 
@@ -99,7 +106,8 @@ def test_list_as_long_as_the_folder_can_still_leave_an_image_unlisted(tmp_path):
     with pytest.raises(KinretInputError) as info:
         read_codalab(root)
     assert str(info.value) == f"{root / 'gallery.txt'}: gallery/gallery_faces holds 1 image the list does not name: " \
-                              "face1.jpg"
+                              "face1.jpg; to fix it, restore the organisers' gallery.txt or delete gallery.txt to " \
+                              "order the images by the numbers in their names (face0.jpg, face1.jpg, ...)"
 
 
 def test_list_naming_one_image_twice_is_refused_at_the_second_line(tmp_path):
@@ -159,7 +167,10 @@ def test_real_organiser_lists_cross_check_against_their_folders(tmp_path):
     with pytest.raises(KinretInputError) as info:
         read_codalab(root)
     assert str(info.value).endswith("gallery.txt, line 3896: the list ends here with 3896 entries, but "
-                                    "gallery/gallery_faces holds 3897 images; not listed: face3896.jpg")
+                                    "gallery/gallery_faces holds 3897 images; not listed: face3896.jpg; to fix it, "
+                                    "restore the missing line(s) (the next one is likely '3896 "
+                                    "./gallery/gallery_faces/face3896.jpg') or delete gallery.txt to order the images "
+                                    "by the numbers in their names (face0.jpg, face1.jpg, ...)")
 
 
 def test_protocol_one_probe_per_family_gallery_is_the_rest(fiw_root):

@@ -95,7 +95,7 @@ def _attempt(report: Report, what: Callable[[], str | None]) -> None:
         if line:
             report.found.append(line)
     except KinretInputError as exc:
-        report.errors.append(str(exc))
+        report.errors.append(getattr(exc, "bare", str(exc)))  # a misplaced layout's fix is a hint line of its own
 
 
 def read_families(families: Sequence[Family], label: str, report: Report) -> str:

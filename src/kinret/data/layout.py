@@ -14,6 +14,8 @@ files no part reads (each with the reason), and `nesting_hints` spots a layout t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +27,8 @@ from kinret.data.track3 import Track3Split, build_protocol, read_codalab, read_l
 from kinret.errors import KinretInputError
 
 LISTS = ("probe_list.csv", "gallery_list.csv")  # the RFIW2021 labelled lists, always a pair
+TRUTH_FIX = ("restore the organisers' lists of this test split (row i is probe s{i}, row j face{j}), or move "
+             "DATA/test_truth away to skip the local test score")
 PARTS = ("train", "val", "test")
 # image formats a data folder may hold that the kit does not read (it reads IMAGE_SUFFIXES)
 OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".ppm", ".pgm",
@@ -72,14 +76,16 @@ class DataLayout:
     @cached_property
     def train_families(self) -> list[Family]:
         """DATA/train's families in family-id order."""
-        if self.train is None:
-            raise KinretInputError(self.root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
-        return sorted(read_fiw(self.train), key=lambda f: f.fid)
+        with _hinted(self):
+            if self.train is None:
+                raise KinretInputError(self.root / "train", "no training families: expected FIW folders F*/MID*/*.jpg")
+            return sorted(read_fiw(self.train), key=lambda f: f.fid)
 
     @cached_property
     def val_families(self) -> list[Family]:
         """DATA/val's families (empty without DATA/val)."""
-        return read_fiw(self.val) if self.val is not None else []
+        with _hinted(self):
+            return read_fiw(self.val) if self.val is not None else []
 
     def fold_families(self, n_folds: int, fold_seed: int, fold: int) -> tuple[list[Family], list[Family]]:
         """(families trained on, families held out) of one run (`Fit.of(fold)` says which): fold k of
@@ -113,15 +119,18 @@ class DataLayout:
             return None
         key = ("val", seed)
         if key not in self._memo:
-            lists = self.val_lists
-            self._memo[key] = (read_labelled(*lists, self.val, name="val") if lists is not None
-                               else build_protocol(self.val_families, self.val, seed=seed, name="val")[0])
+            with _hinted(self), _advised(self.val, f"restore the organisers' {LISTS[0]} and {LISTS[1]}, or delete "
+                                                   "both to draw a protocol from DATA/val's family folders"):
+                lists = self.val_lists
+                self._memo[key] = (read_labelled(*lists, self.val, name="val") if lists is not None
+                                   else build_protocol(self.val_families, self.val, seed=seed, name="val")[0])
         return self._memo[key]
 
     @cached_property
     def test_split(self) -> Track3Split:
         """The Codalab test split (DATA/test)."""
-        return read_codalab(self.root / "test", name="test")
+        with _hinted(self):
+            return read_codalab(self.root / "test", name="test")
 
     @cached_property
     def test_labels(self) -> Track3Split | None:
@@ -130,17 +139,20 @@ class DataLayout:
         if truth is None:
             return None
         test = self.test_split
-        for path, n_truth, n_test, kind in ((self.truth / LISTS[0], len(truth.probes), len(test.probes), "probe"),
-                                            (self.truth / LISTS[1], len(truth.gallery), len(test.gallery), "gallery")):
-            if n_truth != n_test:
-                raise KinretInputError(path, f"has {n_truth} rows but the test split has {n_test} {kind} entries")
+        with _advised(self.truth, TRUTH_FIX):
+            for path, n_truth, n_test, kind in ((self.truth / LISTS[0], len(truth.probes), len(test.probes), "probe"),
+                                                (self.truth / LISTS[1], len(truth.gallery), len(test.gallery),
+                                                 "gallery")):
+                if n_truth != n_test:
+                    raise KinretInputError(path, f"has {n_truth} rows but the test split has {n_test} {kind} entries")
         return truth
 
     def truth_lists(self) -> Track3Split | None:
         """DATA/test_truth's labelled lists as they are, not yet held against the test split."""
         if self.truth is None:
             return None
-        return read_labelled(self.truth / LISTS[0], self.truth / LISTS[1], None, name="test truth")
+        with _advised(self.truth, TRUTH_FIX):
+            return read_labelled(self.truth / LISTS[0], self.truth / LISTS[1], None, name="test truth")
 
     # ---- what a run's data is made of --------------------------------------------------------------------------------
     def training_files(self, with_val: bool) -> tuple[list[str], list[str]]:
@@ -232,6 +244,33 @@ class DataLayout:
                 if held:
                     hints.append((sub, f"{sub} holds {', '.join(held)}: pass --data-root {sub}"))
         return hints
+
+
+@contextmanager
+def _hinted(layout: DataLayout) -> Iterator[None]:
+    """A part that cannot be read, with the fix of a layout that sits one level too deep when there is one (what
+    ``python -m kinret.data check`` says), so that a run's error says it too; `bare` keeps the error without it."""
+    try:
+        yield
+    except KinretInputError as exc:
+        hints = [text for _, text in layout.nesting_hints()]
+        if not hints or getattr(exc, "bare", None):
+            raise
+        hinted = KinretInputError(exc.path, f"{exc.message}; hint: {'; '.join(hints)}", exc.line)
+        hinted.bare = str(exc)
+        raise hinted from exc
+
+
+@contextmanager
+def _advised(folder: Path | None, advice: str) -> Iterator[None]:
+    """An error about a list in `folder` with what to do about it."""
+    try:
+        yield
+    except KinretInputError as exc:
+        ours = folder is not None and exc.path is not None and Path(exc.path).is_relative_to(folder)
+        if not ours or "to fix it" in exc.message:
+            raise
+        raise KinretInputError(exc.path, f"{exc.message}; to fix it, {advice}", exc.line) from exc
 
 
 def _why(parts: tuple[str, ...], val_lists: bool) -> str:

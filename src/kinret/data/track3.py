@@ -136,29 +136,40 @@ def _listed(root: Path, list_path: Path, folder: Path, want_dirs: bool) -> list[
     made from it come out a gallery column (or a probe row) short. The error names the first unlisted entries and,
     when the list is shorter than the folder, the line where it ends.
     """
-    entries = read_index_entries(list_path)
-    paths = [_resolve(root, e.path, list_path, e.line, want_dirs) for e in entries]
-    first_line: dict[Path, int] = {}
-    for e, p in zip(entries, paths, strict=True):
-        if p in first_line:
-            raise KinretInputError(list_path, f"names {e.path!r} again (line {first_line[p]} names it too)",
-                                   line=e.line)
-        first_line[p] = e.line
+    kind = "probe folder" if want_dirs else "image"
+    or_delete = (f"or delete {list_path.name} to order the {kind}s by the numbers in their names "
+                 f"({'s0, s1' if want_dirs else 'face0.jpg, face1.jpg'}, ...)")
+    try:
+        entries = read_index_entries(list_path)
+        paths = [_resolve(root, e.path, list_path, e.line, want_dirs) for e in entries]
+        first_line: dict[Path, int] = {}
+        for e, p in zip(entries, paths, strict=True):
+            if p in first_line:
+                raise KinretInputError(list_path, f"names {e.path!r} again (line {first_line[p]} names it too)",
+                                       line=e.line)
+            first_line[p] = e.line
+    except KinretInputError as exc:  # what to do about it: the list as the organisers wrote it, or none
+        if exc.path != str(list_path):
+            raise
+        raise KinretInputError(exc.path, f"{exc.message}; to fix it, restore the organisers' {list_path.name} "
+                                         f"{or_delete}", exc.line) from exc
     if not folder.is_dir():  # the list points elsewhere: there is no Codalab folder to hold it to
         return paths
     on_disk = [q for q in folder.iterdir() if _is_entry(q, want_dirs)]
     unlisted = sorted((q for q in on_disk if q.resolve() not in first_line), key=lambda q: natural_key(q.name))
     if unlisted:
-        kind = "probe folder" if want_dirs else "image"
         names = ", ".join(q.name for q in unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5
                                                            else "")
         where = folder.relative_to(root).as_posix()
         if len(entries) < len(on_disk):
+            line = f"{len(entries)} {entries[-1].path.rpartition('/')[0] or '.'}/{unlisted[0].name}"
             raise KinretInputError(list_path, f"the list ends here with {len(entries)} entries, but {where} holds "
-                                              f"{len(on_disk)} {kind}s; not listed: {names}",
+                                              f"{len(on_disk)} {kind}s; not listed: {names}; to fix it, restore the "
+                                              f"missing line(s) (the next one is likely '{line}') {or_delete}",
                                    line=max(e.line for e in entries))
         raise KinretInputError(list_path, f"{where} holds {len(unlisted)} {kind}{'s' if len(unlisted) > 1 else ''} "
-                                          f"the list does not name: {names}")
+                                          f"the list does not name: {names}; to fix it, restore the organisers' "
+                                          f"{list_path.name} {or_delete}")
     return paths
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +21,7 @@ import torch
 from kinret.cli import parser, run_command
 from kinret.data import DEFAULT_ROOT
 from kinret.data.layout import DataLayout
+from kinret.data.workspace import work_dirs
 from kinret.dist import env_rank_world, process_group
 from kinret.ensemble.bootstrap import N_BOOT
 from kinret.ensemble.run import REFERENCES, EnsembleResult, embed_missing, prepare, run_ensemble
@@ -28,8 +29,10 @@ from kinret.ensemble.selection import POOL
 from kinret.ensemble.settings import DEFAULT_EXPERIMENTS, EnsembleSettings
 from kinret.ensemble.tables import GROUPS, interval_text
 from kinret.errors import KinretInputError
+from kinret.features.sources import BackboneSource
 from kinret.io import check_writable, remove_stale_temporaries
 from kinret.scoring.protocols import split_group
+from kinret.train.experiments import Run
 from kinret.train.runs import unfinished
 
 
@@ -47,10 +50,13 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="[EXPERIMENT:]KEY=VALUE", dest="overrides",
                    help="a config override of every experiment, or of the one named before the colon (e.g. "
                         "--set arcface_onnx_heads:weights=w600k_r50.onnx); saved in selection.json")
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="run folders and caches")
-    p.add_argument("--ensemble-dir", type=Path, default=Path("ensemble"),
+    p.add_argument("--runs", type=Path, default=None,
+                   help="run folders and caches (default: runs/{data set}/, named after the data folder; a folder "
+                        "given here is used as it is)")
+    p.add_argument("--ensemble-dir", type=Path, default=None,
                    help="score matrices (scores/), external variants (external/NAME/), the variant table "
-                        "(variants.md, variants.csv), per-probe results (per_probe.csv.gz) and selection.json")
+                        "(variants.md, variants.csv), per-probe results (per_probe.csv.gz) and selection.json "
+                        "(default: ensemble/{data set}/; a folder given here is used as it is)")
     p.add_argument("--variants", nargs="*", default=None, metavar="NAME",
                    help="only these variants (or groups of variants); default: all")
     p.add_argument("--no-raw-pixels", action="store_true", help="leave out the raw-pixel baseline variants")
@@ -112,20 +118,86 @@ def _variant_lines(result: EnsembleResult, top: int, groups: Sequence[str]) -> l
     return lines
 
 
-def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None = None) -> str:
-    """A terminal summary of a run in <= ~15 lines: what is submitted and its Averages, why (the blend decision in
-    plain words), the `top` best variants (Average on the choosing split group with its 95% interval against the
-    reference, val and test when known), the chance level per split group, and where the full table is."""
+def network_name(cfg) -> str:
+    """The name a config's network goes by everywhere: the prefix of its zero-shot variants (``sface``,
+    ``onnx-w600k_r50``), the glance's lines, the dry run's estimates and the throughput record."""
+    return BackboneSource(cfg, Path()).name
+
+
+def networks_of(runs: Sequence[Run]) -> dict[str, tuple[str, str]]:
+    """Trained group (a run's config name) -> (its network, its experiment), for the glance's lines by network."""
+    return {r.cfg.name: (network_name(r.cfg), r.cfg.name.split("/")[0]) for r in runs}
+
+
+def _best_by_source(result: EnsembleResult, networks: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The best variant of each network (its zero-shot variants) and of each experiment trained on it, on the
+    choosing split group: every network and experiment of the run is named, not only those in the best few."""
+    key, table = result.key, result.table
+    rows = table[table["variant"].isin(result.scores.get("test", {}))]
+    if f"{key}_average" not in rows or not len(rows):
+        return []
+    best: dict[str, dict[str, tuple[str, float]]] = {}
+    for variant, score in zip(rows["variant"], rows[f"{key}_average"], strict=True):
+        group = variant.rpartition(":")[0] or variant
+        network, experiment = networks.get(group, (group, ""))
+        slot = best.setdefault(network, {}).get(experiment)
+        if pd.notna(score) and (slot is None or score > slot[1]):
+            best[network][experiment] = (variant, float(score))
+    order = sorted(best, key=lambda n: -max(v for _, v in best[n].values()))
+    lines = [f"best of each network and experiment by {key} Average:"]
+    for network in order:
+        trained = len(best[network]) > 1 or "" not in best[network]  # its own variants beside trained ones: zero-shot
+        parts = [f"{exp or ('zero-shot ' if trained else '')}{' ' if exp else ''}{v} {score:.3f}"
+                 for exp, (v, score) in sorted(best[network].items(), key=lambda x: -x[1][1])]
+        lines.append(f"  {network}: " + "; ".join(parts))
+    return lines
+
+
+def _submitted_line(result: EnsembleResult, groups: Sequence[str]) -> str:
+    """What was submitted and its Averages; a blend's out-of-fold one in-sample (its weights were searched on those
+    probes) beside the cross-fitted one (searched on the other folds: what to expect of it)."""
     sel, table = result.selection, result.table
-    groups = [g for g in GROUPS if f"{g}_average" in table and table[f"{g}_average"].notna().any()]
     chosen = table[table["variant"] == f"chosen: {sel.name}"]
     scores = _scores_text(chosen.iloc[0], groups) if len(chosen) else ""
-    lines = [f"submitted: {sel.name}" + (f" (Average {scores})" if scores else "")]
+    blend = sel.crossfit.get("blend", {}).get("average")
+    if len(sel.weights) > 1 and blend is not None and scores.startswith(f"{result.key} "):
+        head, _, rest = scores.partition(",")
+        scores = f"{head} in-sample, {blend:.3f} cross-fitted" + (f",{rest}" if rest else "")
+    return f"submitted: {sel.name}" + (f" (Average {scores})" if scores else "")
+
+
+def _val_note(result: EnsembleResult) -> list[str]:
+    """A word when a submitted blend scores below every one of its parts on val (never used to choose)."""
+    sel, table = result.selection, result.table
+    if len(sel.weights) < 2 or "val_average" not in table:
+        return []
+    val = dict(zip(table["variant"], table["val_average"], strict=True))
+    blend, parts = val.get(f"chosen: {sel.name}"), [val.get(v) for v in sel.weights]
+    if blend is None or pd.isna(blend) or any(p is None or pd.isna(p) for p in parts) or blend >= min(parts):
+        return []
+    probes = len(result.splits["val"].split.probes) if "val" in result.splits else 0
+    return [f"  note: on val the blend's Average {blend:.3f} is below each of its parts' "
+            f"({', '.join(f'{p:.3f}' for p in parts)}); val ({probes} probes) never took part in the choice, which "
+            "rests on the out-of-fold figures: a blend that helps out of fold does not always carry over"]
+
+
+def glance(result: EnsembleResult, top: int = 5, table_path: str | Path | None = None,
+           networks: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """A terminal summary of a run in about 20 lines: what is submitted and its Averages (a blend's cross-fitted one
+    beside its in-sample one, and a word when it falls below its parts on val), why (the blend decision in plain
+    words), the `top` best variants (Average on the choosing split group with its 95% interval against the reference,
+    val and test when known), the best of every network and experiment (`networks`: `networks_of` the runs), the
+    chance level per split group, and where the full table is."""
+    sel, table = result.selection, result.table
+    groups = [g for g in GROUPS if f"{g}_average" in table and table[f"{g}_average"].notna().any()]
+    lines = [_submitted_line(result, groups)]
     if len(sel.weights) > 1:
         lines.append("  weights: " + ", ".join(f"{w:.2f} {v}" for v, w in sorted(sel.weights.items(),
                                                                                  key=lambda x: -x[1])))
+    lines += _val_note(result)
     lines.append(f"why: {sel.reason}")
     lines += _variant_lines(result, top, groups)
+    lines += _best_by_source(result, networks or {})
     if len(result.chance):
         lines.append(f"chance (random ranking) Average: {_chance_text(result.chance)}; splits differ in gallery "
                      "size, so compare within a split only")
@@ -147,22 +219,24 @@ def settings_from_args(args: argparse.Namespace, data_root: Path, data_seed: int
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     settings = settings_from_args(args, args.data_root)
+    dirs = work_dirs(args.data_root, runs=args.runs, ensemble=args.ensemble_dir)
     with process_group(torch.cuda.is_available()) as (rank, world):
         if rank == 0:
-            for folder in (args.ensemble_dir, args.ensemble_dir / "scores", args.runs):
+            for folder in (dirs.ensemble, dirs.ensemble / "scores", dirs.runs):
                 check_writable(folder)
-            remove_stale_temporaries([args.ensemble_dir, args.runs], before=started)
-        runs, splits, groups = prepare(settings, DataLayout.of(args.data_root), args.runs, args.ensemble_dir)
+            remove_stale_temporaries([dirs.ensemble, dirs.runs], before=started)
+        runs, splits, groups = prepare(settings, DataLayout.of(args.data_root), dirs.runs, dirs.ensemble)
         todo = unfinished(runs)
         if todo:
             raise KinretInputError(todo[0][0].run_dir, f"not trained ({len(todo)} run(s) are not): run "
                                                        "make_submission.py (or python -m kinret.grid) first")
         if world > 1:  # the processes share the embedding; rank 0 alone scores and chooses
-            embed_missing(groups, splits, args.ensemble_dir / "scores")
+            embed_missing(groups, splits, dirs.ensemble / "scores")
             if rank > 0:
                 return 0
-        result = run_ensemble(groups, splits, settings, args.ensemble_dir / "scores", args.ensemble_dir)
-    print(glance(result, table_path=f"{args.ensemble_dir / 'variants.md'} (also variants.csv, per_probe.csv.gz)"))
+        result = run_ensemble(groups, splits, settings, dirs.ensemble / "scores", dirs.ensemble)
+    print(glance(result, table_path=f"{dirs.ensemble / 'variants.md'} (also variants.csv, per_probe.csv.gz)",
+                 networks=networks_of(runs)))
     return 0
 
 

@@ -1,13 +1,12 @@
 """The final fit: once the out-of-fold choice is made, every chosen trained variant is trained again on every
-labelled family (train and val: fold `kinret.data.FINAL_FIT`, in ``runs/{experiment}/{variant}/full/``), and the
-test split is scored by those models with the chosen similarity and re-scoring; training-free variants (frozen
+labelled family (train and val: fold `kinret.data.FINAL_FIT`, in ``runs/{data set}/{experiment}/{variant}/full/``),
+and the test split is scored by those models with the chosen similarity and re-scoring; training-free variants (frozen
 features, raw pixels, external files) keep their scores, and a blend keeps its weights. The choice and its
 out-of-fold figures stay the fold models'; `selection.json` records which models the submitted test scores come from
 (`final_fit`)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import replace
@@ -19,6 +18,7 @@ from kinret.errors import KinretInputError
 from kinret.features.sources import CheckpointSource
 from kinret.log import stage
 from kinret.scoring.variants import Group, group_scores
+from kinret.submission.options import Options
 from kinret.train.experiments import Run
 from kinret.train.grid import plan_text, train_grid
 from kinret.train.runs import run_states
@@ -34,7 +34,7 @@ def refit_runs(result: EnsembleResult, groups: list[Group], runs: list[Run]) -> 
             if v in kinds and None not in kinds[v].sources and kinds[v].name in configs}
 
 
-def train_refits(todo: list[Run], args: argparse.Namespace) -> None:
+def train_refits(todo: list[Run], jobs: int | None, quiet: bool, verbose: bool) -> None:
     found = run_states(todo)
     conflicts = [detail for state, detail in found if state == "conflict"]
     if conflicts:
@@ -43,16 +43,15 @@ def train_refits(todo: list[Run], args: argparse.Namespace) -> None:
     if not left:
         return
     with stage("final fit", f"{len(left)} run(s) on every labelled family (train and val), "
-                            f"{plan_text(left, args.jobs)}"):
-        codes = train_grid(left, args.jobs, args.quiet, args.verbose)
+                            f"{plan_text(left, jobs)}"):
+        codes = train_grid(left, jobs, quiet, verbose)
     if 2 in codes.values():
         raise KinretInputError(None, "the final fit stopped on bad input; see the log above")
     if any(codes.values()):
         raise RuntimeError("the final fit failed; see the log above")
 
 
-def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], args: argparse.Namespace
-              ) -> EnsembleResult:
+def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], opts: Options) -> EnsembleResult:
     """`result` with its chosen test scores from the chosen variants refit on every labelled family (see the
     module docstring); unchanged, with a warning, when the choice holds no trained variant."""
     refits = refit_runs(result, groups, runs)
@@ -61,14 +60,14 @@ def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], args
                     result.selection.name)
         return result
     t0 = time.perf_counter()
-    train_refits(list(dict.fromkeys(refits.values())), args)
+    train_refits(list(dict.fromkeys(refits.values())), opts.jobs, opts.quiet, opts.verbose)
     kinds = {g.variant(k): (g, k) for g in groups for k in g.kinds}
     test, backbones = result.splits["test"], {}
     scores = dict(result.scores["test"])
     for v, run in refits.items():
         group, kind = kinds[v]
-        full = Group(group.name, [kind], {None: CheckpointSource(run.run_dir, args.runs / "_cache", backbones)})
-        scores.update(group_scores(full, test, args.ensemble_dir / "scores_final"))
+        full = Group(group.name, [kind], {None: CheckpointSource(run.run_dir, opts.dirs.runs / "_cache", backbones)})
+        scores.update(group_scores(full, test, opts.dirs.ensemble / "scores_final"))
     info = {"trained_on": "every labelled family (train and val)", "refit": {v: str(r.run_dir) for v, r in
                                                                             refits.items()},
             "kept": [v for v in result.selection.weights if v not in refits], "seconds": round(time.perf_counter()

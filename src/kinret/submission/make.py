@@ -8,11 +8,14 @@ Data folder layout (`--data-root DIR`):
     DIR/val/                          optional: labelled FIW folders, with or without probe_list.csv/gallery_list.csv
     DIR/test_truth/probe_list.csv, gallery_list.csv   optional test labels: if present, the run prints local scores
 
-Stages: every run of the experiments' grids not yet trained is trained (`runs/{experiment}/{variant}/fold{k}/`);
-every variant (raw pixels, each pooling of a frozen backbone, each trained model's cosine, FC and re-ranked FC
-similarities, external variants in ensemble/external/) is scored on the out-of-fold protocols, val and test, from
-cached embeddings; the best variant or a blend is chosen out of fold; the submission is named after the choice.
-A rerun with everything cached takes seconds; `--dry-run` lists what would be built.
+Stages: every run of the experiments' grids not yet trained is trained (`runs/{data set}/{experiment}/{variant}/
+fold{k}/`); every variant (raw pixels, each pooling of a frozen backbone, each trained model's cosine, FC and re-ranked
+FC similarities, external variants in ensemble/{data set}/external/) is scored on the out-of-fold protocols, val and
+test, from cached embeddings; the best variant or a blend is chosen out of fold; the submission is named after the
+choice. Each data folder has its own folders under runs/, ensemble/ and submissions/ ({data set}: `synthetic` for the
+default, else the folder's name and a hash of its path), so another data folder in the same place overwrites nothing;
+--runs, --ensemble-dir and --out name folders to use as they are. A rerun with everything cached takes seconds;
+`--dry-run` lists what would be built, with the time and disk space each stage should take.
 """
 
 from __future__ import annotations
@@ -28,45 +31,39 @@ from pathlib import Path
 from kinret.cli import parser, run_command
 from kinret.data import DEFAULT_ROOT
 from kinret.data.layout import DataLayout
-from kinret.data.synth import SynthConfig, ensure_default, made_from
-from kinret.ensemble.cli import add_ensemble_args, glance, settings_from_args
-from kinret.ensemble.run import EnsembleResult, pending_embeddings, plan, prepare, run_ensemble
-from kinret.ensemble.settings import EnsembleSettings
+from kinret.data.synth import ensure_default, made_from
+from kinret.data.workspace import ENSEMBLE, RUNS
+from kinret.ensemble.cli import add_ensemble_args, glance, networks_of
+from kinret.ensemble.run import EnsembleResult, prepare, run_ensemble
 from kinret.errors import KinretInputError
-from kinret.features.sources import BackboneSource
-from kinret.io import check_writable, remove_stale_temporaries, write_text_atomic
+from kinret.io import check_writable, human_bytes, remove_stale_temporaries, write_text_atomic
 from kinret.log import minutes, setup_logging, stage, stage_times
 from kinret.metrics import chance_level
 from kinret.scoring.protocols import SplitData
-from kinret.scoring.variants import Group, missing_scores
+from kinret.scoring.variants import missing_scores
+from kinret.submission.disk import clean_cache, disk_line, tree_bytes
+from kinret.submission.estimate import record
 from kinret.submission.final_fit import final_fit
-from kinret.submission.housekeeping import (
-    Work,
-    clean_cache,
-    disk_line,
-    disk_need,
-    estimate_lines,
-    expected_images,
-    feature_units,
-    feature_work,
-    human_bytes,
-    network_key,
-    record_rate,
-    record_size,
-    record_train_rate,
-    space_lines,
-    train_work,
-    training_images,
-    tree_bytes,
+from kinret.submission.options import Options, options_from_args
+from kinret.submission.planning import (
+    dry_run,
+    frozen_images,
+    record_features,
+    record_training,
+    warn_short,
+    work_of,
 )
 from kinret.submission.predictions import SubmissionResult, submit
 from kinret.submission.record import run_record, set_aside_old_zips, write_run_record
 from kinret.submission.report import write_report
-from kinret.train.experiments import Run, experiment_runs, scoped_overrides
+from kinret.submission.workload import embedding_units
+from kinret.train.experiments import experiment_runs, scoped_overrides
 from kinret.train.grid import plan_text, train_experiment
-from kinret.train.runs import unfinished
+from kinret.train.runs import run_states, stale_note
 
 log = logging.getLogger("kinret.submission")
+SYNTHETIC_NOTE = ("this submission is for the kit's synthetic data (a try-out, not one to upload): pass --data-root "
+                  "with your FIW folders and the Codalab test split for a real one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None,
                    help="real data folder laid out as above; default: the synthetic dataset in "
                         f"{DEFAULT_ROOT} (generated on first use, reused afterwards)")
-    p.add_argument("--out", type=Path, default=Path("submissions"),
-                   help="where predictions.csv, the zip and the variant table go")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where predictions.csv, the zip, the report and the variant table go (default: "
+                        "submissions/{data set}/; a folder given here is used as it is)")
     p.add_argument("--zip-name", default=None, help="name of the zip in --out (default: named after the choice)")
     add_ensemble_args(p)
     p.add_argument("--jobs", type=int, default=None,
@@ -89,30 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true", help="rebuild the synthetic dataset even if cached")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic dataset (without --data-root)")
     p.add_argument("--clean-cache", action="store_true",
-                   help="remove the feature, embedding and score caches under --runs and --ensemble-dir (checkpoints "
-                        "stay; the next run rebuilds the caches from them), print the space freed, and exit")
+                   help="remove the feature, embedding and score caches of the data set (--data-root; without it and "
+                        "without --runs/--ensemble-dir, of every data set under runs/ and ensemble/), print the space "
+                        "freed, and exit; checkpoints stay: the next run rebuilds the caches from them")
     return p
 
 
-def train_missing(settings: EnsembleSettings, args: argparse.Namespace, n_train: int = 0) -> None:
-    """Train every unfinished run of the settings' experiments, an experiment at a time (`n_train`: the training
-    set's size, for the throughput recorded)."""
+def train_missing(opts: Options, n_train: int) -> None:
+    """Train every unfinished run of the experiments, an experiment at a time, and record what each one took
+    (`n_train`: the training set's size)."""
+    settings = opts.settings
     scoped = scoped_overrides(settings.experiments, settings.overrides)
     for exp in settings.experiments:
-        cfg, runs = experiment_runs(exp, settings.data_root, args.runs, scoped[exp])
-        todo = unfinished(runs)
+        cfg, runs = experiment_runs(exp, opts.root, opts.dirs.runs, scoped[exp])
+        todo = [r for r, (state, _) in zip(runs, run_states(runs), strict=True) if state != "finished"]
         if not todo:
             continue
         with stage(f"train {Path(exp).stem}", f"{len(todo)} of {len(runs)} runs to train, "
-                                               f"{plan_text([r for r, _ in todo], args.jobs)}"):
+                                               f"{plan_text(todo, opts.jobs)}"):
             t0 = time.perf_counter()
-            failed = train_experiment(cfg, runs, jobs=args.jobs, quiet=args.quiet, verbose=args.verbose)
+            failed = train_experiment(cfg, runs, jobs=opts.jobs, quiet=opts.quiet, verbose=opts.verbose,
+                                      announce_stale=False)
             if 2 in failed.values():
                 raise KinretInputError(None, f"training the {exp} grid stopped on bad input; see the log above")
             if failed:
                 raise RuntimeError(f"training the {exp} grid failed ({len(failed)} run(s)); see the log above")
-            record_train_rate(args.runs, todo, n_train, time.perf_counter() - t0)
-            record_size(args.runs, "train", len(todo), sum(tree_bytes(r.run_dir) for r, _ in todo))
+            record_training(opts.dirs.record, todo, n_train, time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -125,62 +125,15 @@ class Outcome:
     report: list[Path]
 
 
-def prepare_outputs(args: argparse.Namespace, started: float) -> None:
+def prepare_outputs(opts: Options, started: float) -> None:
     """Every folder the run writes, checked writable before any work; temporaries of a killed run removed."""
-    folders = [args.out, args.out / "report", args.ensemble_dir, args.ensemble_dir / "scores", args.runs]
-    if args.data_root is None:
+    dirs = opts.dirs
+    folders = [dirs.out, dirs.out / "report", dirs.ensemble, dirs.ensemble / "scores", dirs.runs]
+    if opts.synthetic:
         folders.append(DEFAULT_ROOT.parent)
     for folder in folders:
         check_writable(folder)
-    remove_stale_temporaries([args.out, args.ensemble_dir, args.runs], before=started)
-
-
-def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path) -> tuple[list, int]:
-    """(source, image set) pairs whose frozen-backbone features a score matrix still needs, and their image count
-    (the out-of-fold sets are rows of the training set: counted, and computed, once)."""
-    frozen = [g for g in groups if isinstance(g.sources.get(None), BackboneSource)]  # untrained runs have no key
-    todo = pending_embeddings(frozen, splits, scores_dir)
-    sizes = {(id(s), (im.parent or im).label): len((im.parent or im).paths) for s, im in todo}
-    return todo, sum(sizes.values())
-
-
-def pending_work(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, todo: list
-                 ) -> tuple[dict[str, float], float]:
-    """The units each stage still has to build (features: images, train: runs, score: matrices) and the bytes of
-    those matrices (probes x gallery x 4 each); `todo` are the unfinished runs, whose variants are all to score."""
-    untrained = {r.cfg.name for r, _ in todo}
-    matrices, score_bytes = 0, 0.0
-    for g in groups:
-        for sd in splits.values():
-            n = len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir))
-            matrices += n
-            score_bytes += 4.0 * n * len(sd.split.probes) * len(sd.split.gallery)
-    work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
-    return work, score_bytes
-
-
-def check_space(args: argparse.Namespace, work: dict[str, float], score_bytes: float = 0.0) -> list[str]:
-    """The disk space the work needs against what is free, one line per disk; a warning when a disk is short."""
-    need = disk_need(args.runs, work, score_bytes)
-    data_dir = DEFAULT_ROOT.parent if args.data_root is None else args.runs
-    folders = {"data": data_dir, "features": args.runs, "train": args.runs, "score": args.ensemble_dir}
-    by_folder: dict[Path, float] = {}
-    for name, nbytes in need.items():
-        by_folder[folders[name]] = by_folder.get(folders[name], 0.0) + nbytes
-    lines, short = space_lines(by_folder)
-    if short:
-        log.warning("%s", "; ".join(line for line in lines if "not enough" in line))
-    return lines
-
-
-def dry_run(args: argparse.Namespace, groups: list[Group], splits: dict[str, SplitData], runs: list[Run]) -> None:
-    scores_dir = args.ensemble_dir / "scores"
-    todo = unfinished(runs)
-    print("\n".join(plan(groups, splits, scores_dir, todo)))
-    work, score_bytes = pending_work(groups, splits, scores_dir, todo)
-    timed = [*feature_work(frozen_images(groups, splits, scores_dir)[0]), *train_work(todo, training_images(splits)),
-             Work("score", work["score"])]
-    print("\n".join(estimate_lines(args.runs, timed) + check_space(args, work, score_bytes)))
+    remove_stale_temporaries([dirs.out, dirs.ensemble, dirs.runs], before=started)
 
 
 def warn_strays(layout: DataLayout) -> None:
@@ -192,121 +145,142 @@ def warn_strays(layout: DataLayout) -> None:
                     "them all", len(strays), layout.root, path, why, layout.root)
 
 
-def get_data(args: argparse.Namespace) -> Path | None:
+def get_data(opts: Options) -> Path | None:
     """The data folder: --data-root, or the synthetic default (generated on first use); on a dry run nothing is
-    generated: None when it would have to be (after printing the estimate)."""
-    if args.data_root is not None:
-        print(f"data: {args.data_root}")
-        return args.data_root
-    root, config = DEFAULT_ROOT, SynthConfig(seed=args.data_seed)
-    fresh = args.regenerate or not made_from(root, config)
-    work = {"data": expected_images(config)} if fresh else {}
-    if args.dry_run:
+    generated: None when it would have to be (the estimate covers the whole run from its expected size)."""
+    if not opts.synthetic:
+        print(f"data: {opts.data_root}")
+        return opts.data_root
+    seed, synth = opts.synth.seed, opts.synth
+    fresh = opts.regenerate or not made_from(DEFAULT_ROOT, synth)
+    if opts.dry_run:
         if not fresh:
-            print(f"data: synthetic families in {root} (seed {args.data_seed}), cached")
-            return root
-        print(f"data   generate the synthetic dataset in {root} (seed {args.data_seed})\n(then train, score, "
-              "select and submit)")
-        print("\n".join(estimate_lines(args.runs, work) + check_space(args, work)))
+            print(f"data: synthetic families in {DEFAULT_ROOT} (seed {seed}), cached")
+            return DEFAULT_ROOT
+        print(f"data   generate the synthetic dataset in {DEFAULT_ROOT} (seed {seed})\n(then train, score, select "
+              "and submit: estimated from its expected size)")
         return None
-    with stage("data", f"synthetic families in {root} (seed {args.data_seed})"
+    with stage("data", f"synthetic families in {DEFAULT_ROOT} (seed {seed})"
                + (", generating" if fresh else ", cached") + "; pass --data-root for real FIW data"):
         t0 = time.perf_counter()
         if fresh:
-            check_space(args, work)
-        root = ensure_default(args.data_seed, args.regenerate)
+            warn_short(opts, work_of(opts))
+        root = ensure_default(seed, opts.regenerate)
         if fresh:
-            record_rate(args.runs, "data", work["data"], time.perf_counter() - t0)
-            record_size(args.runs, "data", work["data"], tree_bytes(root))
+            images = sum(1 for p in root.rglob("*.jpg"))
+            record(opts.dirs.record, "data", images, time.perf_counter() - t0, tree_bytes(root))
     return root
 
 
-def compute_features(groups: list[Group], splits: dict[str, SplitData], args: argparse.Namespace) -> None:
+def compute_features(opts: Options, groups: list, splits: dict[str, SplitData]) -> None:
     """The frozen backbones' features every missing score matrix needs, as a stage of its own."""
-    todo, n_images = frozen_images(groups, splits, args.ensemble_dir / "scores")
+    todo, n_images = frozen_images(groups, splits, opts.dirs.ensemble / "scores")
     if not todo:
         return
     with stage("features", f"{n_images:,} images through {len({id(s) for s, _ in todo})} frozen backbone(s)"):
-        before, seconds = tree_bytes(args.runs / "_cache"), {}
+        before, seconds = tree_bytes(opts.dirs.runs / "_cache"), {}
         for source, images in todo:
             t0 = time.perf_counter()
             source.embeddings(images)
             seconds[id(source)] = seconds.get(id(source), 0.0) + time.perf_counter() - t0
-        for i, (source, units) in feature_units(todo).items():
-            key = network_key(source.cfg, source.features.net)
-            record_rate(args.runs, f"features:{key}", units, seconds[i])
-        record_size(args.runs, "features", n_images, tree_bytes(args.runs / "_cache") - before)
+        record_features(opts.dirs.record, todo, seconds, tree_bytes(opts.dirs.runs / "_cache") - before)
 
 
-def run(args: argparse.Namespace) -> Outcome | None:
+def run(opts: Options) -> Outcome | None:
     """The stages, each announced with its size and timed; None after a dry run, which writes nothing (not even
     the bytecode of an experiment file). Bad input raises."""
     dont_write = sys.dont_write_bytecode
-    sys.dont_write_bytecode = dont_write or args.dry_run
+    sys.dont_write_bytecode = dont_write or opts.dry_run
     try:
-        return _run(args)
+        return _run(opts)
     finally:
         sys.dont_write_bytecode = dont_write
 
 
-def _run(args: argparse.Namespace) -> Outcome | None:
+def _run(opts: Options) -> Outcome | None:
     t0 = time.perf_counter()
     stage_times(reset=True)
-    if not args.dry_run:
-        prepare_outputs(args, time.time())
-    root = get_data(args)
+    if not opts.dry_run:
+        prepare_outputs(opts, time.time())
+    root = get_data(opts)
     if root is None:
+        dry_run(opts)
         return None
-    settings = settings_from_args(args, root, None if args.data_root is not None else args.data_seed)
     layout = DataLayout.of(root)
-    runs, splits, groups = prepare(settings, layout, args.runs, args.ensemble_dir)
+    runs, splits, groups = prepare(opts.settings, layout, opts.dirs.runs, opts.dirs.ensemble)
     for sd in splits.values():
         print(sd.split.describe() + ("" if sd.labels is not None else " (unlabelled)"), flush=True)
     warn_strays(layout)
-    if args.dry_run:
-        dry_run(args, groups, splits, runs)
+    found = run_states(runs)
+    note = stale_note(runs, found, opts.dry_run)
+    if note:
+        log.warning("%s", note)  # once for the whole run, whatever the experiments and folds
+    if opts.dry_run:
+        dry_run(opts, groups, splits, runs, found)
         return None
-    scores_dir = args.ensemble_dir / "scores"
-    check_space(args, *pending_work(groups, splits, scores_dir, unfinished(runs)))
-    compute_features(groups, splits, args)
-    train_missing(settings, args, training_images(splits))
-    n_matrices = sum(len(missing_scores(g, sd, scores_dir)) for g in groups for sd in splits.values())
-    with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
-                                   f"{n_matrices} score matrices to build"):
-        t1 = time.perf_counter()
-        result = run_ensemble(groups, splits, settings, scores_dir, args.ensemble_dir)
-        record_rate(args.runs, "score", n_matrices, time.perf_counter() - t1)
-    if args.final_fit:
-        result = final_fit(result, groups, runs, args)
+    warn_short(opts, work_of(opts, groups, splits, runs, found))
+    compute_features(opts, groups, splits)
+    train_missing(opts, training_images(splits))
+    result, scored = score_and_choose(opts, groups, splits)
+    if opts.final_fit:
+        result = final_fit(result, groups, runs, opts)
     with stage("submission and report"):
-        sub, report = write_outputs(args, result, splits)
+        t1, before = time.perf_counter(), tree_bytes(opts.dirs.out)
+        sub, report = write_outputs(opts, result, splits)
+        test = splits["test"].split
+        if scored:  # a new choice, written where a rerun only rewrites the same files
+            record(opts.dirs.record, "submit", len(test.probes) * len(test.gallery), time.perf_counter() - t1,
+                   tree_bytes(opts.dirs.out) - before)
     seconds = time.perf_counter() - t0
-    print_closing(args, root, result, sub, report, splits, seconds)
-    data = {"root": str(root), "seed": None if args.data_root is not None else args.data_seed}
+    print_closing(opts, root, result, sub, report, splits, seconds, networks_of(runs))
+    data = {"root": str(root), "seed": None if not opts.synthetic else opts.synth.seed}
     sizes = {n: (len(sd.split.probes), len(sd.split.gallery)) for n, sd in splits.items()}
-    write_run_record(args.out, run_record(getattr(args, "argv", []), data, sizes, result.selection.name,
-                                          sub.zip_path, seconds, stage_times()))
+    write_run_record(opts.dirs.out, run_record(opts.argv, data, sizes, result.selection.name, sub.zip_path, seconds,
+                                               stage_times()))
     return Outcome(root, result, sub, report)
 
 
-def write_outputs(args: argparse.Namespace, result: EnsembleResult, splits: dict[str, SplitData]
+def training_images(splits: dict[str, SplitData]) -> int:
+    """The training set's size: the parent image set of the out-of-fold protocols (0 without one)."""
+    return next((len(sd.images.parent.paths) for sd in splits.values() if sd.images.parent is not None), 0)
+
+
+def score_and_choose(opts: Options, groups: list, splits: dict[str, SplitData]) -> tuple[EnsembleResult, bool]:
+    """Score every variant's missing matrices, choose, and record what the stage did (the embeddings computed, the
+    cells built, their time and bytes); returns the result and whether any matrix was built."""
+    scores_dir, dirs = opts.dirs.ensemble / "scores", opts.dirs
+    missing = [(len(missing_scores(g, sd, scores_dir)), sd) for g in groups for sd in splits.values()]
+    cells = sum(n * len(sd.split.probes) * len(sd.split.gallery) for n, sd in missing)
+    embedded = embedding_units(groups, splits, scores_dir)
+    with stage("score and choose", f"{sum(len(g.variants) for g in groups)} variants x {len(splits)} splits, "
+                                   f"{sum(n for n, _ in missing)} score matrices to build"):
+        t1, before = time.perf_counter(), [tree_bytes(scores_dir), tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble)]
+        result = run_ensemble(groups, splits, opts.settings, scores_dir, dirs.ensemble)
+        matrices = tree_bytes(scores_dir) - before[0]
+        record(dirs.record, "embed", embedded, time.perf_counter() - t1,
+               tree_bytes(dirs.runs) + tree_bytes(dirs.ensemble) - before[1] - matrices)
+        record(dirs.record, "score", cells, 0.0, matrices, timed=False)
+    return result, cells > 0
+
+
+def write_outputs(opts: Options, result: EnsembleResult, splits: dict[str, SplitData]
                   ) -> tuple[SubmissionResult, list[Path]]:
-    sel, test = result.selection, splits["test"]
-    sub = submit(result.chosen["test"], test.split, args.out, test.labels, args.zip_name or f"{sel.name}.zip")
-    moved = set_aside_old_zips(args.out, sub.zip_path)
+    sel, test, out = result.selection, splits["test"], opts.dirs.out
+    sub = submit(result.chosen["test"], test.split, out, test.labels, opts.zip_name or f"{sel.name}.zip")
+    moved = set_aside_old_zips(out, sub.zip_path)
     if moved:
         print(f"moved the earlier zip(s) {', '.join(p.name for p in moved)} to {moved[0].parent}/: "
               f"{sub.zip_path.name} is the one to upload")
-    write_text_atomic(args.out / "variants.md", result.table_md)
-    write_text_atomic(args.out / "selection.json", sel.to_json(result.settings.to_dict()))
-    return sub, write_report(result, args.out / "report")
+    write_text_atomic(out / "variants.md", result.table_md)
+    write_text_atomic(out / "selection.json", sel.to_json(result.settings.to_dict()))
+    return sub, write_report(result, out / "report")
 
 
-def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, sub: SubmissionResult,
-                  report: list[Path], splits: dict[str, SplitData], seconds: float) -> None:
+def print_closing(opts: Options, root: Path, result: EnsembleResult, sub: SubmissionResult, report: list[Path],
+                  splits: dict[str, SplitData], seconds: float, networks: dict) -> None:
     """What a competitor reads at the end: the choice at a glance, the files, the local score, disk, timings."""
     print()
-    print(glance(result, table_path=args.out / "variants.md"))
+    print(glance(result, table_path=opts.dirs.out / "variants.md", networks=networks))
     refit = result.selection.final_fit.get("refit", {})
     if refit:
         print(f"final fit: the test scores of {', '.join(refit)} come from models trained on every labelled family "
@@ -322,34 +296,42 @@ def print_closing(args: argparse.Namespace, root: Path, result: EnsembleResult, 
               f"Average {chance['average']:.4f})")
     else:
         print(f"no test labels in {root / 'test_truth'}: local test score skipped")
-    print(disk_line(args.runs, args.ensemble_dir))
+    print(disk_line(opts.dirs.runs, opts.dirs.ensemble))
     times = ", ".join(f"{name} {minutes(s)}" for name, s in stage_times())
     print(f"\ndone in {minutes(seconds)}" + (f" ({times})" if times else ""))
+    if opts.synthetic or (root / "synth_config.json").is_file():
+        print(SYNTHETIC_NOTE)
 
 
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options]:
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
-    return args
+    return args, options_from_args(args, list(sys.argv[1:] if argv is None else argv))  # argv recorded in run.json
 
 
 def make(argv: Sequence[str] | None = None) -> Outcome | None:
     """`make_submission.py` as a function, for notebooks: the same options, stages and printout; returns what was
     built (None after --dry-run); bad input raises instead of exiting."""
-    args = parse(argv)
-    setup_logging(verbose=args.verbose, quiet=args.quiet)
-    return run(args)
+    _, opts = parse(argv)
+    setup_logging(verbose=opts.verbose, quiet=opts.quiet)
+    return run(opts)
+
+
+def clean(args: argparse.Namespace, opts: Options) -> int:
+    """--clean-cache: the caches of the data set named (or the folders given), else of every data set."""
+    every = args.data_root is None and args.runs is None and args.ensemble_dir is None
+    runs, ensemble = (RUNS, ENSEMBLE) if every else (opts.dirs.runs, opts.dirs.ensemble)
+    before = disk_line(runs, ensemble)
+    print(f"freed {human_bytes(clean_cache(runs, ensemble))} ({before})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
+    args, opts = parse(argv)
 
     def body() -> int:
         if args.clean_cache:
-            before = disk_line(args.runs, args.ensemble_dir)
-            print(f"freed {human_bytes(clean_cache(args.runs, args.ensemble_dir))} ({before})")
-            return 0
-        run(args)
+            return clean(args, opts)
+        run(opts)
         return 0
 
     return run_command(body, args)

@@ -1,8 +1,9 @@
 """``python -m kinret.train -C <experiment> --fold k [--set key=value ...]``: train one variant on one fold.
 
 --fold -1 trains on every training family (evaluated on DATA/val when present); --fold -2, the final fit, on every
-labelled family (train and val), holding nothing out. Outputs go to
-runs/{experiment}/fold{k}/ (one variant of a GRID, --variant NAME, to runs/{experiment}/{variant}/fold{k}/; python
+labelled family (train and val), holding nothing out. Outputs go to the data set's runs folder
+(runs/{data set}/, named after the data folder: see README, "Where outputs go"; --set out_root=DIR: DIR itself), in
+{experiment}/fold{k}/ (one variant of a GRID, --variant NAME, in {experiment}/{variant}/fold{k}/; python
 -m kinret.grid trains them all; --show-config lists them): checkpoint.pt (written to a temporary name, then renamed,
 after every epoch), config.json (the resolved config), summary.csv (one row per epoch), state.json and data.json
 (the training families and the content hash of each of their images). --resume continues an interrupted run from its
@@ -21,7 +22,7 @@ from kinret.cli import parser, run_command
 from kinret.dist import env_rank_world
 from kinret.errors import KinretInputError
 from kinret.models.config import TrainConfig, apply_overrides
-from kinret.train.experiments import expand, load_experiment
+from kinret.train.experiments import check_weights, expand, load_experiment, own_runs_folder
 from kinret.train.fit import train_run
 
 log = logging.getLogger("kinret.train")
@@ -33,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment name (src/kinret/train/experiments/) or a .py file")
     p.add_argument("--fold", type=int, default=0,
                    help="held-out fold; -1 trains on every training family (scored on DATA/val); -2, the final fit, "
-                        "trains on every labelled family (train and val) into runs/{experiment}/full/")
+                        "trains on every labelled family (train and val) into {runs}/{experiment}/full/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="typed config override")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--restart", action="store_true", help="delete this run's outputs and start again")
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="one variant of the experiment's GRID (e.g. bce-comb1; --show-config lists them): its "
-                        "overrides are applied and it trains into runs/{experiment}/{variant}/fold{k}/")
+                        "overrides are applied and it trains into {runs}/{experiment}/{variant}/fold{k}/")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (fields changed from the defaults marked *) and the experiment's "
                         "grid variants, then exit")
@@ -72,7 +73,7 @@ def show_config(cfg: TrainConfig, variants: dict[str, list[str]], experiment: st
 
 
 def run(args: argparse.Namespace) -> int:
-    base = apply_overrides(load_experiment(args.config)[0], args.set)
+    base = own_runs_folder(apply_overrides(load_experiment(args.config)[0], args.set), args.set)
     variants = grid_variants(args.config, base)
     cfg = base
     if args.variant is not None:
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         show_config(cfg, {} if args.variant else variants, args.config)
         return 0
+    check_weights(cfg)
     train_run(cfg, args.fold, args.resume, args.restart)
     return 0
 

@@ -2,8 +2,9 @@
 
 The experiment's ``GRID = {"backbone": [...], "loss": [...], "combination": [...], "fold": [...]}`` is expanded
 as a product (a list of such dicts: the union of their products); each variant trains into
-``runs/{experiment}/{variant}/fold{k}/`` (the variant named by its grid values, e.g. ``bce-comb1``; an experiment
-without a GRID trains ``runs/{experiment}/fold{k}/``, the folder ``python -m kinret.train -C`` uses). Finished
+``runs/{data set}/{experiment}/{variant}/fold{k}/`` (the data set's runs folder, `kinret.data.workspace`, or
+``--set out_root=DIR``; the variant named by its grid values, e.g. ``bce-comb1``; an experiment without a GRID
+trains ``{experiment}/fold{k}/``, the folder ``python -m kinret.train -C`` uses). Finished
 runs are skipped, interrupted ones resumed (with the thread count they started with), stale ones (their training data
 changed) trained again; runs go to joblib worker processes with the cores shared between them (`--jobs 0`: head-only
 runs two at a time, end-to-end runs one at a time with every core unless they are large, see `schedule`), and the
@@ -33,8 +34,8 @@ from kinret.log import progress
 from kinret.models.config import TrainConfig, apply_overrides, config_from_dict
 from kinret.readback import DamagedFile
 from kinret.train.checkpointing import read_state
-from kinret.train.experiments import Run, expand, load_experiment
-from kinret.train.runs import run_states
+from kinret.train.experiments import Run, check_weights, expand, load_experiment, own_runs_folder
+from kinret.train.runs import clear_stale, run_states, stale_note
 
 log = logging.getLogger("kinret.grid")
 _WATCHED: list[int] = []  # the parent a watch thread follows (platforms without PR_SET_PDEATHSIG)
@@ -216,19 +217,22 @@ def write_grid_summary(cfg: TrainConfig, runs: Sequence[Run]) -> str:
 
 
 def train_experiment(cfg: TrainConfig, runs: Sequence[Run], folds: Sequence[int] | None = None, jobs: int | None = 1,
-                     quiet: bool = False, verbose: bool = False, dry_run: bool = False) -> dict[Path, int]:
+                     quiet: bool = False, verbose: bool = False, dry_run: bool = False, announce_stale: bool = True
+                     ) -> dict[Path, int]:
     """Train an experiment's unfinished runs (`cfg` is the experiment's config, `runs` its grid; only `folds` when
-    given): print each run's state, refuse folders that hold another config, train, write grid_summary.csv.
+    given): print each run's state, say once what changed for the stale ones (unless the caller said it:
+    `announce_stale` False), refuse folders that hold another config, train, write grid_summary.csv.
     Returns the exit code of every run that failed (2: bad input), by run folder."""
     chosen = [r for r in runs if folds is None or r.fold in folds]
     if not chosen:
         raise KinretInputError(None, f"no run of {cfg.name} has fold {list(folds or [])} (its folds: "
                                      f"{sorted({r.fold for r in runs})})")
     found = run_states(chosen)
-    for r, (state, detail) in zip(chosen, found, strict=True):
+    for r, (state, _) in zip(chosen, found, strict=True):
         print(f"{state:>8}  {r.run_dir}")
-        if state == "stale":
-            log.warning("%s; it will be trained again from the start", detail)
+    note = stale_note(chosen, found, dry_run)
+    if note and announce_stale:
+        log.warning("%s", note)
     conflicts = [detail for state, detail in found if state == "conflict"]
     if conflicts:
         raise KinretInputError(None, f"{len(conflicts)} run folder(s) hold another config, e.g. {conflicts[0]}")
@@ -236,6 +240,9 @@ def train_experiment(cfg: TrainConfig, runs: Sequence[Run], folds: Sequence[int]
     print(f"{len(chosen)} runs: {len(chosen) - len(todo)} finished, {len(todo)} to train")
     if dry_run or not todo:
         return {}
+    for r, (state, _) in zip(chosen, found, strict=True):
+        if state == "stale":  # said above, once for all of them: its run starts fresh without a second warning
+            clear_stale(r.cfg, r.fold)
     codes = train_grid(todo, jobs, quiet, verbose)
     print(write_grid_summary(cfg, runs), end="")
     failed = {todo[i].run_dir: code for i, code in sorted(codes.items()) if code != 0}
@@ -279,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     cfg, grid = load_experiment(args.config)
     cfg = apply_overrides(cfg, args.set)
+    cfg = own_runs_folder(cfg, args.set)
+    for run_cfg in dict.fromkeys(r.cfg for r in expand(cfg, grid)):
+        check_weights(run_cfg)
     failed = train_experiment(cfg, expand(cfg, grid), args.folds, args.jobs or None, args.quiet, args.verbose,
                               args.dry_run)
     return 1 if failed else 0

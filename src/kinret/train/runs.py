@@ -1,4 +1,4 @@
-"""Run folders (``runs/{experiment}/fold{k}/``): what state a run is in, and the refusal to overwrite another
+"""Run folders (``runs/{data set}/{experiment}/fold{k}/``): what state a run is in, and the refusal to overwrite another
 config's trained weights.
 
 A run is its config (less how and where it runs) and the content of its training data: ``data.json`` records the
@@ -195,6 +195,24 @@ def unfinished(runs: Sequence[Run]) -> list[tuple[Run, str]]:
     return [(r, state) for r, (state, _) in zip(runs, run_states(runs), strict=True) if state != "finished"]
 
 
+def stale_note(runs: Sequence[Run], found: Sequence[tuple[str, str]], dry_run: bool = False) -> str:
+    """One line for every stale run of a sweep (`found`: their `run_states`), '' when none: how many, of which
+    experiments, what changed (said once: every run of one data folder sees the same change) and what happens (or,
+    on a dry run, would happen)."""
+    stale = [(r, detail) for r, (state, detail) in zip(runs, found, strict=True) if state == "stale"]
+    if not stale:
+        return ""
+    names = ", ".join(dict.fromkeys(r.cfg.name.split("/")[0] for r, _ in stale))
+    change = stale[0][1].split(": ", 1)[-1]
+    return (f"{_count(len(stale), 'run', 'runs')} of {names} ({stale[0][0].run_dir}{', ...' if len(stale) > 1 else ''})"
+            f": {change}; {'they would be' if dry_run else 'they are'} trained again from the start")
+
+
+def clear_stale(cfg: TrainConfig, fold: int) -> None:
+    """Remove the outputs of a stale run (trained on other data), so that it trains again from the start."""
+    shutil.rmtree(cfg.run_dir(fold), ignore_errors=True)
+
+
 def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) -> str:
     """'fresh', 'resume' or 'finished'; refuses to overwrite another run's outputs silently. A stale run (its data
     changed) is deleted and trained again from the start, never resumed on the new data."""
@@ -206,7 +224,7 @@ def prepare_run_dir(cfg: TrainConfig, fold: int, resume: bool, restart: bool) ->
         raise KinretInputError(None, detail)
     if status == "stale":
         log.warning("%s; training it again from the start", detail)
-        shutil.rmtree(run_dir)
+        clear_stale(cfg, fold)
         status = "todo"
     if status == "partial" and not resume:
         raise KinretInputError(run_dir, "holds an unfinished run: pass --resume to continue it or --restart")

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from kinret.data.workspace import work_dirs
 from kinret.errors import KinretInputError
 
 from ...models.config import TrainConfig, apply_overrides
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
+log = logging.getLogger("kinret.train")
 
 
 def experiment_path(name: str) -> Path:
@@ -82,7 +85,7 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[Run]:
         keys = [k for k in block if k != "fold"]
         for values in itertools.product(*(block[k] for k in keys)):
             variant = "-".join(_text(v).replace(",", "x").replace("/", "_") for v in values)
-            # no GRID: the experiment's single run is runs/{experiment}/fold{k}, as `kinret.train -C` writes it
+            # no GRID: the experiment's single run is {runs}/{experiment}/fold{k}, as `kinret.train -C` writes it
             sets = ([f"name={cfg.name}/{variant}"] if variant else []) + [f"{k}={_text(v)}"
                                                                         for k, v in zip(keys, values, strict=True)]
             vcfg = apply_overrides(cfg, sets)
@@ -93,10 +96,57 @@ def expand(cfg: TrainConfig, grid: list[dict[str, list]]) -> list[Run]:
     return jobs
 
 
+def _is_graph(weights: str) -> bool:
+    return weights.strip().lower().endswith(".onnx")
+
+
+def backbones(name: str) -> set[str]:
+    """Every backbone an experiment trains: its config's and its GRID's."""
+    cfg, grid = load_experiment(name)
+    return {cfg.backbone} | {b for block in grid for b in block.get("backbone", [])}
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    """Refuse a weights file the backbone cannot read, before anything opens it: an ONNX graph is read by
+    ``backbone=onnx`` only (another backbone's loader would unpickle it), and that backbone needs one."""
+    if cfg.weights and _is_graph(cfg.weights) != (cfg.backbone == "onnx"):
+        what = "an ONNX graph, which only backbone=onnx reads" if _is_graph(cfg.weights) else "not an ONNX graph"
+        raise KinretInputError(None, f"{cfg.name}: weights={cfg.weights} is {what}; backbone={cfg.backbone} takes "
+                                     + ("an .onnx file" if cfg.backbone == "onnx" else "a state dict or checkpoint"))
+    if cfg.backbone == "onnx" and not cfg.weights:
+        stem = cfg.name.split("/")[0]
+        raise KinretInputError(None, f"{stem}: backbone=onnx needs the network's graph: --set weights=FILE.onnx "
+                                     f"(--set {stem}:weights=FILE.onnx beside other experiments)")
+
+
+def _weights_targets(item: str, value: str, experiments: Sequence[str], stems: dict[str, str]) -> list[str]:
+    """The experiments an unscoped ``weights=FILE`` reaches: those whose backbone reads that kind of file (an ONNX
+    graph: backbone=onnx; any other file: the other backbones). None of them: one line saying what would."""
+    graph = _is_graph(value)
+    kinds = {name: backbones(name) for name in experiments}
+    hit = [n for n in experiments if ("onnx" in kinds[n]) == graph]
+    names = ", ".join(f"{stems[n]} (backbone={'/'.join(sorted(kinds[n]))})" for n in experiments)
+    if not hit and experiments and graph:
+        raise KinretInputError(None, f"--set {item}: an ONNX graph, which only backbone=onnx reads, and none of "
+                                     f"{names} has it; to add the network, run the kit's experiment for one beside "
+                                     f"them: --experiments {' '.join(experiments)} arcface_onnx_heads --set "
+                                     f"arcface_onnx_heads:{item}")
+    if not hit and experiments:
+        raise KinretInputError(None, f"--set {item}: not an ONNX graph, and every experiment given reads only one "
+                                     f"({names}): give it to an experiment whose backbone reads it, as --set "
+                                     f"EXPERIMENT:{item}")
+    if len(hit) < len(experiments):
+        log.warning("--set %s goes to %s only: the backbones of %s do not read %s (--set EXPERIMENT:%s names one)",
+                    item, ", ".join(stems[n] for n in hit), ", ".join(stems[n] for n in experiments if n not in hit),
+                    "an ONNX graph" if graph else "this kind of file", item)
+    return hit
+
+
 def scoped_overrides(experiments: Sequence[str], overrides: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """experiment -> its ``key=value`` overrides out of `overrides`, each given as ``key=value`` (every experiment)
     or ``EXPERIMENT:key=value`` (the experiment of that name or file stem only); a scope naming none of
-    `experiments` raises, and so do data_root and out_root, which the commands' own options set."""
+    `experiments` raises, and so do data_root and out_root, which the commands' own options set. An unscoped
+    ``weights=FILE`` reaches only the experiments whose backbone reads that kind of file (`_weights_targets`)."""
     stems = {name: experiment_path(name).stem for name in experiments}
     out: dict[str, list[str]] = {name: [] for name in experiments}
     for item in overrides:
@@ -111,9 +161,20 @@ def scoped_overrides(experiments: Sequence[str], overrides: Sequence[str]) -> di
         if not hit:
             raise KinretInputError(None, f"--set {item}: {scope!r} is none of the experiments "
                                          f"({', '.join(experiments) or 'none given'})")
+        if not colon and key.strip() == "weights":
+            hit = _weights_targets(item, rest, experiments, stems)
         for name in hit:
             out[name].append(f"{key.strip()}={rest}")
     return {name: tuple(v) for name, v in out.items()}
+
+
+def own_runs_folder(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """`cfg` with its runs in its data set's runs folder (``runs/{data set}/``, `kinret.data.workspace`), unless the
+    ``--set`` `overrides` or the experiment file name one (``out_root=DIR``: DIR itself): what ``kinret.train`` and
+    ``kinret.grid`` train into, the folder ``make_submission.py`` and ``kinret.ensemble`` look in."""
+    if cfg.out_root != TrainConfig.out_root or any(item.partition("=")[0].strip() == "out_root" for item in overrides):
+        return cfg
+    return replace(cfg, out_root=str(work_dirs(cfg.data_root).runs))
 
 
 def experiment_runs(name: str, data_root: str | Path, out_root: str | Path, overrides: Sequence[str] = ()
@@ -122,4 +183,7 @@ def experiment_runs(name: str, data_root: str | Path, out_root: str | Path, over
     folder and into this runs folder."""
     cfg, grid = load_experiment(name)
     cfg = replace(apply_overrides(cfg, overrides), data_root=str(data_root), out_root=str(out_root))
-    return cfg, expand(cfg, grid)
+    runs = expand(cfg, grid)
+    for run_cfg in dict.fromkeys(r.cfg for r in runs):
+        check_weights(run_cfg)
+    return cfg, runs
