@@ -163,7 +163,8 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for every parameter (the fine-tune's step 143 against 328 ms on 2 cores, docs/decisions.md)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
     # ---- data ------------------------------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list[Batch]:
