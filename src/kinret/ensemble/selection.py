@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,6 +25,7 @@ import pandas as pd
 
 from kinret.ensemble.blend import NORMALISATIONS, blend, normalise
 from kinret.ensemble.bootstrap import LEVEL, N_BOOT, describe, excludes_zero, interval_of
+from kinret.log import progress
 from kinret.metrics import average_precision, hits_in_rank_order, per_probe_results, relevance, summarise
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.store import safe_name
@@ -35,19 +36,30 @@ POOL = 8  # variants a blend is searched over: the best by out-of-fold Average
 
 
 class Scorer:
-    """Per-probe results of score matrices on one labelled split (relevance computed once)."""
+    """Per-probe results of score matrices on one labelled split (relevance computed once). Each probe's results
+    depend on its own row only, so they are computed on blocks of about `block` scores: the same numbers as on the
+    whole matrix, with the (P, N) ranking and float64 work arrays never held at once."""
 
-    def __init__(self, probe_fids: Sequence, gallery_fids: Sequence):
+    def __init__(self, probe_fids: Sequence, gallery_fids: Sequence, block: int = 1 << 22):
         self.rel = relevance(probe_fids, gallery_fids)
+        self.rows = max(1, block // max(self.rel.shape[1], 1))
+
+    def _blocks(self, scores: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for a in range(0, len(self.rel), self.rows):
+            yield rank_gallery(scores[a:a + self.rows]), self.rel[a:a + self.rows]
 
     def per_probe(self, scores: np.ndarray, trapezoid: bool = True) -> pd.DataFrame:
-        return per_probe_results(rank_gallery(scores), self.rel, trapezoid)
+        parts = [per_probe_results(ranking, rel, trapezoid) for ranking, rel in self._blocks(scores)]
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
     def terms(self, scores: np.ndarray) -> np.ndarray:
         """Per-probe u = (standard AP + [a relative in the top 5]) / 2, whose mean is the Average: the search's
         objective without the per-probe table's cost."""
-        hits = hits_in_rank_order(rank_gallery(scores), self.rel)
-        return (average_precision(hits) + hits[:, :5].any(axis=1)) / 2.0
+        parts = []
+        for ranking, rel in self._blocks(scores):
+            hits = hits_in_rank_order(ranking, rel)
+            parts.append((average_precision(hits) + hits[:, :5].any(axis=1)) / 2.0)
+        return np.concatenate(parts)
 
 
 def pooled(parts: Sequence[pd.DataFrame]) -> dict[str, float]:
@@ -169,12 +181,19 @@ class Selection:
 
 
 def _crossfit(per_probe: dict[str, dict[str, pd.DataFrame]], scorers: dict[str, Scorer], norm: Callable,
-              ranked: list[str], pool: int, max_steps: int) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+              ranked: list[str], pool: int, max_steps: int
+              ) -> tuple[dict[str, pd.DataFrame], np.ndarray, dict[str, float]]:
     """Per fold k: the blend searched on the other folds and the best single variant picked there, both scored on
-    fold k. Returns the per-probe results of each (folds in order) and the fold of each probe row."""
+    fold k; then the blend searched on every fold (the weights a blend would be submitted with). Returns the
+    per-probe results of each (folds in order), the fold of each probe row, and the weights searched on every
+    fold."""
     folds = sorted(scorers)
     parts: dict[str, list[pd.DataFrame]] = {"blend": [], "best single": []}
-    for k in folds:
+    weights: dict[str, float] = {}
+    for k in progress([*folds, None], desc="blend weight search (each fold left out, then none)", unit="search"):
+        if k is None:
+            weights = search_weights({v: norm(v) for v in ranked[:pool]}, scorers, folds, max_steps)
+            continue
         rest = [f for f in folds if f != k]
         on_rest = {v: pooled([per_probe[v][f] for f in rest])["average"] for v in ranked}
         order = sorted(ranked, key=lambda v: -on_rest[v])
@@ -182,7 +201,7 @@ def _crossfit(per_probe: dict[str, dict[str, pd.DataFrame]], scorers: dict[str, 
         parts["blend"].append(scorers[k].per_probe(blend([norm(v)[k] for v in w], list(w.values()))))
         parts["best single"].append(per_probe[order[0]][k])
     strata = np.concatenate([[k] * len(p) for k, p in zip(folds, parts["blend"], strict=True)])
-    return {n: pd.concat(p, ignore_index=True) for n, p in parts.items()}, strata
+    return {n: pd.concat(p, ignore_index=True) for n, p in parts.items()}, strata, weights
 
 
 def decide(how: str, n_weights: int, gain: dict[str, float]) -> bool:
@@ -241,9 +260,8 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
             cache[v] = {k: normalise(oof[v][k], normalisation) for k in folds}
         return cache[v]
 
-    parts, strata = _crossfit(per_probe, scorers, norm, ranked, pool, max_steps)
+    parts, strata, weights = _crossfit(per_probe, scorers, norm, ranked, pool, max_steps)
     gain = interval_of(parts["blend"], parts["best single"], strata, n_boot, seed)
-    weights = search_weights({v: norm(v) for v in ranked[:pool]}, scorers, folds, max_steps)
     blended = decide(how, len(weights), gain)
     reason = _reason(how, weights, gain, blended)
     log.debug("blend gain %s: %s", describe(gain), reason)  # the commands print the reason once, in their summary
@@ -255,8 +273,16 @@ def select(oof: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], ho
                           "within folds")
 
 
-def combine(matrices: dict[str, np.ndarray], sel: Selection) -> np.ndarray:
-    """The chosen scores on one split: the single variant's matrix as is, or the normalised weighted blend."""
+def combine(matrices: Mapping[str, np.ndarray], sel: Selection) -> np.ndarray:
+    """The chosen scores on one split: the single variant's matrix as is, or the normalised weighted blend (`blend`'s
+    sum, one variant's matrix read from `matrices` and normalised at a time)."""
     if len(sel.weights) == 1:
         return matrices[next(iter(sel.weights))]
-    return blend([normalise(matrices[v], sel.normalisation) for v in sel.weights], list(sel.weights.values()))
+    out = None
+    for v, w in sel.weights.items():
+        part = normalise(matrices[v], sel.normalisation)
+        out = np.zeros_like(part, dtype=np.float32) if out is None else out
+        if w:
+            out += np.float32(w) * part
+        del part
+    return out

@@ -70,3 +70,23 @@ def first_non_permutation(ranking: np.ndarray) -> int | None:
     seen[rows[in_range], ranking[in_range]] = True  # N in-range values fill N slots only without a repeat
     bad = np.flatnonzero(~(in_range & seen.all(axis=1)))
     return int(bad[0]) if bad.size else None
+
+
+def float16_ranks_alike(scores: np.ndarray, chunk_rows: int = 256) -> bool:
+    """Whether `scores` cast to float16 rank every row exactly as they do: the cast keeps the order of any two faces
+    but may tie two that differ, and a new tie goes to the lower gallery index, which changes the ranking unless
+    that face was ranked first anyway. So the ranking stays the same exactly when, walking each row in its ranking
+    order, every pair of neighbours the cast ties keeps its gallery indices ascending (and no score overflows)."""
+    scores = np.asarray(scores)
+    for i in range(0, scores.shape[0], chunk_rows):
+        block = scores[i:i + chunk_rows]
+        order = rank_gallery(block)
+        with np.errstate(over="ignore"):
+            half = block.astype(np.float16)
+        if not np.isfinite(half).all():
+            return False
+        walked = np.take_along_axis(half, order, axis=1)
+        tied = walked[:, 1:] == walked[:, :-1]
+        if (tied & (order[:, 1:] < order[:, :-1])).any():
+            return False
+    return True

@@ -64,7 +64,7 @@ def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], args
     train_refits(list(dict.fromkeys(refits.values())), args)
     kinds = {g.variant(k): (g, k) for g in groups for k in g.kinds}
     test, backbones = result.splits["test"], {}
-    scores = dict(result.scores["test"])
+    scores = {v: result.scores["test"][v] for v in result.selection.weights if v not in refits}  # read once each
     for v, run in refits.items():
         group, kind = kinds[v]
         full = Group(group.name, [kind], {None: CheckpointSource(run.run_dir, args.runs / "_cache", backbones)})
@@ -74,5 +74,5 @@ def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], args
             "kept": [v for v in result.selection.weights if v not in refits], "seconds": round(time.perf_counter()
                                                                                               - t0, 1)}
     chosen = combine(scores, result.selection)
-    return replace(result, selection=replace(result.selection, final_fit=info), chosen={**result.chosen,
-                                                                                        "test": chosen})
+    return replace(result, selection=replace(result.selection, final_fit=info),
+                   chosen=result.chosen.with_scores("test", chosen))
