@@ -20,9 +20,11 @@ fresh process with output to a file, the way `nohup` runs it; a generated datase
 a before/after table with the same script. Measured for each cold run:
 
 - the stage lines that make_submission prints (`[hh:mm:ss] stage ...` / `... done in ...`), as a table;
-- peak memory: the largest resident set of any one process (`resource.getrusage(RUSAGE_CHILDREN)`, as
-  `/usr/bin/time -v` reports it) and the largest sum over the run's process tree, sampled every 0.5 s from /proc;
+- peak memory: the largest resident set of any one process of the run (its `os.wait4` record, the children it
+  waited for included: what `/usr/bin/time -v` reports) and the largest sum over the run's process tree, sampled
+  every 0.5 s from /proc;
 - disk left: the bytes under runs/, ensemble/ and submissions/ after the run (the data folder not counted);
+  memory and disk in GB of 10^9 bytes;
 - the longest silence: the longest time between two lines of output (each line timed as it arrives), and the line
   it followed.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,6 @@ def run_logged(cmd: list[str], cwd: Path, log_file: Path, env: dict) -> dict:
     """Run `cmd`, its output to `log_file` line by line: exit code, wall time, the largest gap between lines (and
     the line before it), the largest one-process RSS (getrusage of the children) and the largest sampled tree RSS."""
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peak, done = [0], threading.Event()
 
@@ -109,15 +109,16 @@ def run_logged(cmd: list[str], cwd: Path, log_file: Path, env: dict) -> dict:
                 gap, where = now - last, after
             last, after = now, line
             f.write(line + "\n")
-    code = proc.wait()
+            f.flush()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own record: its largest process, waited children included
+    proc.returncode = os.waitstatus_to_exitcode(status)
     done.set()
     sampler.join()
     end = time.perf_counter()
     if end - last > gap:
         gap, where = end - last, after
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"code": code, "seconds": end - t0, "silence": gap, "silence_after": where,
-            "peak_process": child_peak * 1024 if child_peak > before else None, "peak_tree": peak[0]}
+    return {"code": proc.returncode, "seconds": end - t0, "silence": gap, "silence_after": where,
+            "peak_process": usage.ru_maxrss * 1024, "peak_tree": peak[0]}
 
 
 def stage_rows(log_file: Path) -> list[tuple[str, float]]:
@@ -193,14 +194,13 @@ def report(size: str, scale: float, kit: Path, result: dict) -> None:
         print(f"  every stage after the features    {after / features:8.2f} x   ({after:.0f} s)" + (
             f"   target {AFTER_SHARE:g}: {verdict(after <= AFTER_SHARE * features)}" if size == "real" else ""))
     one = cold["peak_process"]
-    print(f"  peak memory: one process {one / 2**30:.2f} GB, the process tree {cold['peak_tree'] / 2**30:.2f} GB"
-          if one else f"  peak memory: the process tree {cold['peak_tree'] / 2**30:.2f} GB", end="")
-    print(f"   target {PEAK_GB:g} GB: {verdict(max(one or 0, cold['peak_tree']) <= PEAK_GB * 2**30)}"
-          if size == "scale" else "")
+    print(f"  peak memory: one process {one / 1e9:.2f} GB, the process tree {cold['peak_tree'] / 1e9:.2f} GB"
+          + (f"   target {PEAK_GB:g} GB: {verdict(max(one, cold['peak_tree']) <= PEAK_GB * 1e9)}"
+             if size == "scale" else ""))
     disk = result["disk"]
-    print(f"  disk left: {sum(disk.values()) / 2**30:.2f} GB ("
-          + ", ".join(f"{n}/ {b / 2**30:.2f}" for n, b in disk.items()) + ")"
-          + (f"   target {DISK_GB:g} GB: {verdict(sum(disk.values()) <= DISK_GB * 2**30)}" if size == "scale" else ""))
+    print(f"  disk left: {sum(disk.values()) / 1e9:.2f} GB ("
+          + ", ".join(f"{n}/ {b / 1e9:.2f}" for n, b in disk.items()) + ")"
+          + (f"   target {DISK_GB:g} GB: {verdict(sum(disk.values()) <= DISK_GB * 1e9)}" if size == "scale" else ""))
     print(f"  longest silence: {cold['silence']:.0f} s, after {cold['silence_after'][:100]!r}   "
           f"target {SILENCE:.0f} s: {verdict(cold['silence'] <= SILENCE)}")
 

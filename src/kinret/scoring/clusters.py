@@ -60,7 +60,7 @@ def _average_linkage(g: np.ndarray, threshold: float) -> np.ndarray:
     if len(g) < 3:
         return _linkage_labels(_distances(g), threshold)
     full = _distances(g)
-    src, dst = np.nonzero(np.triu(full <= threshold, 1))
+    src, dst = np.nonzero(full <= threshold)  # both directions of each pair: the components are the same
     comp = _components(src, dst, len(g))
     labels = comp.astype(np.int64) * len(g)  # a cluster of a component: comp * N + its label within it
     for members in _groups(comp):

@@ -90,3 +90,31 @@ def float16_ranks_alike(scores: np.ndarray, chunk_rows: int = 256) -> bool:
         if (tied & (order[:, 1:] < order[:, :-1])).any():
             return False
     return True
+
+
+def descending_keys(scores: np.ndarray) -> np.ndarray:
+    """uint32 keys of float32 scores whose ascending order is `rank_gallery`'s order of the scores (highest first;
+    -0.0 equal to 0.0)."""
+    return _descending_keys((np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32))
+
+
+def relative_ranks(scores: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 0-based places `rank_gallery` gives the faces (rows[i], cols[i]) (each probe's relatives) in their rows:
+    a face's place is the number of faces of its row that score higher. Returns (the places, each row's in
+    ascending order, one flat array in row order; `tied`, the rows where a relative's score equals another face's,
+    whose places need the gallery indices: rank those rows instead). `rows` must be sorted ascending.
+
+    Each row's keys are sorted (without the gallery index `rank_gallery` packs beside them: ~3x faster) and each
+    relative is looked up in them: no (P, N) ranking, no hit matrix."""
+    n_rows = scores.shape[0]
+    keys = np.sort(descending_keys(scores), axis=1)
+    wanted = descending_keys(scores[rows, cols])
+    start = np.searchsorted(rows, np.arange(n_rows + 1))
+    places = np.empty(len(rows), dtype=np.int64)
+    tied = np.zeros(n_rows, dtype=bool)
+    for r in np.flatnonzero(np.diff(start)):
+        a, b = start[r], start[r + 1]
+        left = np.searchsorted(keys[r], wanted[a:b], "left")
+        tied[r] = bool((np.searchsorted(keys[r], wanted[a:b], "right") - left > 1).any())
+        places[a:b] = np.sort(left)
+    return places, tied
