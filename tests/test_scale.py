@@ -237,3 +237,14 @@ def test_every_loop_of_scoring_choice_and_submission_prints_progress(tiny_data, 
         assert f"kinret.progress: {desc}" in err, desc
     kept = json.loads((work / "ens" / "scores" / "kept.json").read_text())
     assert kept["choose_on"] and all(n.startswith("oof") for n in kept["choose_on"]) and kept["variants"]
+
+
+def test_the_max_of_cosines_in_probe_blocks_is_the_whole_matrix_s():
+    from kinret.scoring.similarity import cosine_variant
+
+    rng = np.random.default_rng(10)
+    owner = rng.permutation(np.r_[np.arange(13), rng.integers(0, 13, 30)])
+    probe, gallery = rng.normal(size=(len(owner), 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
+    whole = cosine_variant(probe, owner, 13, gallery, "max")
+    for block in (40, 3 * 40 * 43 // 13, 500):  # a probe at a time, a few, several
+        assert np.array_equal(cosine_variant(probe, owner, 13, gallery, "max", block=block), whole)
