@@ -30,7 +30,8 @@ from kinret.data import DEFAULT_ROOT
 from kinret.data.layout import DataLayout
 from kinret.data.synth import SynthConfig, ensure_default, made_from
 from kinret.ensemble.cli import add_ensemble_args, glance, settings_from_args
-from kinret.ensemble.run import EnsembleResult, pending_embeddings, plan, prepare, run_ensemble
+from kinret.ensemble.run import EnsembleResult, choice_splits, pending_embeddings, plan, prepare, run_ensemble
+from kinret.ensemble.selection import POOL
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource
@@ -147,14 +148,14 @@ def frozen_images(groups: list[Group], splits: dict[str, SplitData], scores_dir:
 def pending_work(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path, todo: list
                  ) -> tuple[dict[str, float], float]:
     """The units each stage still has to build (features: images, train: runs, score: matrices) and the bytes of
-    those matrices (probes x gallery x 4 each); `todo` are the unfinished runs, whose variants are all to score."""
+    those matrices kept (probes x gallery x 4 each); `todo` are the unfinished runs, whose variants are all to
+    score."""
     untrained = {r.cfg.name for r, _ in todo}
-    matrices, score_bytes = 0, 0.0
-    for g in groups:
-        for sd in splits.values():
-            n = len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir))
-            matrices += n
-            score_bytes += 4.0 * n * len(sd.split.probes) * len(sd.split.gallery)
+    matrices, score_bytes, chooser = 0, 0.0, choice_splits(splits)
+    for sd in splits.values():
+        n = sum(len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir)) for g in groups)
+        matrices += n  # kept: every matrix of a split the choice is made on, elsewhere a blend's at most
+        score_bytes += 4.0 * (n if sd.name in chooser else min(n, POOL)) * len(sd.split.probes) * len(sd.split.gallery)
     work = {"features": frozen_images(groups, splits, scores_dir)[1], "train": len(todo), "score": matrices}
     return work, score_bytes
 
