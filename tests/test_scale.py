@@ -248,3 +248,23 @@ def test_the_max_of_cosines_in_probe_blocks_is_the_whole_matrix_s():
     whole = cosine_variant(probe, owner, 13, gallery, "max")
     for block in (40, 3 * 40 * 43 // 13, 500):  # a probe at a time, a few, several
         assert np.array_equal(cosine_variant(probe, owner, 13, gallery, "max", block=block), whole)
+
+
+def test_per_probe_results_from_the_relatives_places_are_the_ranking_s_to_the_last_bit():
+    """`Scorer.per_probe` and `.terms` place each probe's relatives without ranking the rows; ties (between
+    relatives, with other faces, -0.0 and 0.0) go to the full ranking. Random rows, with and without ties."""
+    rng = np.random.default_rng(11)
+    for trial in range(150):
+        p, n = int(rng.integers(1, 12)), int(rng.integers(1, 60))
+        scorer = Scorer(np.arange(p), rng.integers(0, p + 2, n), block=int(rng.choice([n, 3 * n, 1 << 20])))
+        s = rng.normal(size=(p, n)).astype(np.float32)
+        if trial % 3 == 0:
+            s = np.round(s, 1).astype(np.float32)
+        if trial % 5 == 0:
+            s[:, ::2], s[:, 1::4] = 0.0, -0.0
+        ranking = rank_gallery(s)
+        pd.testing.assert_frame_equal(scorer.per_probe(s), per_probe_results(ranking, scorer.rel), check_exact=True)
+        hits = hits_in_rank_order(ranking, scorer.rel)
+        from kinret.metrics import average_precision
+
+        assert np.array_equal(scorer.terms(s), (average_precision(hits) + hits[:, :5].any(axis=1)) / 2.0)

@@ -18,9 +18,10 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -28,13 +29,14 @@ import pandas as pd
 from kinret.ensemble.blend import NORMALISATIONS, blend, normalise
 from kinret.ensemble.bootstrap import LEVEL, N_BOOT, describe, excludes_zero, interval_of
 from kinret.log import progress
-from kinret.metrics import average_precision, hits_in_rank_order, per_probe_results, relevance, summarise
+from kinret.metrics import per_probe_results, relevance, summarise
 from kinret.scoring.ranking import rank_gallery, relative_ranks
 from kinret.scoring.store import safe_name
 
 log = logging.getLogger(__name__)
 STEPS = (0.4, 0.2, 0.1, 0.05)  # coordinate-ascent step sizes: the share of weight moved to or from one variant
 POOL = 8  # variants a blend is searched over: the best by out-of-fold Average
+T = TypeVar("T")
 
 
 class Scorer:
@@ -49,40 +51,49 @@ class Scorer:
         self.n_rel = self.rel.sum(axis=1)
         self.rel_start = np.concatenate([[0], np.cumsum(self.n_rel)])
 
-    def _blocks(self, scores: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for a in range(0, len(self.rel), self.rows):
-            yield rank_gallery(scores[a:a + self.rows]), self.rel[a:a + self.rows]
-
     def per_probe(self, scores: np.ndarray, trapezoid: bool = True) -> pd.DataFrame:
-        parts = [per_probe_results(ranking, rel, trapezoid) for ranking, rel in self._blocks(scores)]
-        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        """`kinret.metrics.per_probe_results` of the scores' ranking, the same numbers to the last bit, from the
+        places of each probe's relatives alone (`relative_ranks`)."""
+        parts = in_threads(lambda a: self._results(scores[a:a + self.rows], a, trapezoid),
+                           range(0, len(self.rel), self.rows))
+        columns = ("ap", "first", "ap_trapezoid") if trapezoid else ("ap", "first")
+        return pd.DataFrame({c: np.concatenate([p[i] for p in parts]) for i, c in enumerate(columns)})
 
     def terms(self, scores: np.ndarray) -> np.ndarray:
         """Per-probe u = (standard AP + [a relative in the top 5]) / 2, whose mean is the Average: the search's
-        objective, from the places of each probe's relatives alone (`relative_ranks`: no row is sorted but those
-        where a relative ties another face). The AP is summed over the same (P, N) array `average_precision`
-        sums, so the numbers are the same to the last bit."""
-        return np.concatenate([self._terms(scores[a:a + self.rows], a) for a in range(0, len(self.rel), self.rows)])
+        objective without the trapezoid AP or the per-probe table."""
+        parts = in_threads(lambda a: self._results(scores[a:a + self.rows], a, False),
+                           range(0, len(self.rel), self.rows))
+        ap, first = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return (ap + (first < 5)) / 2.0
 
-    def _terms(self, s: np.ndarray, a: int) -> np.ndarray:
+    def _results(self, s: np.ndarray, a: int, trapezoid: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(standard AP, first relative's rank or NaN, trapezoid AP or None) of rows a.. of the matrix, `s`. The APs
+        are summed over the same (rows, N) arrays `kinret.metrics.average_precision` sums (the precision terms at
+        each hit, zero elsewhere), so they are its numbers to the last bit; rows where a relative ties another face
+        are ranked in full (the gallery index decides their order)."""
         m, n = s.shape
-        lo, hi = self.rel_start[a], self.rel_start[a + m]
-        rows = self.rel_rows[lo:hi] - a
-        places, tied = relative_ranks(s, rows, self.rel_cols[lo:hi])
+        lo = self.rel_start[a]
+        rows = self.rel_rows[lo:self.rel_start[a + m]] - a
+        places, tied = relative_ranks(s, rows, self.rel_cols[lo:self.rel_start[a + m]])
         start = self.rel_start[a:a + m] - lo  # each row's first relative in `places`
-        hit = np.zeros((m, n), dtype=np.float64)  # what average_precision sums: c / (place + 1) at the c-th hit
-        hit[rows, places] = (np.arange(len(places)) - start[rows] + 1) / (places + 1.0)
-        n_rel = self.n_rel[a:a + m]
-        total = hit.sum(axis=1)
-        ap = np.divide(total, n_rel, out=np.zeros_like(total), where=n_rel > 0)
-        top5 = np.zeros(m, dtype=bool)
-        top5[n_rel > 0] = places[start[n_rel > 0]] < 5
-        out = (ap + top5) / 2.0
-        if tied.any():  # a relative ties another face: its place needs the gallery indices
+        c, r = (np.arange(len(places)) - start[rows] + 1).astype(np.float64), places.astype(np.float64)
+        n_rel, has = self.n_rel[a:a + m], self.n_rel[a:a + m] > 0
+        first = np.full(m, np.nan)
+        first[has] = places[start[has]]
+        terms = np.zeros((m, n), dtype=np.float64)
+        terms[rows, places] = c / (r + 1.0)  # precision at the c-th hit
+        found = [np.divide(terms.sum(axis=1), n_rel, out=np.zeros(m), where=has)]
+        if trapezoid:  # the mean of the precision just before and at the hit; 1.0 before the first place
+            terms[rows, places] = (np.divide(c - 1.0, r, out=np.ones_like(r), where=r > 0) + c / (r + 1.0)) / 2.0
+            found.append(np.divide(terms.sum(axis=1), n_rel, out=np.zeros(m), where=has))
+        if tied.any():
             idx = np.flatnonzero(tied)
-            hits = hits_in_rank_order(rank_gallery(s[idx]), self.rel[a + idx])
-            out[idx] = (average_precision(hits) + hits[:, :5].any(axis=1)) / 2.0
-        return out
+            exact = per_probe_results(rank_gallery(s[idx]), self.rel[a + idx], trapezoid)
+            first[idx] = exact["first"]
+            for values, column in zip(found, ("ap", "ap_trapezoid"), strict=False):
+                values[idx] = exact[column]
+        return found[0], first, found[1] if trapezoid else None
 
 
 def pooled(parts: Sequence[pd.DataFrame]) -> dict[str, float]:
@@ -95,14 +106,15 @@ def objective(matrices: dict[str, np.ndarray], scorers: dict[str, Scorer]) -> fl
     return float(np.concatenate([scorers[k].terms(m) for k, m in matrices.items()]).mean())
 
 
-def evaluate_all(fn: Callable[[object], float], candidates: Sequence) -> list[float]:
-    """`fn` of every candidate, in order, on the machine's cores: threads, as the objective's sorts and sums release
-    the GIL (the values are the same as one by one; on 2 cores the weight search takes about 0.6x the time)."""
-    workers = min(len(candidates), os.cpu_count() or 1)
+def in_threads(fn: Callable[[Any], T], items: Sequence) -> list[T]:
+    """`fn` of every item, in order, on the machine's cores: threads, as the sorts and sums of the per-probe results
+    and the blend release the GIL (the values are the same as one by one; on 2 cores the weight search takes about
+    0.45x the time)."""
+    workers = min(len(items), os.cpu_count() or 1)
     if workers <= 1:
-        return [fn(c) for c in candidates]
+        return [fn(c) for c in items]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, candidates))
+        return list(pool.map(fn, items))
 
 
 def greedy_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Scorer], folds: Sequence[str],
@@ -114,7 +126,7 @@ def greedy_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Sc
     current = {k: np.zeros_like(next(iter(norm.values()))[k]) for k in folds}
     best_obj = -np.inf
     for _ in range(max_steps):
-        found = evaluate_all(lambda v, base=current: objective({k: base[k] + norm[v][k] for k in folds}, scorers),
+        found = in_threads(lambda v, base=current: objective({k: base[k] + norm[v][k] for k in folds}, scorers),
                              list(norm))
         step = max(((f, -i, v) for i, (v, f) in enumerate(zip(norm, found, strict=True))), default=None)
         if step is None or step[0] <= best_obj + 1e-12:
@@ -160,7 +172,7 @@ def coordinate_ascent(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str,
         for i in range(len(names)):
             cands = moves(w, i)[: max(0, max_evals - evals)]
             evals += len(cands)
-            scored = evaluate_all(f, cands)
+            scored = in_threads(f, cands)
             j = int(np.argmax(scored)) if scored else -1  # the first of equal bests
             if j >= 0 and scored[j] > best + 1e-12:
                 best, w, improved = scored[j], cands[j], True
@@ -176,7 +188,7 @@ def search_weights(norm: dict[str, dict[str, np.ndarray]], scorers: dict[str, Sc
     `coordinate_ascent`. Never below the equal-weight blend's Average on `folds`."""
     greedy = greedy_weights(norm, scorers, folds, max_steps)
     equal = {v: 1.0 / len(norm) for v in norm}
-    scores = evaluate_all(lambda w: objective({k: blend([norm[v][k] for v in w], list(w.values())) for k in folds},
+    scores = in_threads(lambda w: objective({k: blend([norm[v][k] for v in w], list(w.values())) for k in folds},
                                               scorers), [greedy, equal])
     start = greedy if scores[0] >= scores[1] else equal
     return coordinate_ascent(norm, scorers, folds, start)[0]
