@@ -100,11 +100,12 @@ def cosine_variant(probe_emb: np.ndarray, owner: np.ndarray, n_probes: int, gall
         return aggregate(cosine_scores(probe_emb, gallery_emb), owner, n_probes, how)
     _check_owner(owner, len(owner), n_probes)
     out = np.empty((n_probes, len(gallery_emb)), dtype=np.float32)
+    gallery = l2_normalize(gallery_emb).T  # once, not per block
     per = max(1, block // max(len(gallery_emb), 1) * n_probes // max(len(owner), 1))  # probes a block
     for a in range(0, n_probes, per):
         rows = np.flatnonzero((owner >= a) & (owner < a + per))
-        out[a:a + per] = aggregate(cosine_scores(probe_emb[rows], gallery_emb), owner[rows] - a,
-                                   min(per, n_probes - a), how)
+        out[a:a + per] = aggregate(l2_normalize(probe_emb[rows]) @ gallery, owner[rows] - a, min(per, n_probes - a),
+                                   how)
     return out
 
 
