@@ -52,6 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_END = re.compile(r"^\[\d\d:\d\d:\d\d\] (.+) done in (.+)$")
+STAGE_START = re.compile(r"^\[\d\d:\d\d:\d\d\] ([^:]+?)(?::.*)?$")
 # the real competition: 571 train families, 15,845 faces (27.7 per family); test 190 probes, ~5.3 faces per probe
 REAL = {"n_train": 570, "n_val": 190, "n_test": 190, "min_members": 3, "max_members": 9, "min_images": 2,
         "max_images": 7}
@@ -88,19 +89,21 @@ def tree_rss(root: int) -> int:
 
 def run_logged(cmd: list[str], cwd: Path, log_file: Path, env: dict) -> dict:
     """Run `cmd`, its output to `log_file` line by line: exit code, wall time, the largest gap between lines (and
-    the line before it), the largest one-process RSS (getrusage of the children) and the largest sampled tree RSS."""
+    the line before it), the largest one-process RSS (its `os.wait4` record), the largest sampled tree RSS, and
+    each stage's: (name, seconds, the largest tree RSS sampled while it ran)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    peak, done = [0], threading.Event()
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.5):
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            samples.append((time.perf_counter(), tree_rss(proc.pid)))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     last, gap, after = t0, 0.0, "(the start)"
-    where = after
+    where, lines = after, []
     with open(log_file, "w") as f:
         for raw in proc.stdout:
             now = time.perf_counter()
@@ -108,6 +111,7 @@ def run_logged(cmd: list[str], cwd: Path, log_file: Path, env: dict) -> dict:
             if now - last > gap:
                 gap, where = now - last, after
             last, after = now, line
+            lines.append((now, line))
             f.write(line + "\n")
             f.flush()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own record: its largest process, waited children included
@@ -118,15 +122,20 @@ def run_logged(cmd: list[str], cwd: Path, log_file: Path, env: dict) -> dict:
     if end - last > gap:
         gap, where = end - last, after
     return {"code": proc.returncode, "seconds": end - t0, "silence": gap, "silence_after": where,
-            "peak_process": usage.ru_maxrss * 1024, "peak_tree": peak[0]}
+            "peak_process": usage.ru_maxrss * 1024, "peak_tree": max((r for _, r in samples), default=0),
+            "stages": stage_rows(lines, samples)}
 
 
-def stage_rows(log_file: Path) -> list[tuple[str, float]]:
-    rows = []
-    for line in log_file.read_text().splitlines():
+def stage_rows(lines: list[tuple[float, str]], samples: list[tuple[float, int]]) -> list[tuple[str, float, int]]:
+    """(stage, seconds as printed, the largest tree RSS sampled between its start line and its end line)."""
+    rows, started = [], {}
+    for when, line in lines:
         m = STAGE_END.match(line)
         if m:
-            rows.append((m.group(1), seconds(m.group(2))))
+            t = started.pop(m.group(1), when)
+            rows.append((m.group(1), seconds(m.group(2)), max((r for at, r in samples if t <= at <= when), default=0)))
+        elif (m := STAGE_START.match(line)) and not line.endswith(" done"):
+            started[m.group(1)] = when
     return rows
 
 
@@ -163,7 +172,7 @@ def bench(size: str, work: Path, scale: float, kit: Path) -> dict:
         raise SystemExit(f"{size}: make_submission.py failed (exit {cold['code']}); log in {work / 'cold.log'}")
     disk = {name: folder_bytes(work / name) for name in OUTPUTS}
     warm = run_logged(cmd, work, work / "warm.log", env)
-    return {"stages": stage_rows(work / "cold.log"), "cold": cold, "warm": warm, "generated": generated,
+    return {"stages": cold["stages"], "cold": cold, "warm": warm, "generated": generated,
             "disk": disk, "load": (load, os.getloadavg()[0])}
 
 
@@ -177,9 +186,10 @@ def report(size: str, scale: float, kit: Path, result: dict) -> None:
           f"start, {result['load'][1]:.1f} at the end)")
     if result["generated"]:
         print(f"  (dataset generated first in {result['generated']:.0f} s, not counted)")
-    stages = dict(result["stages"])
-    for name, secs in result["stages"]:
-        print(f"  {name:<32} {secs:8.1f} s")
+    stages = {name: secs for name, secs, _ in result["stages"]}
+    print(f"  {'stage':<32} {'seconds':>10}   peak memory (the process tree, sampled)")
+    for name, secs, rss in result["stages"]:
+        print(f"  {name:<32} {secs:8.1f} s   {rss / 1e9:.2f} GB")
     cold, warm = result["cold"], result["warm"]
     print(f"  {'total (process wall time)':<32} {cold['seconds']:8.1f} s" + (
         f"   target 90 s: {verdict(cold['seconds'] <= 90)}" if size == "default" else ""))
