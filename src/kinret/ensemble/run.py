@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import pandas as pd
 from kinret.data.layout import DataLayout
 from kinret.data.track3 import write_labelled
 from kinret.ensemble.bootstrap import average_terms, paired_intervals
+from kinret.ensemble.chosen import ByVariant, ChosenScores
 from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
-from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
+from kinret.ensemble.selection import Scorer, Selection, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
@@ -36,53 +37,6 @@ from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 log = logging.getLogger("kinret.ensemble")
 REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot SFace
               variant_name("raw_pixels", Cosine("pixels", "meanemb")))  # else raw pixels
-
-
-class ChosenScores(Mapping):
-    """split -> the chosen (P, N) scores, combined from the store when asked for (`combine`) and never held; a split
-    whose scores came from elsewhere (the final fit's test scores) is set with `with_scores`."""
-
-    def __init__(self, scores: Mapping[str, Mapping[str, np.ndarray]], selection: Selection,
-                 given: Mapping[str, np.ndarray] | None = None):
-        self.scores, self.selection, self.given = scores, selection, dict(given or {})
-
-    def __getitem__(self, split: str) -> np.ndarray:
-        if split in self.given:
-            return self.given[split]
-        return combine(self.scores[split], self.selection)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.scores)
-
-    def __contains__(self, split: object) -> bool:  # without combining, as Mapping's would
-        return split in self.scores
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def with_scores(self, split: str, scores: np.ndarray) -> ChosenScores:
-        return ChosenScores(self.scores, self.selection, {**self.given, split: scores})
-
-
-class _ByVariant(Mapping):
-    """split -> one variant's scores, read when asked for: what `select` takes per variant."""
-
-    def __init__(self, scores: Mapping[str, Mapping[str, np.ndarray]], variant: str, names: Sequence[str]):
-        self.scores, self.variant, self.names = scores, variant, list(names)
-
-    def __getitem__(self, split: str) -> np.ndarray:
-        if split not in self.names:
-            raise KeyError(split)
-        return self.scores[split][self.variant]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __contains__(self, split: object) -> bool:
-        return split in self.names
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 @dataclass
@@ -219,7 +173,7 @@ def _choose(scores, scorers, pp, chooser, variants, settings: EnsembleSettings) 
         log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
         return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, settings.normalise, variants[0],
                          reason="the first variant: nothing labelled to choose on"), "oof"
-    sel = select({v: _ByVariant(scores, v, chooser) for v in variants}, {n: scorers[n] for n in chooser},
+    sel = select({v: ByVariant(scores, v, chooser) for v in variants}, {n: scorers[n] for n in chooser},
                  settings.choose, settings.normalise, settings.max_steps, settings.blend_pool, settings.bootstrap,
                  per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
     return sel, split_group(chooser[0])

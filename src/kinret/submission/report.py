@@ -271,7 +271,7 @@ def report_key(result, top: int, k: int) -> str:
         h.update("|".join([where.name, *where.probe_ids, *where.gallery_ids]).encode())
         pp = result.per_probe
         h.update(pp[pp["split"] == where.name].to_csv(index=False).encode())
-        h.update(np.ascontiguousarray(result.chosen[where.name]).tobytes())
+        h.update(np.ascontiguousarray(result.chosen[where.name]))  # its buffer, not a copy
     return h.hexdigest()[:16]
 
 
