@@ -32,9 +32,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from kinret.metrics import evaluate_ranking
+from kinret.scoring.clusters import gallery_clusters, relative_threshold
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.similarity import mean_embedding
-from kinret.scoring.transductive import RESCORINGS, Rescoring, gallery_clusters, relative_threshold, rescore
+from kinret.scoring.transductive import RESCORINGS, Rescoring, rescore
 
 TEST_SCALE = (190, 1487, 3897)  # probes, probe photos, gallery faces
 DIM = 128

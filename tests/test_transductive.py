@@ -10,6 +10,8 @@ import pytest
 
 from kinret.ensemble.discovery import discover_groups, filter_groups
 from kinret.errors import KinretInputError
+from kinret.scoring.clusters import gallery_clusters, relative_threshold
+from kinret.scoring.neighbours import knn
 from kinret.scoring.protocols import SplitData
 from kinret.scoring.ranking import rank_gallery
 from kinret.scoring.transductive import (
@@ -20,10 +22,7 @@ from kinret.scoring.transductive import (
     dba,
     diverse_head,
     dual_softmax,
-    gallery_clusters,
-    knn,
     query_expansion,
-    relative_threshold,
     rescore,
     sinkhorn,
 )

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from kinret.data.layout import DataLayout
+from kinret.ensemble.cli import settings_from_args
+from kinret.ensemble.run import prepare
 from kinret.features.sources import CheckpointSource
 from kinret.scoring.protocols import build_splits
-from kinret.scoring.store import load_scores, save_scores
+from kinret.scoring.store import load_scores, safe_name, save_scores
+from kinret.scoring.variants import SplitScores
 from kinret.submission import make as submit
 from kinret.submission.predictions import read_predictions
 
@@ -58,11 +61,32 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
     assert json.loads((done / "ens" / "selection.json").read_text())["settings"] == settings
 
 
+def variant_matrices(done, tiny_data, variant):
+    """split -> the variant's scores, read from the store where kept, else computed (`SplitScores`)."""
+    argv = submit.parse(args(tiny_data, done))
+    settings = settings_from_args(argv, tiny_data)
+    _, splits, groups = prepare(settings, DataLayout.of(tiny_data), argv.runs, argv.ensemble_dir)
+    return {name: SplitScores(groups, sd, argv.ensemble_dir / "scores")[variant] for name, sd in splits.items()}
+
+
+def test_the_store_keeps_what_is_read_back_and_every_variant_s_results(done, tiny_data):
+    """Every variant's per-probe results on every labelled split; its matrix on the splits the choice is made on
+    (the blend's search reads them); on val and test only the chosen variants' matrices."""
+    chosen = set(json.loads((done / "sub" / "selection.json").read_text())["weights"])
+    scores = done / "ens" / "scores"
+    for folder in (f for f in scores.iterdir() if f.is_dir()):
+        assert sorted(p.name for p in folder.glob("*.results.npz")) == [f"{n}.results.npz" for n in
+                                                                        ("oof0", "oof1", "test", "val")]
+        kept = sorted(p.stem for p in folder.glob("*.npy"))
+        wanted = ["oof0", "oof1"] + (["test", "val"] if any(safe_name(v) == folder.name for v in chosen) else [])
+        assert kept == wanted, folder.name
+    assert json.loads((scores / "kept.json").read_text())["variants"] == list(chosen)
+
+
 def test_scores_are_stored_with_ids_and_fold_models_are_averaged(done, tiny_data):
     splits = build_splits(DataLayout.of(tiny_data), 2)
     sd = splits["test"]
-    stored = load_scores(done / "ens" / "scores" / "tiny_cos-emb-meanemb" / "test.npy", sd.probe_ids,
-                         sd.gallery_ids)
+    stored = variant_matrices(done, tiny_data, "tiny:cos-emb-meanemb")["test"]
     fold_scores = []
     for k in (0, 1):
         src = CheckpointSource(done / "runs" / "tiny" / f"fold{k}", done / "runs" / "_cache")
@@ -81,7 +105,7 @@ def test_a_rerun_builds_nothing(done, tiny_data, capsys, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr("kinret.scoring.variants.source_parts", fail)
+    monkeypatch.setattr("kinret.scoring.variants.open_sources", fail)
     monkeypatch.setattr("kinret.submission.make.train_experiment", fail)
     assert submit.main(args(tiny_data, done)) == 0
 
@@ -104,10 +128,9 @@ def test_a_changed_checkpoint_is_never_served_from_the_cache(done, tiny_data, tm
 
 def external_matrices(done, tiny_data, folder):
     splits = build_splits(DataLayout.of(tiny_data), 2)
+    base = variant_matrices(done, tiny_data, "tiny:cos-emb-max")
     for name, sd in splits.items():
-        base = load_scores(done / "ens" / "scores" / "tiny_cos-emb-max" / f"{name}.npy", sd.probe_ids,
-                           sd.gallery_ids)
-        save_scores(folder / f"{name}.npy", -base, sd.probe_ids, sd.gallery_ids)
+        save_scores(folder / f"{name}.npy", -base[name], sd.probe_ids, sd.gallery_ids)
     return splits
 
 
@@ -197,7 +220,7 @@ def test_head_only_grid_on_the_bundled_face_network(tiny_data, tmp_path):
 def test_the_ensemble_stage_alone_reselects_from_the_cache(done, tiny_data, tmp_path, capsys, monkeypatch):
     from kinret.ensemble.cli import main as ensemble_main
 
-    monkeypatch.setattr("kinret.scoring.variants.source_parts", lambda *a: pytest.fail("recomputed a cached matrix"))
+    monkeypatch.setattr("kinret.scoring.variants.open_sources", lambda *a: pytest.fail("recomputed a cached matrix"))
     base = ["--data-root", str(tiny_data), "--experiments", "tiny", "--runs", str(done / "runs"), "--quiet"]
     ens = tmp_path / "ens"
     shutil.copytree(done / "ens", ens)
@@ -247,9 +270,13 @@ def test_torchrun_shares_the_embedding_and_gives_the_same_scores(done, tiny_data
     splits = build_splits(DataLayout.of(tiny_data), 2)
     for variant in ("tiny_cos-emb-meanemb", "tiny_rerank100-emb", "tiny_dba10-clus-div5-emb",
                     "raw_pixels_cos-pixels-max"):
-        for name, sd in splits.items():
-            one = load_scores(tmp_path / "ens" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)
-            two = load_scores(tmp_path / "ens2" / "scores" / variant / f"{name}.npy", sd.probe_ids, sd.gallery_ids)
+        for name, sd in splits.items():  # the matrices kept (out of fold), every split's per-probe AP
+            if name.startswith("oof"):
+                one, two = (load_scores(tmp_path / ens / "scores" / variant / f"{name}.npy", sd.probe_ids,
+                                        sd.gallery_ids) for ens in ("ens", "ens2"))
+                assert np.allclose(one, two, atol=1e-5), (variant, name)
+            one, two = (np.load(tmp_path / ens / "scores" / variant / f"{name}.results.npz")["ap"]
+                        for ens in ("ens", "ens2"))
             assert np.allclose(one, two, atol=1e-5), (variant, name)
     assert not list(runs.rglob("*.parts"))  # every part joined and removed
     assert len(list(runs.rglob("embeddings/*.npz"))) == 6  # 2 folds x (own out-of-fold set, val, test)

@@ -79,11 +79,13 @@ class PlainProgress:
         log.info("%s", self.line(self.done, now - start))
 
     def _watch(self, start: float, stop: threading.Event) -> None:
-        """Report when the loop has run `FIRST_LINE` s without a line, then whenever `every` s pass without one."""
+        """Report when the loop has run `FIRST_LINE` s without a line, then before `every` s pass without one (a
+        check every `every` / 12 s: a line at most `every` s after the last)."""
         if not stop.wait(min(FIRST_LINE, self.every)) and self.last == start:
             self._report(start)
-        while not stop.wait(max(self.every / 4, 0.05)):
-            if time.monotonic() - self.last >= self.every:
+        tick = max(self.every / 12, 0.05)
+        while not stop.wait(tick):
+            if time.monotonic() - self.last >= self.every - tick:
                 self._report(start)
 
     def __iter__(self) -> Iterator[T]:

@@ -1,11 +1,14 @@
-"""The ensemble run: score every variant on every split (cached matrices reused), evaluate them, choose the best
-variant or a blend out of fold, and write the variant table; plus the dry-run plan of what is still to build."""
+"""The ensemble run: score every variant on the splits the choice is made on (their matrices kept: the blend's
+search reads them), choose the best variant or a blend, then score every variant on the other splits (evaluated on
+the labelled ones, only the chosen variants' matrices kept), and write the variant table; plus the dry-run plan of
+what is still to build. One matrix is held at a time (`kinret.scoring.variants.score_group`); the choice, the blend,
+the report and the submission read back what they need (`EnsembleResult.scores`, `.chosen`)."""
 
 from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,19 +18,21 @@ import pandas as pd
 from kinret.data.layout import DataLayout
 from kinret.data.track3 import write_labelled
 from kinret.ensemble.bootstrap import average_terms, paired_intervals
+from kinret.ensemble.chosen import ByVariant, ChosenScores
 from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
-from kinret.ensemble.selection import Scorer, Selection, combine, pooled, select
+from kinret.ensemble.selection import Scorer, Selection, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW, to_csv, variant_table, variants_markdown
 from kinret.errors import KinretInputError
 from kinret.features.sources import ExternalEmbeddings, ImageSet
 from kinret.io import atomic_path, write_text_atomic
+from kinret.log import progress
 from kinret.metrics import chance_level
 from kinret.readback import DamagedFile, read_npz
 from kinret.scoring.protocols import SplitData, build_splits, split_group
-from kinret.scoring.store import load_scores, safe_name
+from kinret.scoring.store import load_scores, safe_name, write_kept
 from kinret.scoring.variant_kinds import Cosine
-from kinret.scoring.variants import Group, group_scores, missing_scores, variant_name
+from kinret.scoring.variants import Group, Keep, SplitScores, missing_scores, score_group, variant_name
 from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 
 log = logging.getLogger("kinret.ensemble")
@@ -38,10 +43,10 @@ REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot S
 @dataclass
 class EnsembleResult:
     splits: dict[str, SplitData]
-    scores: dict[str, dict[str, np.ndarray]]  # split -> variant -> (P, N)
+    scores: Mapping[str, Mapping[str, np.ndarray]]  # split -> variant -> (P, N), read from the store when asked for
     selection: Selection
     table: pd.DataFrame  # one row per variant (and the chosen, cross-fitted and chance lines), metrics per split group
-    chosen: dict[str, np.ndarray]  # split -> the chosen (P, N) scores
+    chosen: Mapping[str, np.ndarray]  # split -> the chosen (P, N) scores, combined when asked for
     settings: EnsembleSettings = EnsembleSettings()  # the options the choice was made with
     per_probe: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variant's per-probe results, every split
     chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # each labelled split's size and chance level
@@ -53,15 +58,28 @@ class EnsembleResult:
         return variants_markdown(self.table, self.chance, self.selection.reference, self.key, self.settings.bootstrap)
 
 
-def score_everything(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
-                     ) -> dict[str, dict[str, np.ndarray]]:
-    if not groups:
-        raise KinretInputError(None, "no variants to score: give experiments, keep raw_pixels or add external variants")
-    out: dict[str, dict[str, np.ndarray]] = {name: {} for name in splits}
-    for g in groups:
-        for name, sd in splits.items():
-            out[name].update(group_scores(g, sd, scores_dir))
-    return out
+def choice_splits(splits: dict[str, SplitData]) -> list[str]:
+    """The splits the choice is made on: the out-of-fold protocols, else val when labelled, else none."""
+    return [n for n in splits if splits[n].fold is not None] or [
+        n for n in ("val",) if n in splits and splits[n].labels is not None]
+
+
+def score_splits(groups: list[Group], splits: dict[str, SplitData], names: Sequence[str], scores_dir: Path,
+                 scorers: dict[str, Scorer], keep: Keep) -> dict[str, dict[str, pd.DataFrame]]:
+    """Every variant scored on the splits `names`, one matrix at a time (`score_group`), evaluated on the labelled
+    ones and kept as `keep` says; returns variant -> split -> per-probe results. A progress line at least once a
+    minute counts the matrices."""
+    work = [(g, splits[n]) for g in groups for n in names]
+    stream = ((sd.name, v, results) for g, sd in work
+              for v, results in score_group(g, sd, scores_dir, scorers[sd.name].per_probe if sd.name in scorers
+                                            else None, keep))
+    found: dict[str, dict[str, pd.DataFrame]] = {}
+    desc = f"score {', '.join(names)}"
+    for name, v, results in progress(stream, desc=desc, total=sum(len(g.variants) for g, _ in work),
+                                     unit="matrix"):
+        if results is not None:
+            found.setdefault(v, {})[name] = results
+    return found
 
 
 def pending_embeddings(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
@@ -151,14 +169,12 @@ def write_per_probe(path: Path, table: pd.DataFrame) -> Path:
     return Path(path)
 
 
-def _choose(scores, scorers, pp, splits, settings: EnsembleSettings) -> tuple[Selection, str]:
-    variants = list(scores["test"])
-    chooser = [n for n in splits if splits[n].fold is not None] or [n for n in ("val",) if n in scorers]
+def _choose(scores, scorers, pp, chooser, variants, settings: EnsembleSettings) -> tuple[Selection, str]:
     if not chooser:
         log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
         return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, settings.normalise, variants[0],
                          reason="the first variant: nothing labelled to choose on"), "oof"
-    sel = select({v: {n: scores[n][v] for n in chooser} for v in variants}, {n: scorers[n] for n in chooser},
+    sel = select({v: ByVariant(scores, v, chooser) for v in variants}, {n: scorers[n] for n in chooser},
                  settings.choose, settings.normalise, settings.max_steps, settings.blend_pool, settings.bootstrap,
                  per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
     return sel, split_group(chooser[0])
@@ -166,26 +182,36 @@ def _choose(scores, scorers, pp, splits, settings: EnsembleSettings) -> tuple[Se
 
 def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: EnsembleSettings, scores_dir: Path,
                  out_dir: Path | None) -> EnsembleResult:
-    """Score every variant on every split, evaluate, choose as `settings` say; then (all inputs checked) write the
-    table, per_probe.csv.gz and selection.json (the choice and the settings it was made with) into `out_dir`."""
+    """Score every variant on the splits the choice is made on, choose as `settings` say, score every variant on the
+    other splits (keeping the chosen variants' matrices), evaluate; then (all inputs checked) write the table,
+    per_probe.csv.gz and selection.json (the choice and the settings it was made with) into `out_dir`."""
     if settings.reference:  # a misspelt name fails before any scoring
         pick_reference([v for g in groups for v in g.variants], settings.reference, "")
-    scores = score_everything(groups, splits, scores_dir)
-    variants = list(scores["test"])
+    if not groups:
+        raise KinretInputError(None, "no variants to score: give experiments, keep raw_pixels or add external variants")
+    variants = [v for g in groups for v in g.variants]
     scorers = {n: Scorer(sd.labels.probe_fids, sd.labels.gallery_fids) for n, sd in splits.items()
                if sd.labels is not None}
-    pp = {v: {n: scorers[n].per_probe(scores[n][v]) for n in scorers} for v in variants}
-    sel, key = _choose(scores, scorers, pp, splits, settings)
-    chosen = {n: combine(scores[n], sel) for n in splits}
-    chosen_row = f"chosen: {sel.name}"
+    scores = {n: SplitScores(groups, sd, scores_dir) for n, sd in splits.items()}
+    chooser = choice_splits(splits)
+    found = score_splits(groups, splits, chooser, scores_dir, scorers, Keep())
+    sel, key = _choose(scores, scorers, found, chooser, variants, settings)
     single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
+    keep = Keep(False, frozenset(sel.weights), frozenset([single] if single else []))
+    others = [n for n in splits if n not in chooser]
+    for v, by_split in score_splits(groups, splits, others, scores_dir, scorers, keep).items():
+        found.setdefault(v, {}).update(by_split)
+    write_kept(scores_dir, chooser, list(sel.weights), sorted(keep.ranks_only))
+    pp = {v: {n: found[v][n] for n in scorers} for v in variants}
+    chosen = ChosenScores(scores, sel)
+    chosen_row = f"chosen: {sel.name}"
     pp[chosen_row] = {n: pp[single][n] if single else scorers[n].per_probe(chosen[n]) for n in scorers}
     intervals: dict[str, tuple[str, dict[str, dict[str, float]]]] = {}
     if scorers:
         reference = pick_reference(variants, settings.reference, sel.best_single)
-        found = reference_intervals(pp, reference, settings.bootstrap)
-        intervals = {r: (reference, by_group) for r, by_group in found.items()}
-        sel = sel.with_reference(reference, {v: found[v][key] for v in variants if key in found[v]})
+        against = reference_intervals(pp, reference, settings.bootstrap)
+        intervals = {r: (reference, by_group) for r, by_group in against.items()}
+        sel = sel.with_reference(reference, {v: against[v][key] for v in variants if key in against[v]})
     if sel.gain:
         intervals["blend (cross-fitted out-of-fold)"] = ("best single (cross-fitted out-of-fold)", {"oof": sel.gain})
     chance = chance_table(splits)

@@ -1,22 +1,32 @@
-"""The score store: a float32 (P, N) `.npy` per variant and split, its probe and gallery ids (and the cache key it
-was computed under) in `X.ids.npz` beside it, checked on load; and the file names variants get.
+"""The score store: a (P, N) `.npy` per variant and split, its probe and gallery ids (and the cache key it was
+computed under) in `X.ids.npz` beside it, checked on load; each probe's results on a labelled split (AP both ways,
+the first relative's rank) in `X.results.npz` under the same key; and the file names variants get.
 
-Layout: ``{scores_dir}/{safe_name(variant)}/{split}.npy`` + ``{split}.ids.npz``. External score matrices follow
-the same contract (see ensemble/README.md).
+Layout: ``{scores_dir}/{safe_name(variant)}/{split}.npy`` + ``{split}.ids.npz`` + ``{split}.results.npz``. A matrix
+is kept only where something reads it back (see `kinret.scoring.variants`); the per-probe results of every variant
+are kept, a few bytes a probe. A matrix read back for its ranking alone is stored as float16 when that ranks every
+row exactly as float32 does (`kinret.scoring.ranking.float16_ranks_alike`), else as float32; `load_scores` gives
+float32 either way. External score matrices follow the same contract (see ensemble/README.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path
 from kinret.readback import DamagedFile, read_npy, read_npz, rebuilt
+
+log = logging.getLogger(__name__)
+RESULT_COLUMNS = ("ap", "first", "ap_trapezoid")  # `kinret.metrics.per_probe_results`'s columns
 
 
 def safe_name(variant: str) -> str:
@@ -57,16 +67,57 @@ def check_scores(scores: np.ndarray, probe_ids: Sequence[str], gallery_ids: Sequ
 
 
 def save_scores(path: str | Path, scores: np.ndarray, probe_ids: Sequence[str], gallery_ids: Sequence[str],
-                key: str = "") -> Path:
-    """Write `path` (.npy) and its ids file, each atomically (ids first: a matrix is never left without them)."""
+                key: str = "", dtype: type = np.float32) -> Path:
+    """Write `path` (.npy, as `dtype`: float32, or float16 where the caller checked that it ranks alike) and its ids
+    file, each atomically (ids first: a matrix is never left without them)."""
     path = Path(path)
     scores = check_scores(scores, probe_ids, gallery_ids, path)
     with atomic_path(ids_path(path), suffix=".npz") as tmp:
         np.savez(tmp, probe_ids=np.asarray(probe_ids, dtype=str), gallery_ids=np.asarray(gallery_ids, dtype=str),
                  key=np.asarray(key))
     with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, scores)
+        np.save(tmp, scores.astype(dtype, copy=False))
     return path
+
+
+def results_path(scores_path: str | Path) -> Path:
+    """`X.npy` keeps its per-probe results in `X.results.npz`."""
+    p = Path(scores_path)
+    return p.with_name(p.name.removesuffix(".npy") + ".results.npz")
+
+
+def save_results(scores_path: str | Path, results: pd.DataFrame, key: str) -> Path:
+    """Write the per-probe results of the matrix at `scores_path` (computed under `key`) beside it, atomically."""
+    path = results_path(scores_path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, key=np.asarray(key), **{c: results[c].to_numpy(dtype=np.float64) for c in RESULT_COLUMNS
+                                              if c in results})
+    return path
+
+
+def load_results(scores_path: str | Path, key: str, n_probes: int, n_gallery: int) -> pd.DataFrame | None:
+    """The per-probe results stored for the matrix at `scores_path` under `key`: None when absent or stored under
+    another key (stale); a damaged file (unreadable, a column missing, of another length, an AP outside [0, 1], a
+    first rank that is not a gallery place) is named in a warning and None is returned, so it is computed again."""
+    path = results_path(scores_path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            found = pd.DataFrame({c: data[c].astype(np.float64) for c in RESULT_COLUMNS})
+    except (KeyError, ValueError, OSError, EOFError) as exc:
+        log.warning("%s: unreadable per-probe results (%s); computing them again", path, exc)
+        return None
+    first = found["first"].to_numpy()
+    ok = len(found) == n_probes and all(((found[c] >= 0) & (found[c] <= 1)).all() for c in ("ap", "ap_trapezoid"))
+    ok = ok and bool(np.all(np.isnan(first) | ((first >= 0) & (first < n_gallery) & (first == np.round(first)))))
+    if not ok:
+        log.warning("%s: damaged per-probe results (%d rows for %d probes, or values out of range); computing them "
+                    "again", path, len(found), n_probes)
+        return None
+    return found
 
 
 def stored_key(path: str | Path) -> str | None:
@@ -81,6 +132,17 @@ def stored_key(path: str | Path) -> str | None:
         rebuilt(exc, f"{path.name} is computed again")
         return None
     return str(data["key"]) if "key" in data else ""
+
+
+def stored_dtype(path: str | Path) -> np.dtype | None:
+    """The dtype a stored matrix was written in (read from its `.npy` header), or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            return np.dtype(header(f)[2])
+    except (OSError, ValueError):
+        return None
 
 
 def load_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Sequence[str]) -> np.ndarray:
@@ -117,3 +179,32 @@ def cached_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Seque
     except KinretInputError as exc:
         rebuilt(DamagedFile(exc.path or path, exc.message), "the score matrix is computed again")
         return None
+
+
+KEPT_FILE = "kept.json"
+
+
+def write_kept(scores_dir: str | Path, choose_on: Sequence[str], variants: Sequence[str], ranks_only: Sequence[str]
+               ) -> Path:
+    """Record which matrices the store keeps: every variant's on the splits the choice is made on (`choose_on`),
+    elsewhere those of `variants` (the chosen), `ranks_only` of them for their ranking alone."""
+    data = {"choose_on": list(choose_on), "variants": list(variants), "ranks_only": list(ranks_only)}
+    path = Path(scores_dir) / KEPT_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def read_kept(scores_dir: str | Path) -> dict[str, list[str]] | None:
+    """What `write_kept` recorded, or None when nothing was (a first run) or the file is damaged (named in a
+    warning: then every matrix counts as one to keep, which only overstates what a plan lists)."""
+    path = Path(scores_dir) / KEPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        found = {k: [str(v) for v in data[k]] for k in ("choose_on", "variants", "ranks_only")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: unreadable (%s); planning as if every matrix were kept", path, exc)
+        return None
+    return found

@@ -1,10 +1,11 @@
 """Gallery-aware (transductive) re-scoring: pure numpy/scipy functions of unit probe vectors q_i (a probe's mean
 embedding), unit gallery embeddings g_j, or a (P, N) score matrix S; arrays in, arrays out, no I/O.
 
-- `knn`, `dba`: database-side augmentation, each gallery face replaced by the weighted mean of its k nearest faces;
+- `dba`: database-side augmentation, each gallery face replaced by the weighted mean of its k nearest faces
+  (`kinret.scoring.neighbours`);
 - `query_expansion`: each probe's vector expanded by its top-k gallery faces;
-- `relative_threshold`, `gallery_clusters`, `cluster_fused_scores`: gallery faces grouped into identities by average
-  linkage, and scores mixed with the identity's mean embedding;
+- `cluster_fused_scores`: scores mixed with the mean embedding of the face's identity, the gallery faces grouped into
+  identities by average linkage (`kinret.scoring.clusters`);
 - `diverse_head`: the first K places of a ranking go to the best face of K distinct identities;
 - `dual_softmax`, `sinkhorn`: scores normalised over probes (each gallery face is a relative of exactly one probe).
 
@@ -17,15 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.sparse.csgraph import minimum_spanning_tree
-from scipy.spatial.distance import squareform
 from scipy.special import logsumexp
 
+from kinret.scoring.clusters import gallery_clusters, relative_threshold
+from kinret.scoring.neighbours import Neighbours, top_k
 from kinret.scoring.similarity import l2_normalize
 
 RESCORE_CODE_VERSION = 1  # bump when a re-scoring's formula changes: it is part of every transductive variant's key
-_BLOCK_ENTRIES = 1 << 24  # entries of one (rows x N) similarity block: bounds memory at any gallery size
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:
@@ -37,37 +36,16 @@ def _finite(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, k) indices and cosine similarities of each row's k nearest rows of `x` by cosine, the row itself first,
-    the others by similarity descending (ties: lower index first); k is capped at N. Computed in row blocks of
-    2^24 similarities, so memory stays bounded whatever N is."""
-    x = l2_normalize(x)
-    n = len(x)
-    k = min(k, n)
-    idx = np.empty((n, k), dtype=np.int64)
-    sim = np.empty((n, k), dtype=np.float32)
-    step = max(1, _BLOCK_ENTRIES // max(n, 1))
-    for a in range(0, n, step):
-        s = x[a:a + step] @ x.T
-        rows = np.arange(len(s))
-        own = s[rows, a + rows].copy()
-        s[rows, a + rows] = np.inf  # the row itself first, whatever duplicates it has
-        top = _top_k(s, k)
-        idx[a:a + step] = top
-        sim[a:a + step] = np.take_along_axis(s, top, axis=1)
-        sim[a:a + step, 0] = own
-    return idx, sim
-
-
-def dba(gallery: np.ndarray, k: int = 10, alpha: float = 1.0) -> np.ndarray:
+def dba(gallery: np.ndarray, k: int = 10, alpha: float = 1.0, neighbours: Neighbours | None = None) -> np.ndarray:
     """Database-side augmentation: g'_j = normalize(sum_{l in N_k(j)} w_jl g_l), N_k(j) the k nearest gallery faces of
     j by cosine (j itself included, weight 1), w_jl = max(cos(g_j, g_l), 0)^alpha (alpha 1: similarity-weighted;
-    alpha 0: the plain mean; larger alpha: alpha-QE weighting). (N, D) float32."""
+    alpha 0: the plain mean; larger alpha: alpha-QE weighting); `neighbours`, the gallery's shared neighbour lists.
+    (N, D) float32."""
     g = l2_normalize(gallery)
     n = len(g)
     if n == 0 or k <= 1:
         return g
-    idx, sim = knn(g, k)
+    idx, sim = (neighbours or Neighbours(g, k))(k)
     w = np.maximum(sim, 0.0) ** np.float32(alpha)
     weights = sparse.csr_matrix((w.ravel(), idx.ravel(), np.arange(0, idx.size + 1, idx.shape[1])), shape=(n, n))
     return l2_normalize(np.asarray(weights @ g))
@@ -81,116 +59,9 @@ def query_expansion(probes: np.ndarray, gallery: np.ndarray, k: int = 5, alpha: 
     if k == 0:
         return q
     s = q @ g.T
-    top = _top_k(s, k)
+    top = top_k(s, k)
     w = np.maximum(np.take_along_axis(s, top, axis=1), 0.0) ** np.float32(alpha)
     return l2_normalize(q + np.einsum("pk,pkd->pd", w, g[top]))
-
-
-def _top_k(s: np.ndarray, k: int) -> np.ndarray:
-    """(P, k) columns of each row's k highest scores, highest first, ties to the lower index (exact at the k-th
-    place: rows with a tie across it are sorted in full)."""
-    top = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]  # the k highest, unordered
-    vals = np.take_along_axis(s, top, axis=1)
-    top = np.take_along_axis(top, np.lexsort((top, -vals), axis=1), axis=1)
-    kth = np.take_along_axis(s, top[:, -1:], axis=1)
-    tied = np.flatnonzero((s >= kth).sum(axis=1) > k)
-    if tied.size:
-        top[tied] = np.argsort(-s[tied], axis=1, kind="stable")[:, :k]
-    return top
-
-
-def relative_threshold(gallery: np.ndarray, z: float) -> float:
-    """Cosine distance 1 - (mu + z sigma), mu and sigma the mean and standard deviation of the cosine similarity over
-    all pairs of distinct gallery faces, in closed form (O(N D^2), no N x N matrix): with unit rows g_i,
-    sum_{i != j} s_ij = |sum_i g_i|^2 - N and sum_{i != j} s_ij^2 = ||G^T G||_F^2 - N. A threshold z standard
-    deviations above the typical pair transfers across embedding sources whose cosine scales differ."""
-    g = l2_normalize(gallery).astype(np.float64)
-    n = len(g)
-    if n < 2:
-        return 0.0
-    norms = (g * g).sum(axis=1)
-    pairs = n * (n - 1)
-    mu = (np.square(g.sum(axis=0)).sum() - norms.sum()) / pairs
-    second = (np.square(g.T @ g).sum() - np.square(norms).sum()) / pairs
-    return float(1.0 - (mu + z * np.sqrt(max(second - mu * mu, 0.0))))
-
-
-def canonical_labels(labels: np.ndarray) -> np.ndarray:
-    """Cluster labels renumbered 0..C-1 in the order of each cluster's first face."""
-    _, first, inverse = np.unique(np.asarray(labels), return_index=True, return_inverse=True)
-    return np.argsort(np.argsort(first))[inverse.ravel()]
-
-
-def _average_linkage(g: np.ndarray, threshold: float) -> np.ndarray:
-    """Exact average linkage (cosine distance) of unit rows, cut where the merge distance exceeds `threshold`."""
-    if len(g) < 2:
-        return np.zeros(len(g), dtype=np.int64)
-    full = g @ g.T  # BLAS, several times faster than pdist's cosine; a zero row is at distance 1 from every face
-    np.subtract(1.0, full, out=full)
-    np.clip(full, 0.0, 2.0, out=full)  # rounding
-    np.fill_diagonal(full, 0.0)
-    d = squareform(full, checks=False)
-    del full
-    return fcluster(linkage(d, "average"), t=threshold, criterion="distance") - 1
-
-
-def _capped_blocks(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, n: int, max_block: int) -> np.ndarray:
-    """(n,) block of each node: the minimum spanning forest of the graph of edges (src, dst, dist), its edges joined
-    shortest first (single linkage) unless the joined block would exceed `max_block` nodes. Without the cap the
-    blocks are the graph's connected components; with it, the tightest groups stay whole. Union-find over the
-    forest's <= n - 1 edges: the one Python loop, as Kruskal's joins are sequential."""
-    weights = sparse.coo_matrix((dist.astype(np.float64) + 1.0, (src, dst)), shape=(n, n)).tocsr()  # +1: keep d = 0
-    forest = minimum_spanning_tree(weights).tocoo()
-    order = np.argsort(forest.data, kind="stable")
-    parent, size = list(range(n)), [1] * n
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(forest.row[order].tolist(), forest.col[order].tolist(), strict=True):
-        ra, rb = root(a), root(b)
-        if ra != rb and size[ra] + size[rb] <= max_block:
-            if size[ra] < size[rb]:
-                ra, rb = rb, ra
-            parent[rb] = ra
-            size[ra] += size[rb]
-    roots = np.array(parent, dtype=np.int64)
-    while not np.array_equal(roots[roots], roots):  # pointer jumping to each node's root
-        roots = roots[roots]
-    return roots
-
-
-def gallery_clusters(gallery: np.ndarray, threshold: float, exact_max: int = 8000, k: int = 32,
-                     max_block: int = 2000) -> np.ndarray:
-    """(N,) identity labels 0..C-1 (numbered by first face): average linkage on cosine distance, merges up to
-    `threshold` (scipy.cluster.hierarchy).
-
-    Up to `exact_max` faces the linkage is exact over all pairs (an N x N float32 matrix, then N^2/2 distances).
-    Above, it runs per block: an average-linkage cluster cut at t lies inside one connected component of the graph
-    of pairs at distance <= t (an average <= t needs one pair <= t), so linkage per component is exact; the graph is
-    built from each face's `k` nearest neighbours, and components are joined shortest edge first up to `max_block`
-    faces (`_capped_blocks`). Both are approximations only where a cluster spans more than k neighbours or a
-    block.
-    """
-    g = l2_normalize(gallery)
-    n = len(g)
-    if n <= exact_max:
-        return canonical_labels(_average_linkage(g, threshold))
-    idx, sim = knn(g, k)
-    src = np.repeat(np.arange(n), idx.shape[1])
-    dst, dist = idx.ravel(), 1.0 - sim.ravel()
-    edge = (src != dst) & (dist <= threshold)
-    comp = _capped_blocks(src[edge], dst[edge], dist[edge], n, max_block)
-    labels = comp.astype(np.int64) * n  # a cluster of a component: comp * n + its label within the component
-    order = np.argsort(comp, kind="stable")
-    bounds = np.flatnonzero(np.diff(comp[order])) + 1
-    for members in np.split(order, bounds):
-        if len(members) > 2:  # a pair joined by an edge is one cluster already
-            labels[members] += _average_linkage(g[members], threshold)
-    return canonical_labels(labels)
 
 
 def cluster_fused_scores(probes: np.ndarray, gallery: np.ndarray, labels: np.ndarray, mix: float = 0.5) -> np.ndarray:
@@ -230,7 +101,7 @@ def diverse_head(scores: np.ndarray, labels: np.ndarray, k: int = 5, chunk_rows:
         first = np.minimum.reduceat(np.where(s == best[:, segment], position, len(position)), starts, axis=1)
         rep = np.full(s.shape, -np.inf, dtype=np.float32)
         np.put_along_axis(rep, order[first], best, axis=1)
-        head = _top_k(rep, kk)
+        head = top_k(rep, kk)
         top = s.max(axis=1, keepdims=True).astype(np.float64)
         delta = np.maximum(np.abs(top), 1.0) / 256.0
         np.put_along_axis(out[a:a + chunk_rows], head, (top + np.arange(kk, 0, -1) * delta).astype(np.float32), axis=1)
@@ -321,17 +192,31 @@ RESCORINGS: dict[str, Rescoring] = {
 DEFAULT_RESCORINGS = ("dba10", "clus-div5", "dba10-clus-div5", "dsm")
 
 
-def rescore(probes: np.ndarray, gallery: np.ndarray, how: Rescoring) -> np.ndarray:
+def rescore(probes: np.ndarray, gallery: np.ndarray, how: Rescoring, shared: dict | None = None) -> np.ndarray:
     """(P, N) float32 scores of probe vectors (P, D) against gallery embeddings (N, D) under the recipe `how`; with
-    the empty recipe, the cosine."""
+    the empty recipe, the cosine. `shared`, one dict for the recipes run on the same vectors, keeps what they have in
+    common (the gallery's neighbour lists, its DBA, its clusters), so each is computed once."""
+    shared = {} if shared is None else shared
+
+    def once(key: tuple, compute):
+        if key not in shared:
+            shared[key] = compute()
+        return shared[key]
+
     q, g = l2_normalize(probes), l2_normalize(gallery)
+    stage: tuple = ("gallery",)  # what g is now: the gallery, or its DBA
+    # on the vectors dba and gallery_clusters normalise g to, so that the lists are theirs to the last bit
+    near = once(("neighbours", *stage), lambda: Neighbours(l2_normalize(g)))
     if how.dba_k:
-        g = dba(g, how.dba_k, how.dba_alpha)
+        g = once(("dba", how.dba_k, how.dba_alpha), lambda: dba(g, how.dba_k, how.dba_alpha, near))
+        stage = ("dba", how.dba_k, how.dba_alpha)
+        near = once(("neighbours", *stage), lambda: Neighbours(l2_normalize(g)))
     if how.qe_k:
         q = query_expansion(q, g, how.qe_k, how.qe_alpha)
     labels = None
     if how.cluster_z is not None:
-        labels = gallery_clusters(g, relative_threshold(g, how.cluster_z))
+        labels = once(("clusters", how.cluster_z, *stage),
+                      lambda: gallery_clusters(g, relative_threshold(g, how.cluster_z), neighbours=near))
         scores = cluster_fused_scores(q, g, labels, how.cluster_mix)
     else:
         scores = q @ g.T

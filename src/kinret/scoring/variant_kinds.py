@@ -22,7 +22,7 @@ an exact order, which a mean of K matrices does not keep) and cluster the galler
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -126,12 +126,15 @@ class VariantKind:
         """This variant's part computed from one source's embeddings (see `reduce`)."""
         raise NotImplementedError
 
-    def reduce(self, parts: Sequence[Any]) -> np.ndarray:
-        """The (P, N) scores from the parts of a group's sources: the mean of their matrices."""
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
-        return total / np.float32(len(parts))
+    def reduce(self, parts: Iterable[Any], shared: dict | None = None) -> np.ndarray:
+        """The (P, N) scores from the parts of a group's sources, taken one at a time (a part may be a whole matrix):
+        the mean of their matrices. `shared`, one dict for every kind of a group on one split, keeps what several
+        kinds reduce alike."""
+        total, count = None, 0
+        for p in parts:
+            total = p if total is None else np.add(total, p, out=total)
+            count += 1
+        return total / np.float32(count)
 
 
 @dataclass(frozen=True)
@@ -206,8 +209,11 @@ class Rescored(VariantKind):
             mean_embedding(scoring.probe(self.emb), scoring.sd.owner, scoring.n_probes),
             l2_normalize(scoring.gallery(self.emb))))
 
-    def reduce(self, parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        return rescore(*joint_vectors(parts), RESCORINGS[self.recipe])
+    def reduce(self, parts: Iterable[tuple[np.ndarray, np.ndarray]], shared: dict | None = None) -> np.ndarray:
+        """The recipe on the joint vectors; the recipes on one embedding share their neighbour lists, DBA and
+        clusters through `shared`."""
+        memo = None if shared is None else shared.setdefault(("rescore", self.emb), {})
+        return rescore(*joint_vectors(list(parts)), RESCORINGS[self.recipe], memo)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], opts
     train_refits(list(dict.fromkeys(refits.values())), opts.jobs, opts.quiet, opts.verbose)
     kinds = {g.variant(k): (g, k) for g in groups for k in g.kinds}
     test, backbones = result.splits["test"], {}
-    scores = dict(result.scores["test"])
+    scores = {v: result.scores["test"][v] for v in result.selection.weights if v not in refits}  # read once each
     for v, run in refits.items():
         group, kind = kinds[v]
         full = Group(group.name, [kind], {None: CheckpointSource(run.run_dir, opts.dirs.runs / "_cache", backbones)})
@@ -73,5 +73,5 @@ def final_fit(result: EnsembleResult, groups: list[Group], runs: list[Run], opts
             "kept": [v for v in result.selection.weights if v not in refits], "seconds": round(time.perf_counter()
                                                                                               - t0, 1)}
     chosen = combine(scores, result.selection)
-    return replace(result, selection=replace(result.selection, final_fit=info), chosen={**result.chosen,
-                                                                                        "test": chosen})
+    return replace(result, selection=replace(result.selection, final_fit=info),
+                   chosen=result.chosen.with_scores("test", chosen))

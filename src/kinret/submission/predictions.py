@@ -23,7 +23,15 @@ import numpy as np
 from kinret.data.track3 import Track3Split
 from kinret.errors import KinretInputError
 from kinret.io import atomic_path
-from kinret.metrics import Track3Scores, evaluate_ranking
+from kinret.log import progress
+from kinret.metrics import (
+    RANK_KS,
+    Track3Scores,
+    average_precision,
+    family_codes,
+    first_hit_rank,
+    hits_in_rank_order,
+)
 from kinret.scoring.ranking import first_non_permutation, rank_gallery
 
 CSV_NAME = "predictions.csv"
@@ -103,10 +111,23 @@ def write_predictions(ranking: np.ndarray, csv_path: str | Path, zip_path: str |
     with atomic_path(csv_path) as tmp:
         tmp.write_bytes(data)
     if zip_path is not None:
-        with atomic_path(zip_path, suffix=".zip") as tmp:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                zf.writestr(CSV_NAME, data)
+        zip_predictions(csv_path, zip_path)
     return csv_path
+
+
+def zip_predictions(csv_path: str | Path, zip_path: str | Path, chunk: int = 16 * _CHUNK) -> Path:
+    """The zip of `csv_path` with `predictions.csv` at its root (deflate level 1), read and compressed `chunk` bytes
+    at a time (memory stays bounded whatever the file's size), written atomically, a progress line at least once a
+    minute."""
+    csv_path = Path(csv_path)
+    size = csv_path.stat().st_size
+    with atomic_path(zip_path, suffix=".zip") as tmp:
+        with (zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
+              zf.open(CSV_NAME, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT) as member,
+              csv_path.open("rb") as src):
+            for _ in progress(range(0, size, chunk), desc=f"zip {Path(zip_path).name}", unit="chunk"):
+                member.write(src.read(chunk))
+    return Path(zip_path)
 
 
 def max_predictions_bytes(n_probes: int, n_gallery: int) -> int:
@@ -288,24 +309,50 @@ def predictions_shape(path: str | Path) -> tuple[int, int] | None:
 class SubmissionResult:
     csv_path: Path
     zip_path: Path
-    ranking: np.ndarray
     scores: dict[str, Track3Scores]  # by AP variant; empty when the split is unlabelled
 
 
+def _scored(hits: list[np.ndarray], firsts: list[np.ndarray], n_gallery: int) -> dict[str, Track3Scores]:
+    """Both APs' `Track3Scores` from each block's per-probe AP (standard, trapezoid) and first-relative ranks, the
+    numbers `evaluate_ranking` gives on the whole ranking."""
+    first = np.concatenate(firsts)
+    first = np.where(first < n_gallery, first, np.iinfo(np.int64).max)  # no relative: never a hit
+    ks = sorted(set(RANK_KS) | {5})
+    out = {}
+    for i, ap in enumerate(("standard", "trapezoid")):
+        per_probe = np.concatenate([h[i] for h in hits])
+        out[ap] = Track3Scores(ap, float(per_probe.mean()), {int(k): float(np.mean(first < k)) for k in ks},
+                               len(first), n_gallery, per_probe)
+    return out
+
+
 def submit(scores: np.ndarray, split: Track3Split, out_dir: str | Path, truth: Track3Split | None = None,
-           zip_name: str = "submission.zip") -> SubmissionResult:
-    """Rank, write and validate `predictions.csv` plus its zip, and score it when labels are known."""
+           zip_name: str = "submission.zip", block: int = 1 << 22) -> SubmissionResult:
+    """Rank, write and validate `predictions.csv` plus its zip, and score it when labels are known: in blocks of
+    about `block` scores (the ranking of a block is formatted, checked, written and scored, then released), with a
+    progress line at least once a minute."""
     if scores.shape != (len(split.probes), len(split.gallery)):
         raise ValueError(f"score matrix {scores.shape} does not match {split.describe()}")
-    ranking = rank_gallery(scores)
-    out_dir = Path(out_dir)
-    csv_path = write_predictions(ranking, out_dir / "predictions.csv", out_dir / zip_name)
+    if 0 in scores.shape:
+        raise ValueError(f"nothing to rank: a {scores.shape} score matrix")
     labels = truth if truth is not None else (split if split.labelled else None)
-    results = {}
-    if labels is not None:
-        if (len(labels.probes), len(labels.gallery)) != scores.shape:
-            raise KinretInputError(None, f"truth lists ({labels.describe()}) do not match the split "
-                                         f"({split.describe()})")
-        results = {ap: evaluate_ranking(ranking, labels.probe_fids, labels.gallery_fids, ap=ap)
-                   for ap in ("standard", "trapezoid")}
-    return SubmissionResult(csv_path, out_dir / zip_name, ranking, results)
+    if labels is not None and (len(labels.probes), len(labels.gallery)) != scores.shape:
+        raise KinretInputError(None, f"truth lists ({labels.describe()}) do not match the split "
+                                     f"({split.describe()})")
+    codes = family_codes(labels.probe_fids, labels.gallery_fids) if labels is not None else None
+    out_dir = Path(out_dir)
+    csv_path = out_dir / CSV_NAME
+    p, n = scores.shape
+    rows = max(1, block // max(n, 1))
+    aps: list[np.ndarray] = []
+    firsts: list[np.ndarray] = []
+    with atomic_path(csv_path) as tmp, tmp.open("wb") as f:
+        for a in progress(range(0, p, rows), desc=f"rank and write {CSV_NAME}", unit="block"):
+            ranking = rank_gallery(scores[a:a + rows])
+            f.write(format_predictions(ranking))
+            if codes is not None:
+                hits = hits_in_rank_order(ranking, codes[0][a:a + rows, None] == codes[1][None, :])
+                aps.append((average_precision(hits, "standard"), average_precision(hits, "trapezoid")))
+                firsts.append(first_hit_rank(hits))
+    zip_predictions(csv_path, out_dir / zip_name)
+    return SubmissionResult(csv_path, out_dir / zip_name, _scored(aps, firsts, n) if codes is not None else {})

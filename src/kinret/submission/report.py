@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
@@ -22,14 +23,16 @@ from kinret.data.track3 import Track3Split
 from kinret.ensemble.bootstrap import describe
 from kinret.ensemble.tables import score_scale
 from kinret.io import write_text_atomic
-from kinret.metrics import average_precision, chance_level, cmc_curve, hits_in_rank_order, relevance
+from kinret.log import progress
+from kinret.metrics import chance_level, family_codes, relevance
 from kinret.plots import DPI, KIN, NON_KIN, save_png
 from kinret.readback import DamagedFile, read_json, rebuilt
 from kinret.scoring.ranking import rank_gallery
 from kinret.train.figures import score_histogram
 
 REPORT_FILES = ("cmc.png", "score_histogram.png", "retrieval_grid.png", "variants.md")
-REPORT_CODE_VERSION = 2  # bump when a figure or the text changes, so a rerun redraws them
+REPORT_CODE_VERSION = 3  # bump when a figure or the text changes, so a rerun redraws them
+HISTOGRAM_PAIRS = 1 << 22  # past this many probe x gallery pairs the histogram draws a sample of the non-kin ones
 
 
 # ---- retrieval ------------------------------------------------------------------------------------------------------
@@ -121,10 +124,6 @@ def example_probes(per_probe_ap: np.ndarray, n: int = 3) -> list[tuple[int, str]
     return out
 
 
-def per_probe_ap(scores: np.ndarray, probe_fids: Sequence, gallery_fids: Sequence) -> np.ndarray:
-    return average_precision(hits_in_rank_order(rank_gallery(scores), relevance(probe_fids, gallery_fids)))
-
-
 # ---- the submission report ----------------------------------------------------------------------------------------
 def report_split(splits: Mapping):
     """The labelled `SplitData` the report is drawn on: test when its truth is known, else val, else the first
@@ -135,10 +134,9 @@ def report_split(splits: Mapping):
     return None
 
 
-def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure], str]:
-    """The report's figures (CMC, histogram, retrieval grid) for an `EnsembleResult`, and the markdown text."""
+def _text(result) -> list[str]:
+    """The report's opening lines: what was submitted, its weights, the cross-fitted comparison, the reference."""
     sel = result.selection
-    where = report_split(result.splits)
     lines = [f"# What was submitted: {sel.name}", "", f"Chosen: {sel.reason}.", ""]
     if len(sel.weights) > 1:
         lines += ["| weight | variant |", "|---|---|"]
@@ -153,62 +151,136 @@ def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure]
         lines.append(f"- the best single variant `{sel.best_single}` against the reference `{sel.reference}`: "
                      f"{describe(sel.intervals[sel.best_single])} "
                      f"{'out of fold' if result.key == 'oof' else 'on ' + result.key} (95% interval)")
-    figs: dict[str, Figure] = {}
+    return lines
+
+
+def report_parts(result, top: int = 5, k: int = 10) -> tuple[dict[str, Callable[[], Figure]], str]:
+    """What `report_figures` draws, each figure as a function that draws it (so that a caller can report progress
+    between them), and the markdown text. The chosen scores on the report split are read once, when the first
+    figure that needs them is drawn."""
+    sel, where = result.selection, report_split(result.splits)
+    lines = _text(result)
     if where is None:
         lines += ["", "Nothing is labelled (no DATA/train, DATA/val or test truth): no curves or grid.", ""]
-    else:
-        pf, gf = where.labels.probe_fids, where.labels.gallery_fids
-        chosen = result.chosen[where.name]
-        curves = cmc_curves(result, where.name, top)
-        figs["cmc.png"] = cmc_figure(curves, chance=chance_cmc(pf, gf),
-                                     title=f"CMC on {where.name} ({len(pf)} probes, {len(gf)} gallery faces)")
-        kin, non = kin_split(chosen, pf, gf)
+        return {}, "\n".join(lines + ["## Every variant", "", result.table_md])
+    pf, gf = where.labels.probe_fids, where.labels.gallery_fids
+    curves = cmc_curves(result, where.name, top)
+    chosen: list[np.ndarray] = []
+
+    def scores() -> np.ndarray:
+        if not chosen:
+            chosen.append(result.chosen[where.name])
+        return chosen[0]
+
+    def histogram() -> Figure:
         axis = textwrap.fill("score: " + score_scale(sel.weights, sel.normalisation), 80)
-        figs["score_histogram.png"] = score_histogram(kin, non, f"{sel.name}\non {where.name}, probe x gallery face",
-                                                      xlabel=axis)
-        picks = example_probes(per_probe_ap(chosen, pf, gf))
-        figs["retrieval_grid.png"] = retrieval_grid(where.split, chosen, [p for p, _ in picks], where.labels, k,
-                                                    titles=[t for _, t in picks])
-        lines += ["", f"Figures drawn on the **{where.name}** split ({len(pf)} probes, {len(gf)} gallery faces"
-                      f"{'; never used to choose' if where.name == 'test' else ''}): `cmc.png` (the chosen scores and "
-                      f"the {len(curves) - 1} next best variants out of fold), `score_histogram.png` (kin vs non-kin "
-                      "scores of the chosen variant), `retrieval_grid.png` (the best, median and worst probe by AP).",
-                  ""]
-    lines += ["## Every variant", "", result.table_md]
-    return figs, "\n".join(lines)
+        return kin_histogram(scores(), pf, gf, f"{sel.name}\non {where.name}, probe x gallery face", axis)
+
+    def grid() -> Figure:
+        picks = example_probes(_chosen_results(result, where.name)["ap"].to_numpy())
+        return retrieval_grid(where.split, scores(), [p for p, _ in picks], where.labels, k,
+                              titles=[t for _, t in picks])
+
+    builders = {"cmc.png": lambda: cmc_figure(curves, chance=chance_cmc(pf, gf), title=f"CMC on {where.name} "
+                                              f"({len(pf)} probes, {len(gf)} gallery faces)"),
+                "score_histogram.png": histogram, "retrieval_grid.png": grid}
+    lines += ["", f"Figures drawn on the **{where.name}** split ({len(pf)} probes, {len(gf)} gallery faces"
+                  f"{'; never used to choose' if where.name == 'test' else ''}): `cmc.png` (the chosen scores and "
+                  f"the {len(curves) - 1} next best variants out of fold), `score_histogram.png` (kin vs non-kin "
+                  "scores of the chosen variant), `retrieval_grid.png` (the best, median and worst probe by AP).", ""]
+    return builders, "\n".join(lines + ["## Every variant", "", result.table_md])
+
+
+def report_figures(result, top: int = 5, k: int = 10) -> tuple[dict[str, Figure], str]:
+    """The report's figures (CMC, histogram, retrieval grid) for an `EnsembleResult`, and the markdown text."""
+    builders, text = report_parts(result, top, k)
+    return {name: build() for name, build in builders.items()}, text
+
+
+def kin_histogram(scores: np.ndarray, probe_fids: Sequence, gallery_fids: Sequence, title: str, xlabel: str,
+                  most: int = HISTOGRAM_PAIRS) -> Figure:
+    """`score_histogram` of the kin and non-kin scores of a (P, N) matrix. Past `most` pairs the histogram is drawn
+    from every kin pair and a seeded uniform sample of `most` pairs' non-kin scores (the same shape; the float64
+    copies and the AUC's sort of every pair cost gigabytes at ten times the test split), and the AUC in the title
+    is still that of every pair (`pair_auc`)."""
+    if scores.size <= most:
+        return score_histogram(*kin_split(scores, probe_fids, gallery_fids), title, xlabel=xlabel)
+    p, g = family_codes(probe_fids, gallery_fids)
+    kin = scores[p[:, None] == g[None, :]]
+    flat = np.random.default_rng(0).integers(0, scores.size, most)
+    rows, cols = np.divmod(flat, scores.shape[1])
+    sample = scores[rows, cols][p[rows] != g[cols]]
+    fig = score_histogram(kin, sample, title, xlabel=xlabel)
+    n_non = scores.size - len(kin)
+    fig.axes[0].set_title(f"{title}\nkin vs non-kin AUC {pair_auc(scores, p, g, kin):.3f} (non-kin drawn from "
+                          f"{len(sample):,} of {n_non:,} pairs)", fontsize=9)
+    return fig
+
+
+def pair_auc(scores: np.ndarray, probe_codes: np.ndarray, gallery_codes: np.ndarray, kin: np.ndarray,
+             block: int = 1 << 22) -> float:
+    """P(a kin pair outscores a non-kin pair), ties counting 1/2, over every pair (`kinret.metrics.roc_auc`'s
+    value): each block of non-kin scores is placed among the sorted kin scores, so nothing of (P, N) size is sorted
+    or copied."""
+    kin = np.sort(np.asarray(kin, dtype=np.float64))
+    above = ties = 0
+    rows = max(1, block // max(scores.shape[1], 1))
+    for a in range(0, len(scores), rows):
+        non = scores[a:a + rows][probe_codes[a:a + rows, None] != gallery_codes[None, :]].astype(np.float64)
+        right, left = np.searchsorted(kin, non, "right"), np.searchsorted(kin, non, "left")
+        above += int((len(kin) - right).sum())
+        ties += int((right - left).sum())
+    n_non = scores.size - len(kin)
+    return (above + 0.5 * ties) / (len(kin) * n_non) if len(kin) and n_non else float("nan")
+
+
+def _chosen_results(result, split: str) -> pd.DataFrame:
+    """The chosen scores' per-probe results on `split`, in probe order (from the run's per-probe table)."""
+    pp = result.per_probe
+    return pp[(pp["variant"] == f"chosen: {result.selection.name}") & (pp["split"] == split)]
+
+
+def cmc_from_first(first: np.ndarray, n_gallery: int) -> np.ndarray:
+    """`kinret.metrics.cmc_curve` from each probe's first-relative rank (NaN: no relative), k = 1..N."""
+    first = np.asarray(first, dtype=np.float64)
+    counts = np.bincount(first[~np.isnan(first)].astype(np.int64), minlength=n_gallery + 1)[:n_gallery]
+    return np.cumsum(counts) / len(first)
 
 
 def cmc_curves(result, split: str, top: int = 5) -> dict[str, np.ndarray]:
     """CMC curves on a labelled split of an `EnsembleResult`: the chosen scores, then the `top` best variants out
-    of fold (a single chosen variant is not drawn twice)."""
+    of fold (a single chosen variant is not drawn twice), from the run's per-probe first-relative ranks."""
     labels = result.splits[split].labels
     if labels is None:
         raise ValueError(f"split {split!r} is not labelled: no CMC curve")
-    rel = relevance(labels.probe_fids, labels.gallery_fids)
-    sel = result.selection
+    sel, pp = result.selection, result.per_probe
     shown = set(sel.weights) if len(sel.weights) == 1 else set()
     variants = [v for v in result.table["variant"].astype(str)
                 if v in result.scores[split] and v not in shown][:top]
-    matrices = {f"chosen: {sel.name}": result.chosen[split]} | {v: result.scores[split][v] for v in variants}
-    return {k: cmc_curve(hits_in_rank_order(rank_gallery(m), rel)) for k, m in matrices.items()}
+    pp = pp[pp["split"] == split]
+    return {v: cmc_from_first(pp[pp["variant"] == v]["first"].to_numpy(dtype=np.float64, na_value=np.nan),
+                              len(labels.gallery)) for v in [f"chosen: {sel.name}", *variants]}
 
 
 def report_key(result, top: int, k: int) -> str:
-    """A digest of everything the report is drawn from: the variant table, the choice, and every score matrix and id
-    list of every split. Equal keys give the same report, so a rerun with nothing new redraws nothing."""
-    h = hashlib.sha256(f"{REPORT_CODE_VERSION}|{top}|{k}|{result.table_md}|{result.selection.name}".encode())
-    for name in sorted(result.splits):
-        sd = result.splits[name]
-        h.update("|".join([name, *sd.probe_ids, *sd.gallery_ids]).encode())
-        for matrix in [result.chosen[name], *(result.scores[name][v] for v in sorted(result.scores[name]))]:
-            h.update(np.ascontiguousarray(matrix).tobytes())
+    """A digest of everything the report is drawn from: the variant table, the choice, the per-probe results and
+    id lists of the report split, and the chosen scores there. Equal keys give the same report, so a rerun with
+    nothing new redraws nothing."""
+    sel, where = result.selection, report_split(result.splits)
+    h = hashlib.sha256(f"{REPORT_CODE_VERSION}|{top}|{k}|{result.table_md}|{sel.name}|{sel.reason}".encode())
+    if where is not None:
+        h.update("|".join([where.name, *where.probe_ids, *where.gallery_ids]).encode())
+        pp = result.per_probe
+        h.update(pp[pp["split"] == where.name].to_csv(index=False).encode())
+        h.update(np.ascontiguousarray(result.chosen[where.name]))  # its buffer, not a copy
     return h.hexdigest()[:16]
 
 
 def write_report(result, out_dir: str | Path, top: int = 5, k: int = 10) -> list[Path]:
-    """Write `out_dir/` (cmc.png, score_histogram.png, retrieval_grid.png, variants.md) for an `EnsembleResult`;
-    files of an earlier report that this one does not draw are removed, so the folder never mixes two runs. When
-    `.report_key` says the folder already holds the report of these inputs (every file present), nothing is redrawn."""
+    """Write `out_dir/` (cmc.png, score_histogram.png, retrieval_grid.png, variants.md) for an `EnsembleResult`, a
+    progress line at least once a minute; files of an earlier report that this one does not draw are removed, so
+    the folder never mixes two runs. When `.report_key` says the folder already holds the report of these inputs
+    (every file present), nothing is redrawn."""
     out_dir = Path(out_dir)
     key, stamp = report_key(result, top, k), out_dir / ".report_key"
     try:
@@ -221,8 +293,9 @@ def write_report(result, out_dir: str | Path, top: int = 5, k: int = 10) -> list
         rebuilt(exc, "the report is drawn again")
     except OSError:
         pass
-    figs, text = report_figures(result, top, k)
-    written = [save_png(fig, out_dir / name) for name, fig in figs.items()]
+    builders, text = report_parts(result, top, k)
+    written = [save_png(build(), out_dir / name)
+               for name, build in progress(builders.items(), desc="report", total=len(builders), unit="figure")]
     written.append(write_text_atomic(out_dir / "variants.md", text))
     for name in REPORT_FILES:
         if (out_dir / name) not in written and (out_dir / name).exists():

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kinret.data.synth import SynthConfig
 from kinret.ensemble.cli import network_name
-from kinret.ensemble.run import pending_embeddings
+from kinret.ensemble.run import choice_splits, pending_embeddings
+from kinret.ensemble.selection import POOL
 from kinret.features.feeds import feed_class
 from kinret.features.sources import BackboneSource
 from kinret.scoring.protocols import SplitData
@@ -120,14 +121,13 @@ def embedding_units(groups: Sequence[Group], splits: Mapping[str, SplitData], sc
 
 def score_work(groups: Sequence[Group], splits: Mapping[str, SplitData], scores_dir: Path,
                untrained: set[str]) -> list[Work]:
-    """The score-matrix cells still to build (every variant of an untrained group), the embeddings behind them and
-    the submission's cells."""
-    cells, matrices = 0.0, 0
-    for g in groups:
-        for sd in splits.values():
-            n = len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir))
-            matrices += n
-            cells += float(n) * len(sd.split.probes) * len(sd.split.gallery)
+    """The score-matrix cells still to build and keep (every variant of an untrained group; kept: every matrix of a
+    split the choice is made on, elsewhere a blend's at most), the embeddings behind them and the submission's cells."""
+    cells, matrices, chooser = 0.0, 0, choice_splits(dict(splits))
+    for sd in splits.values():
+        n = sum(len(g.variants) if g.name in untrained else len(missing_scores(g, sd, scores_dir)) for g in groups)
+        matrices += n
+        cells += float(n if sd.name in chooser else min(n, POOL)) * len(sd.split.probes) * len(sd.split.gallery)
     test = splits["test"].split
     embedded = embedding_units([g for g in groups if g.name not in untrained], splits, scores_dir)
     embedded += sum(_trained_embeddings(g, [(len(sd.images.paths), sd.fold is None) for sd in splits.values()])
@@ -170,7 +170,8 @@ def synthetic_work(cfg: SynthConfig, runs: Sequence[Run], groups: Sequence[Group
     frozen = {id(s): (s, images) for g in groups if isinstance(s := g.sources.get(None), BackboneSource)}
     splits = synthetic_splits(cfg, n_folds)
     variants = sum(len(g.variants) for g in groups)
-    cells = variants * sum(p * n for p, n in splits)
+    oof = n_folds if n_folds > 1 else 0  # the splits the choice is made on keep every matrix, the others a blend's
+    cells = variants * sum(p * n for p, n in splits[:oof]) + min(variants, POOL) * sum(p * n for p, n in splits[oof:])
     sets = [(expected_images(cfg, cfg.n_train), False)] + [(expected_images(cfg, n), True)
                                                             for n in (cfg.n_val, cfg.n_test) if n]
     trained = {r.cfg.name for r in runs}
