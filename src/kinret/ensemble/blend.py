@@ -1,12 +1,13 @@
 """Blending score matrices: per-probe normalisation (so variants on different scales can be summed) and the weighted
-sum. Pure numpy/scipy; the weights come from `kinret.ensemble.selection`."""
+sum. Pure numpy (ranks from `kinret.metrics.ranks`); the weights come from `kinret.ensemble.selection`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+
+from kinret.metrics import ranks
 
 NORMALISATIONS = ("z", "rank")
 
@@ -30,7 +31,7 @@ def _normalise(s: np.ndarray, how: str) -> np.ndarray:
     if how == "z":
         std = s.std(axis=1, keepdims=True)
         return ((s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)).astype(np.float32)
-    places = rankdata(s, method="min", axis=1) - 1  # ties share the lower place
+    places = ranks(s, "min") - 1  # ties share the lower place
     return (places / max(s.shape[1] - 1, 1)).astype(np.float32)
 
 

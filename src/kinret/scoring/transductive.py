@@ -24,8 +24,6 @@ from kinret.scoring.clusters import gallery_clusters, relative_threshold
 from kinret.scoring.neighbours import Neighbours, top_k
 from kinret.scoring.similarity import l2_normalize
 
-RESCORE_CODE_VERSION = 1  # bump when a re-scoring's formula changes: it is part of every transductive variant's key
-
 
 def _finite(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float32)

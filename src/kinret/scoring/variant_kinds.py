@@ -42,7 +42,7 @@ from kinret.scoring.similarity import (
     l2_normalize,
     mean_embedding,
 )
-from kinret.scoring.transductive import DEFAULT_RESCORINGS, RESCORE_CODE_VERSION, RESCORINGS, rescore
+from kinret.scoring.transductive import DEFAULT_RESCORINGS, RESCORINGS, rescore
 
 PAIR_HEAD_EMB = "emb"  # the embedding a trained FC pair head compares
 
@@ -200,8 +200,8 @@ class Rescored(VariantKind):
     def listed(self, spec: GroupSpec) -> bool:
         return spec.rescore_listed and self.recipe in DEFAULT_RESCORINGS
 
-    def key_parts(self) -> tuple:  # the recipe's code and parameters: a changed recipe is a changed variant
-        return RESCORE_CODE_VERSION, RESCORINGS[self.recipe]
+    def key_parts(self) -> tuple:  # the recipe's parameters (its code is in every score key): a changed variant
+        return (RESCORINGS[self.recipe],)
 
     def part(self, scoring: SourceScoring) -> tuple[np.ndarray, np.ndarray]:
         """The unit (probe mean embedding, gallery embedding) pair, shared by every recipe on this embedding."""

@@ -39,9 +39,9 @@ from kinret.scoring.store import (
     stored_key,
 )
 from kinret.scoring.variant_kinds import SourceScoring, VariantKind
+from kinret.versions import code_version
 
 log = logging.getLogger(__name__)
-SCORE_CODE_VERSION = 1  # bump when a similarity's formula changes
 Evaluate = Callable[[np.ndarray], pd.DataFrame]  # a matrix -> its per-probe results on a labelled split
 
 
@@ -100,8 +100,9 @@ def open_sources(group: Group, sd: SplitData) -> list[SourceScoring]:
 
 
 def group_key(group: Group, kind: VariantKind, sd: SplitData) -> str:
-    """The cache key of `kind`'s matrix on `sd`: the score code, the variant, the split's ids and the sources."""
-    parts = [SCORE_CODE_VERSION, kind.label, *kind.key_parts(), ids_digest(sd.probe_ids, sd.gallery_ids)]
+    """The cache key of `kind`'s matrix on `sd`: the scoring code (`kinret.versions.code_version`), the variant, the
+    split's ids and the sources."""
+    parts = [code_version("kinret.scoring"), kind.label, *kind.key_parts(), ids_digest(sd.probe_ids, sd.gallery_ids)]
     parts += [s.key(sd.images) for s in group.sources_for(sd)]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 

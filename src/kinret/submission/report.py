@@ -29,9 +29,9 @@ from kinret.plots import DPI, KIN, NON_KIN, save_png
 from kinret.readback import DamagedFile, read_json, rebuilt
 from kinret.scoring.ranking import rank_gallery
 from kinret.train.figures import score_histogram
+from kinret.versions import code_version
 
 REPORT_FILES = ("cmc.png", "score_histogram.png", "retrieval_grid.png", "variants.md")
-REPORT_CODE_VERSION = 3  # bump when a figure or the text changes, so a rerun redraws them
 HISTOGRAM_PAIRS = 1 << 22  # past this many probe x gallery pairs the histogram draws a sample of the non-kin ones
 
 
@@ -267,7 +267,8 @@ def report_key(result, top: int, k: int) -> str:
     id lists of the report split, and the chosen scores there. Equal keys give the same report, so a rerun with
     nothing new redraws nothing."""
     sel, where = result.selection, report_split(result.splits)
-    h = hashlib.sha256(f"{REPORT_CODE_VERSION}|{top}|{k}|{result.table_md}|{sel.name}|{sel.reason}".encode())
+    code = code_version("kinret.submission.report", "kinret.plots", "kinret.metrics")  # a changed figure is redrawn
+    h = hashlib.sha256(f"{code}|{top}|{k}|{result.table_md}|{sel.name}|{sel.reason}".encode())
     if where is not None:
         h.update("|".join([where.name, *where.probe_ids, *where.gallery_ids]).encode())
         pp = result.per_probe
