@@ -34,8 +34,9 @@ def test_tiny_run_writes_its_outputs(tmp_path, tiny_data):
     exp = write_experiment(tmp_path / "e2e.py")
     assert run(exp, tiny_data, tmp_path / "runs") == 0
     run_dir = tmp_path / "runs" / "e2e" / "fold0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "data.json", "state.json",
-                                                        "summary.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.json", "data.json", "embeddings",
+                                                        "state.json", "summary.csv"]
+    assert [p.name.split("_")[0] for p in (run_dir / "embeddings").iterdir()] == ["oof0"]  # kept for the scorer
     rows = list(csv.DictReader((run_dir / "summary.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the held-out scores before any step
     for r in rows:  # every column is a real number: the held-out protocol and pairs exist for fold 0

@@ -4,6 +4,8 @@ augmentation (seeded, DDP-sliceable), the lr schedule and the decoded-pixel cach
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import write_image
 from kinret.data.fiw import read_fiw
 from kinret.data.pixels import ImageTable, decode_pixels, gather
 from kinret.features.augment import augment
+from kinret.features.feeds import CachedFeatures
 from kinret.models.config import TrainConfig, apply_overrides
 from kinret.models.losses import LOSSES, TrainingSet, build_loss, family_batches, random_batches, sample_pairs
 from kinret.models.networks import KinNet
@@ -117,7 +120,8 @@ def test_every_loss_trains_through_the_objective_on_each_process(table):
         cfg = small_config(f"loss={name}", "batch_size=8")  # each process: 4 pairs, or 2 families x 2 images
         torch.manual_seed(0)
         model = KinNet(None, 6, cfg)
-        objective = Objective(model, build_loss(cfg, model.embed_dim, 3), head_only=True)
+        feed = CachedFeatures(cfg, torch.device("cpu"), Path("unused"))  # the model runs on pooled features
+        objective = Objective(model, build_loss(cfg, model.embed_dim, 3), feed)
         batch = objective.loss.epoch_batches(data, cfg, rng(1))[0]
         for rank in range(2):
             local = objective.loss.local_batch(batch, rank, 2)
