@@ -211,7 +211,7 @@ def test_a_damaged_cache_or_part_is_computed_again_with_one_warning(tmp_path, ca
     caplog.clear()
     assert np.array_equal(build_in_chunks(cache, ids, compute, chunk=3, keys=("x",))["x"], want)
     assert sorted(calls) == [(0, 3), (3, 6), (6, 7)] and not parts.exists()
-    named = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    named = [r.getMessage() for r in caplog.records if ": damaged (" in r.getMessage()]
     assert len(named) == 2 and all("computed again" in m for m in named), named
 
 
@@ -262,7 +262,7 @@ def test_a_damaged_output_of_a_frozen_pass_is_computed_again(tmp_path, damage, c
     else:
         np.save(victim, np.array([str(p) for p in reversed(paths)]))
     assert np.array_equal(np.array(_pass().outputs(paths, cache, [cut])[cut.name]), want)
-    named = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    named = [r.getMessage() for r in caplog.records if ": damaged (" in r.getMessage()]
     assert len(named) == 1 and str(victim) in named[0], named
     assert read_npy(target, (2, 5, 4, 8, 8), np.float32) is not None  # written again, whole
 
@@ -288,7 +288,7 @@ def test_a_damaged_saved_chunk_of_a_pass_is_computed_again(tmp_path, caplog, mon
     kill[0] = False
     assert np.array_equal(np.array(_pass(chunk=3).outputs(paths, cache, [cut])[cut.name]), want)
     assert calls == [0, 3]  # the damaged chunk is computed again, not trusted
-    named = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    named = [r.getMessage() for r in caplog.records if ": damaged (" in r.getMessage()]
     assert len(named) == 1 and str(part) in named[0], named
 
 

@@ -84,7 +84,8 @@ def test_an_unreadable_record_is_named_and_ignored_then_written_again(tmp_path, 
     here = tmp_path / "runs"
     here.mkdir()
     (here / RECORD_FILE).write_text("not json")
-    assert read_record(here) == {} and f"{here / RECORD_FILE} cannot be read" in caplog.text
+    assert read_record(here) == {} and f"{here / RECORD_FILE}: damaged (not JSON" in caplog.text
+    assert not (here / RECORD_FILE).exists()  # removed: read once, named once
     (here / RECORD_FILE).write_text(json.dumps({"stages": {"score": {"units": -1, "seconds": 1, "bytes": 2},
                                                            "data": 3}}))
     assert read_record(here) == {}

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from kinret.data.layout import DataLayout
-from kinret.ensemble.cli import settings_from_args
 from kinret.ensemble.run import prepare
 from kinret.features.sources import CheckpointSource
 from kinret.scoring.protocols import build_splits
@@ -63,10 +62,10 @@ def test_the_run_writes_a_submission_named_after_the_choice_and_the_table(done, 
 
 def variant_matrices(done, tiny_data, variant):
     """split -> the variant's scores, read from the store where kept, else computed (`SplitScores`)."""
-    argv = submit.parse(args(tiny_data, done))
-    settings = settings_from_args(argv, tiny_data)
-    _, splits, groups = prepare(settings, DataLayout.of(tiny_data), argv.runs, argv.ensemble_dir)
-    return {name: SplitScores(groups, sd, argv.ensemble_dir / "scores")[variant] for name, sd in splits.items()}
+    _, opts = submit.parse(args(tiny_data, done))
+    dirs = opts.dirs
+    _, splits, groups = prepare(opts.settings, DataLayout.of(tiny_data), dirs.runs, dirs.ensemble)
+    return {name: SplitScores(groups, sd, dirs.ensemble / "scores")[variant] for name, sd in splits.items()}
 
 
 def test_the_store_keeps_what_is_read_back_and_every_variant_s_results(done, tiny_data):

@@ -147,15 +147,17 @@ class CheckpointSource:
     """One trained checkpoint: its embedding ("emb", what its cosine compares), for a model that trained its network
     also every pooling of it, and its FC pair head when a pair loss trained it; computed as its feed embeds an image
     set (`kinret.features.feed.Feed.set_pooled`). Embeddings are cached in ``{run_dir}/embeddings/{set}_{key}.npz``;
-    the key covers the checkpoint file's content and what its feed reads."""
+    the key covers the checkpoint file's content and what its feed reads. `config` is the run's config where the
+    caller holds it (the trainer, before the run folder's config.json exists), else read from the run folder."""
 
     run_dir: Path
     cache_dir: Path
     backbones: dict = field(default_factory=dict)
+    config: TrainConfig | None = None
 
     @cached_property
     def cfg(self) -> TrainConfig:
-        return run_config(self.run_dir)
+        return self.config if self.config is not None else run_config(self.run_dir)
 
     @property
     def name(self) -> str:

@@ -185,20 +185,32 @@ def score_group(group: Group, sd: SplitData, scores_dir: Path, evaluate: Evaluat
             results = evaluate(scores)
             save_results(path, results, key)
         if want and not have:
-            half = v in keep.ranks_only and float16_ranks_alike(scores)
-            save_scores(path, scores, sd.probe_ids, sd.gallery_ids, key, np.float16 if half else np.float32)
+            _keep_matrix(path, scores, sd, key, v in keep.ranks_only)
         del scores
         yield v, results
 
 
 def variant_scores(group: Group, kind: VariantKind | None, sd: SplitData, scores_dir: Path) -> np.ndarray:
     """One variant's (P, N) scores on `sd`: read back when stored fresh (float16 too: its ranking is the same),
-    else computed (not stored: its caller decides what to keep)."""
+    else computed (not stored, but for a kept matrix found damaged, written again as it was kept)."""
     if group.scores_dir is not None:
         return load_scores(group.scores_dir / f"{sd.name}.npy", sd.probe_ids, sd.gallery_ids)
     path, key = score_path(scores_dir, group, kind, sd), group_key(group, kind, sd)
-    found = cached_scores(path, sd.probe_ids, sd.gallery_ids) if stored_key(path) == key else None
-    return found if found is not None else _Scoring(group, sd).compute(kind)
+    stored = stored_key(path) == key
+    found = cached_scores(path, sd.probe_ids, sd.gallery_ids) if stored else None
+    if found is not None:
+        return found
+    scores = _Scoring(group, sd).compute(kind)
+    keep = stored_keep(scores_dir, sd)
+    if stored and group.variant(kind) in keep:  # a kept matrix found damaged: written again as it was kept
+        _keep_matrix(path, scores, sd, key, group.variant(kind) in keep.ranks_only)
+    return scores
+
+
+def _keep_matrix(path: Path, scores: np.ndarray, sd: SplitData, key: str, ranks_only: bool) -> None:
+    """Store a kept matrix: as float16 when it is read back for its ranking alone and float16 ranks it alike."""
+    half = ranks_only and float16_ranks_alike(scores)
+    save_scores(path, scores, sd.probe_ids, sd.gallery_ids, key, np.float16 if half else np.float32)
 
 
 def group_scores(group: Group, sd: SplitData, scores_dir: Path) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from kinret.io import human_bytes, write_text_atomic
 from kinret.log import minutes
+from kinret.readback import DamagedFile, read_json, rebuilt
 
 log = logging.getLogger("kinret.submission")
 RECORD_FILE = "throughput.json"
@@ -50,15 +51,17 @@ def _entries(found: object) -> dict[str, dict]:
 
 
 def read_record(folder: Path | None) -> dict[str, dict]:
-    """The stages recorded in `folder`'s ``throughput.json`` (the reference's with None). A file that cannot be read
-    is named in a warning and ignored; the next stage that does work writes it again."""
+    """The stages recorded in `folder`'s ``throughput.json`` (the reference's with None). A damaged record is named
+    in one warning and removed (the next stage that does work writes it again): the estimate goes on without it."""
     path = REFERENCE if folder is None else Path(folder) / RECORD_FILE
     if not path.is_file():
         return {}
     try:
-        return _entries(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        log.warning("%s cannot be read (%s): estimating without it; the next run writes it again", path, exc)
+        return _entries(read_json(path, dict))
+    except DamagedFile as exc:
+        rebuilt(exc, "estimating without it; removed, the next stage that does work writes it again")
+        if folder is not None:
+            path.unlink(missing_ok=True)
         return {}
 
 

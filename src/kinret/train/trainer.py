@@ -193,7 +193,7 @@ class Trainer:
         embedder = set_embedder(self.model, self.embedder.embed, self.device, self.loss.trains_pair_head, arrays,
                                 held)
         def keep() -> None:
-            CheckpointSource(self.run_dir, cache_dir(self.cfg)).store(held.split.images, arrays)
+            CheckpointSource(self.run_dir, cache_dir(self.cfg), config=self.cfg).store(held.split.images, arrays)
 
         return held_out_metrics(self.held_out, embedder), keep
 
