@@ -39,7 +39,14 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def _on_screen() -> bool:
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
+    return sys.stderr.isatty() or _in_notebook()
+
+
+def _in_notebook() -> bool:
+    """Whether this process is a notebook's kernel (not merely one that imported ipykernel, as a test run may)."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def minutes(seconds: float) -> str:
