@@ -89,12 +89,7 @@ def read_json(path: str | os.PathLike, kind: type = dict, keys: Sequence[str] = 
         raise DamagedFile(path, "not UTF-8 text") from None
     except (ValueError, RecursionError) as exc:
         raise DamagedFile(path, f"not JSON: {_why(exc)}") from None
-    if not isinstance(data, kind):
-        raise DamagedFile(path, f"holds a JSON {type(data).__name__}, a {kind.__name__} was written there")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise DamagedFile(path, f"has no {missing[0]!r}")
-    return data
+    return _holding(path, data, kind, keys, f"holds a JSON {type(data).__name__}, a {kind.__name__} was written there")
 
 
 def read_npz(path: str | os.PathLike, keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -176,8 +171,13 @@ def read_torch(path: str | os.PathLike, keys: Sequence[str] = (), mmap: bool = F
         raise
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a file it cannot read
         raise DamagedFile(path, f"unreadable by torch.load: {_why(exc)}") from None
-    if not isinstance(found, dict):
-        raise DamagedFile(path, f"holds a {type(found).__name__}, not the dict of a checkpoint")
+    return _holding(path, found, dict, keys, f"holds a {type(found).__name__}, not the dict of a checkpoint")
+
+
+def _holding(path: Path, found: Any, kind: type, keys: Sequence[str], wrong_type: str) -> Any:
+    """`found`, read from `path`, when it is a `kind` holding `keys`; else `DamagedFile` saying what is wrong."""
+    if not isinstance(found, kind):
+        raise DamagedFile(path, wrong_type)
     missing = [k for k in keys if k not in found]
     if missing:
         raise DamagedFile(path, f"has no {missing[0]!r}")
