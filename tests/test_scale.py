@@ -247,7 +247,26 @@ def test_the_max_of_cosines_in_probe_blocks_is_the_whole_matrix_s():
     probe, gallery = rng.normal(size=(len(owner), 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
     whole = cosine_variant(probe, owner, 13, gallery, "max")
     for block in (40, 3 * 40 * 43 // 13, 500):  # a probe at a time, a few, several
-        assert np.array_equal(cosine_variant(probe, owner, 13, gallery, "max", block=block), whole)
+        np.testing.assert_allclose(cosine_variant(probe, owner, 13, gallery, "max", block=block), whole, atol=1e-6)
+
+
+def test_re_scorings_in_blocks_match_the_whole_matrix():
+    """Past their block size the cluster-fused scores and the dual softmax run on blocks: rows exactly (the row
+    logsumexp), the rest within float rounding."""
+    from scipy.special import logsumexp
+
+    from kinret.scoring import transductive
+
+    rng = np.random.default_rng(12)
+    z = (rng.normal(size=(23, 170)) * 5).astype(np.float32)
+    for block in (1, 60, 500):
+        assert np.array_equal(transductive._logsumexp(z, 1, block), logsumexp(z, axis=1, keepdims=True))
+        np.testing.assert_allclose(transductive._logsumexp(z, 0, block), logsumexp(z, axis=0, keepdims=True),
+                                   rtol=1e-6)
+    q, g = rng.normal(size=(23, 8)).astype(np.float32), rng.normal(size=(170, 8)).astype(np.float32)
+    labels = rng.integers(0, 50, 170)
+    whole = transductive.cluster_fused_scores(q, g, labels, block=1 << 30)
+    np.testing.assert_allclose(transductive.cluster_fused_scores(q, g, labels, block=170 * 4), whole, atol=1e-6)
 
 
 def test_per_probe_results_from_the_relatives_places_are_the_ranking_s_to_the_last_bit():

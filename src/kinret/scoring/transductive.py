@@ -24,6 +24,8 @@ from kinret.scoring.clusters import gallery_clusters, relative_threshold
 from kinret.scoring.neighbours import Neighbours, top_k
 from kinret.scoring.similarity import l2_normalize
 
+BLOCK = 1 << 24  # scores a re-scoring works on at once past this size (rows or columns of the (P, N) matrix)
+
 
 def _finite(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float32)
@@ -62,15 +64,25 @@ def query_expansion(probes: np.ndarray, gallery: np.ndarray, k: int = 5, alpha: 
     return l2_normalize(q + np.einsum("pk,pkd->pd", w, g[top]))
 
 
-def cluster_fused_scores(probes: np.ndarray, gallery: np.ndarray, labels: np.ndarray, mix: float = 0.5) -> np.ndarray:
+def cluster_fused_scores(probes: np.ndarray, gallery: np.ndarray, labels: np.ndarray, mix: float = 0.5,
+                         block: int = BLOCK) -> np.ndarray:
     """s_ij = (1 - mix) cos(q_i, g_j) + mix cos(q_i, c_L(j)), c_L = normalize(sum of the unit g in cluster L) (the
-    direction of the cluster's mean). (P, N) float32."""
+    direction of the cluster's mean). (P, N) float32; past `block` scores a block of probes at a time (the matmul
+    of a block may round differently in the last bit)."""
     q, g = l2_normalize(probes), l2_normalize(gallery)
     labels = np.asarray(labels)
     n = len(g)
     onehot = sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(labels.max() + 1, n))
     centres = l2_normalize(np.asarray(onehot @ g))
-    return ((1 - mix) * (q @ g.T) + mix * (q @ centres.T)[:, labels]).astype(np.float32)
+    out = np.empty((len(q), n), dtype=np.float32)
+    for a in range(0, len(q), max(1, block // max(n, 1))):
+        part = out[a:a + max(1, block // max(n, 1))]
+        np.matmul(q[a:a + len(part)], g.T, out=part)
+        part *= np.float32(1 - mix)
+        near = (q[a:a + len(part)] @ centres.T)[:, labels]
+        near *= np.float32(mix)
+        part += near
+    return out
 
 
 def diverse_head(scores: np.ndarray, labels: np.ndarray, k: int = 5, chunk_rows: int = 256) -> np.ndarray:
@@ -111,7 +123,24 @@ def dual_softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
     s'_ij = 2 s_ij / T - logsumexp_l(s_il / T) - logsumexp_m(s_mj / T). Within a probe's row the order is that of
     s_ij - (T/2) logsumexp_m(s_mj / T): a face claimed by other probes moves down. (P, N) float32."""
     z = _finite(scores) / np.float32(temperature)
-    return (2 * z - logsumexp(z, axis=1, keepdims=True) - logsumexp(z, axis=0, keepdims=True)).astype(np.float32)
+    over_gallery, over_probes = _logsumexp(z, 1), _logsumexp(z, 0)
+    z *= 2
+    z -= over_gallery
+    z -= over_probes
+    return z
+
+
+def _logsumexp(z: np.ndarray, axis: int, block: int = BLOCK) -> np.ndarray:
+    """scipy's `logsumexp(z, axis, keepdims=True)`; past `block` scores, on blocks of about that many (rows for axis
+    1, columns for axis 0), so that scipy's (P, N) work arrays are a block's. Row blocks give the same numbers;
+    column blocks the same up to float rounding (numpy sums a block's columns in another order). The kit's default
+    and the real size's galleries stay under `block`."""
+    if z.size <= block:
+        return logsumexp(z, axis=axis, keepdims=True)
+    step = max(1, block // max(z.shape[1 - axis], 1))
+    parts = [logsumexp(z[a:a + step] if axis == 1 else z[:, a:a + step], axis=axis, keepdims=True)
+             for a in range(0, z.shape[1 - axis], step)]
+    return np.concatenate(parts, axis=1 - axis)
 
 
 def sinkhorn(scores: np.ndarray, temperature: float, n_iter: int = 20) -> np.ndarray:
