@@ -33,8 +33,8 @@ Nothing is asserted; the targets are printed as met or MISSED.
     python benchmarks/bench_pipeline.py                      # the default and the real size (about 25 minutes)
     python benchmarks/bench_pipeline.py --sizes default      # the default only
     python benchmarks/bench_pipeline.py --sizes real --scale 0.1   # a tenth of the real size (a smoke run)
-    python benchmarks/bench_pipeline.py --sizes scale --workdir /tmp/bps --keep   # ten times the test split
-    python benchmarks/bench_pipeline.py --sizes scale --workdir /tmp/bps --keep --kit ../main   # the same, before
+    python benchmarks/bench_pipeline.py --sizes scale --workdir ../bps --keep   # ten times the test split
+    python benchmarks/bench_pipeline.py --sizes scale --workdir ../bps --keep --kit ../main   # the same, before
 """
 
 from __future__ import annotations

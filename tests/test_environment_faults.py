@@ -154,7 +154,7 @@ def test_ctrl_c_during_training_stops_the_workers_says_what_is_kept_and_exits_13
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     t0 = time.monotonic()
     while not list((tmp_path / "runs").rglob("config.json")):  # a worker has started its run
-        assert proc.poll() is None and time.monotonic() - t0 < 300, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, proc.communicate()[1][-2000:]  # a run that ended before training fails here
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

@@ -201,9 +201,10 @@ def variant_scores(group: Group, kind: VariantKind | None, sd: SplitData, scores
     if found is not None:
         return found
     scores = _Scoring(group, sd).compute(kind)
-    keep = stored_keep(scores_dir, sd)
-    if stored and group.variant(kind) in keep:  # a kept matrix found damaged: written again as it was kept
-        _keep_matrix(path, scores, sd, key, group.variant(kind) in keep.ranks_only)
+    if stored:  # a kept matrix found damaged: written again as it was kept
+        keep = stored_keep(scores_dir, sd)
+        if group.variant(kind) in keep:
+            _keep_matrix(path, scores, sd, key, group.variant(kind) in keep.ranks_only)
     return scores
 
 

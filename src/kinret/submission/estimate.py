@@ -81,11 +81,7 @@ def record(folder: Path, key: str, units: float, seconds: float, nbytes: float, 
     if units <= 0 or (timed and seconds < 0.5):
         return
     path = Path(folder) / RECORD_FILE
-    try:
-        found = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        found = {}
-    stages = _entries(found)
+    stages = read_record(folder)  # a damaged record: named once, removed, written anew below
     stages[key] = {"units": units, "seconds": round(seconds, 3), "bytes": max(0.0, float(nbytes)), **about}
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"stages": stages}, indent=1, sort_keys=True) + "\n")
