@@ -29,9 +29,12 @@ from kinret.ensemble.selection import (
     search_weights,
     select,
 )
+from kinret.ensemble.settings import EnsembleSettings
 from kinret.ensemble.tables import CHANCE_ROW
 from kinret.errors import KinretInputError
 from kinret.metrics import chance_level, summarise
+from kinret.scoring.store import safe_name
+from kinret.scoring.variants import missing_scores
 
 
 def results(rng, n: int, skill: float) -> pd.DataFrame:
@@ -326,3 +329,45 @@ def test_the_search_objective_is_the_pooled_average_of_the_per_probe_table():
         mats[f"oof{k}"] = rng.normal(size=(p, n)).astype(np.float32)
     table = pd.concat([scorers[k].per_probe(m) for k, m in mats.items()])
     assert objective(mats, scorers) == pytest.approx(summarise(table)["average"], abs=1e-12)
+
+
+# ---- the splits the choice is not made on, narrowed to the chosen variants and the reference (--score-others) ----
+def test_a_narrowed_split_scores_the_chosen_and_the_reference_alone_and_the_rest_is_unchanged(run, tiny_data,
+                                                                                             tmp_path):
+    every, work = run
+    args = ensemble_args(tmp_path, "--variants", *NAMED, "--score-others", "chosen")
+    settings, splits, groups = prepared(args, tiny_data)
+    scores = tmp_path / "ens" / "scores"
+    result = run_ensemble(groups, splits, settings, scores, tmp_path / "ens")
+    sel = result.selection
+    assert sel.name == every.selection.name and sel.weights == every.selection.weights
+    scored = {*sel.weights, sel.reference}
+    assert result.narrowed == ("val", "test")
+    pp, full = result.per_probe, every.per_probe
+    for split in ("val", "test"):
+        assert set(pp[pp["split"] == split]["variant"]) == scored | {f"chosen: {sel.name}"}
+    oof = pp[pp["group"] == "oof"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(oof, full[full["group"] == "oof"].reset_index(drop=True))
+    table, whole = result.table.set_index("variant"), every.table.set_index("variant")
+    for v in whole.index:  # the chosen and the reference as before everywhere; the others as before out of fold
+        cols = [c for c in whole.columns if v in scored or v.startswith("chosen") or not c.startswith(("val", "test"))]
+        pd.testing.assert_series_equal(table.loc[v, cols], whole.loc[v, cols], check_names=False)
+    others = [v for v in result.scores["test"] if v not in scored]
+    assert others and table.loc[others, ["val_average", "test_average", "test_delta"]].isna().all().all()
+    md = (tmp_path / "ens" / "variants.md").read_text()
+    assert "On val, test, only the chosen variant(s) and the reference were scored" in md
+    kept = json.loads((scores / "kept.json").read_text())
+    assert set(kept["narrowed"]) == {"val", "test"} and set(kept["narrowed"]["test"]) == scored
+    for g in groups:  # nothing left to build: the plan and a rerun compute nothing more
+        assert all(not missing_scores(g, sd, scores) for sd in splits.values())
+    assert not any((scores / safe_name(v) / "test.results.npz").exists() for v in others)
+    run_ensemble(groups, splits, settings, scores, tmp_path / "again")  # a rerun: the same table from the store
+    for name in ("per_probe.csv.gz", "variants.md"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "ens" / name).read_bytes()
+
+
+def test_auto_narrows_a_split_only_past_the_pair_budget():
+    auto, every, chosen = (EnsembleSettings(score_others=s) for s in ("auto", "every", "chosen"))
+    assert auto.scores_every_variant(190, 4_482) and auto.scores_every_variant(5_000, 5_000)
+    assert not auto.scores_every_variant(1_900, 33_610) and every.scores_every_variant(1_900, 33_610)
+    assert not chosen.scores_every_variant(1, 1)

@@ -26,7 +26,7 @@ from kinret.dist import env_rank_world, process_group
 from kinret.ensemble.bootstrap import N_BOOT
 from kinret.ensemble.run import REFERENCES, EnsembleResult, embed_missing, prepare, run_ensemble
 from kinret.ensemble.selection import POOL
-from kinret.ensemble.settings import DEFAULT_EXPERIMENTS, EnsembleSettings
+from kinret.ensemble.settings import DEFAULT_EXPERIMENTS, EVERY_VARIANT_PAIRS, SCORE_OTHERS, EnsembleSettings
 from kinret.ensemble.tables import GROUPS, interval_text
 from kinret.errors import KinretInputError
 from kinret.features.sources import BackboneSource
@@ -79,6 +79,11 @@ def add_ensemble_args(p: argparse.ArgumentParser) -> None:
                         "in --variants)")
     p.add_argument("--protocol-seed", type=int, default=0,
                    help="seed of the probe/gallery protocols drawn from labelled folders (out-of-fold, val)")
+    p.add_argument("--score-others", choices=SCORE_OTHERS, default="auto",
+                   help="the variants scored on a labelled split the choice is not made on (val, test; for the "
+                        "table's columns, the submission needs only the chosen): every variant, the chosen ones and "
+                        f"the reference, or auto: every variant on a split of at most {EVERY_VARIANT_PAIRS / 1e6:.0f} "
+                        "million probe x gallery pairs, the chosen ones and the reference on a larger one")
 
 
 def _scores_text(row: pd.Series, groups: Sequence[str]) -> str:
@@ -213,7 +218,8 @@ def settings_from_args(args: argparse.Namespace, data_root: Path, data_seed: int
         variants=None if args.variants is None else tuple(args.variants),
         raw_pixels=not args.no_raw_pixels, choose=args.choose, normalise=args.normalise, max_steps=args.max_steps,
         blend_pool=args.blend_pool, bootstrap=args.bootstrap, reference=args.reference, top_n=args.top_n,
-        fc_all=args.fc_all, protocol_seed=args.protocol_seed, data_root=str(data_root), data_seed=data_seed)
+        fc_all=args.fc_all, protocol_seed=args.protocol_seed, score_others=args.score_others,
+        data_root=str(data_root), data_seed=data_seed)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,11 +51,13 @@ class EnsembleResult:
     per_probe: pd.DataFrame = field(default_factory=pd.DataFrame)  # every variant's per-probe results, every split
     chance: pd.DataFrame = field(default_factory=pd.DataFrame)  # each labelled split's size and chance level
     key: str = "oof"  # the split group the choice was made on
+    narrowed: tuple[str, ...] = ()  # labelled splits where only the chosen variants and the reference were scored
 
     @property
     def table_md(self) -> str:
         """The variant table with its interval column, legend and the splits' chance levels, as markdown."""
-        return variants_markdown(self.table, self.chance, self.selection.reference, self.key, self.settings.bootstrap)
+        return variants_markdown(self.table, self.chance, self.selection.reference, self.key, self.settings.bootstrap,
+                                 self.narrowed)
 
 
 def choice_splits(splits: dict[str, SplitData]) -> list[str]:
@@ -80,6 +82,27 @@ def score_splits(groups: list[Group], splits: dict[str, SplitData], names: Seque
         if results is not None:
             found.setdefault(v, {})[name] = results
     return found
+
+
+def others_by_scope(groups: list[Group], splits: dict[str, SplitData], chooser: Sequence[str],
+                    settings: EnsembleSettings, wanted: Sequence[str]) -> list[tuple[list[str], list[str] | None]]:
+    """The splits the choice is not made on, by what is scored there: (names, None) every variant; (names, the
+    variants) where `settings.score_others` narrows a labelled split to `wanted` (the chosen and the reference)."""
+    every, few = [], []
+    for name, sd in splits.items():
+        if name in chooser:
+            continue
+        probes, gallery = len(sd.split.probes), len(sd.split.gallery)
+        if sd.labels is None or settings.scores_every_variant(probes, gallery):
+            every.append(name)
+            continue
+        few.append(name)
+        n = sum(len(g.variants) for g in groups)
+        log.info("%s: %d probes x %s gallery faces (%.1f million pairs, --score-others %s): scoring the chosen "
+                 "variant(s) and the reference there, not all %d variants (--score-others every scores them all)",
+                 name, probes, f"{gallery:,}", probes * gallery / 1e6, settings.score_others, n)
+    scored = list(dict.fromkeys(v for v in wanted if v))
+    return [(names, s) for names, s in ((every, None), (few, scored)) if names]
 
 
 def pending_embeddings(groups: list[Group], splits: dict[str, SplitData], scores_dir: Path
@@ -136,11 +159,12 @@ def pick_reference(variants: Sequence[str], asked: str | None, fallback: str) ->
 def reference_intervals(pp: dict[str, dict[str, pd.DataFrame]], reference: str, n_boot: int, seed: int = 0
                         ) -> dict[str, dict[str, dict[str, float]]]:
     """row -> split group -> the paired-bootstrap interval of the row's Average minus the reference's on that
-    group's probes (resampled within each split); every row against the same resamples."""
-    rows = list(pp)
-    out: dict[str, dict[str, dict[str, float]]] = {r: {} for r in rows}
+    group's probes (resampled within each split); every row against the same resamples (on a group where only some
+    variants were scored, those rows)."""
+    out: dict[str, dict[str, dict[str, float]]] = {r: {} for r in pp}
     for group in dict.fromkeys(split_group(n) for n in pp[reference]):
         names = [n for n in pp[reference] if split_group(n) == group]
+        rows = [r for r in pp if all(n in pp[r] for n in names)]  # a narrowed split: the variants scored there
         strata = np.concatenate([[n] * len(pp[reference][n]) for n in names])
         terms = [np.concatenate([average_terms(pp[r][n]["ap"], pp[r][n]["first"]) for n in names]) for r in rows]
         found = paired_intervals(np.column_stack(terms), terms[rows.index(reference)], strata, n_boot, seed)
@@ -196,19 +220,23 @@ def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: En
     chooser = choice_splits(splits)
     found = score_splits(groups, splits, chooser, scores_dir, scorers, Keep())
     sel, key = _choose(scores, scorers, found, chooser, variants, settings)
+    reference = pick_reference(variants, settings.reference, sel.best_single) if scorers else ""
     single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
     keep = Keep(False, frozenset(sel.weights), frozenset([single] if single else []))
-    others = [n for n in splits if n not in chooser]
-    for v, by_split in score_splits(groups, splits, others, scores_dir, scorers, keep).items():
-        found.setdefault(v, {}).update(by_split)
-    write_kept(scores_dir, chooser, list(sel.weights), sorted(keep.ranks_only))
-    pp = {v: {n: found[v][n] for n in scorers} for v in variants}
+    narrowed = {}
+    for names, scored in others_by_scope(groups, splits, chooser, settings, [*sel.weights, reference]):
+        if scored is not None:
+            narrowed.update({n: scored for n in names})
+        for v, by_split in score_splits(filter_groups(groups, scored), splits, names, scores_dir, scorers,
+                                        keep).items():
+            found.setdefault(v, {}).update(by_split)
+    write_kept(scores_dir, chooser, list(sel.weights), sorted(keep.ranks_only), narrowed)
+    pp = {v: {n: found[v][n] for n in scorers if n in found.get(v, {})} for v in variants}
     chosen = ChosenScores(scores, sel)
     chosen_row = f"chosen: {sel.name}"
     pp[chosen_row] = {n: pp[single][n] if single else scorers[n].per_probe(chosen[n]) for n in scorers}
     intervals: dict[str, tuple[str, dict[str, dict[str, float]]]] = {}
     if scorers:
-        reference = pick_reference(variants, settings.reference, sel.best_single)
         against = reference_intervals(pp, reference, settings.bootstrap)
         intervals = {r: (reference, by_group) for r, by_group in against.items()}
         sel = sel.with_reference(reference, {v: against[v][key] for v in variants if key in against[v]})
@@ -216,7 +244,7 @@ def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: En
         intervals["blend (cross-fitted out-of-fold)"] = ("best single (cross-fitted out-of-fold)", {"oof": sel.gain})
     chance = chance_table(splits)
     result = EnsembleResult(splits, scores, sel, _table(pp, sel, variants, key, intervals, chance), chosen, settings,
-                            per_probe_long(pp, splits), chance, key)
+                            per_probe_long(pp, splits), chance, key, tuple(narrowed))
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result

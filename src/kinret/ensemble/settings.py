@@ -10,6 +10,8 @@ from kinret.ensemble.bootstrap import N_BOOT
 from kinret.ensemble.selection import POOL
 
 DEFAULT_EXPERIMENTS = ("sface_heads", "sface_finetune")
+EVERY_VARIANT_PAIRS = 25_000_000  # --score-others auto: every variant on a split of at most this many pairs
+SCORE_OTHERS = ("auto", "every", "chosen")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class EnsembleSettings:
     reference: the variant every interval is taken against (None: zero-shot SFace, else raw pixels)
     top_n: the cosine shortlist a pair head re-ranks; fc_all: list FC over every pair for every pair head
     protocol_seed: seed of the protocols drawn from labelled folders
+    score_others: which variants are scored on a labelled split the choice is not made on (val, test): every one,
+    the chosen ones and the reference, or auto: every one on a split of at most `EVERY_VARIANT_PAIRS` probe x
+    gallery pairs, the chosen ones and the reference on a larger one
     data_root: the data folder; data_seed: the synthetic default's seed when it ran on the default (else None)
     """
 
@@ -41,8 +46,14 @@ class EnsembleSettings:
     top_n: int = 100
     fc_all: bool = False
     protocol_seed: int = 0
+    score_others: str = "auto"
     data_root: str = ""
     data_seed: int | None = None
+
+    def scores_every_variant(self, probes: int, gallery: int) -> bool:
+        """Whether every variant is scored on a split (of `probes` x `gallery` faces) the choice is not made on."""
+        return self.score_others == "every" or (self.score_others == "auto"
+                                                and probes * gallery <= EVERY_VARIANT_PAIRS)
 
     def to_dict(self) -> dict[str, object]:
         """The settings as saved in selection.json (tuples as lists)."""

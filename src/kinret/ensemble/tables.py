@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from kinret.ensemble.settings import EVERY_VARIANT_PAIRS
+
 METRICS = ("average", "mAP", "mAP_trapezoid", "rank1", "rank5", "rank10")
 GROUPS = ("oof", "val", "test")
 CHANCE_ROW = "random ranking (expected)"
@@ -136,13 +138,19 @@ def legend(key: str, reference: str, n_boot: int | None, noise: str = "") -> lis
 
 
 def variants_markdown(table: pd.DataFrame, chance: pd.DataFrame | None = None, reference: str = "",
-                      key: str = "oof", n_boot: int | None = None) -> str:
+                      key: str = "oof", n_boot: int | None = None, narrowed: Sequence[str] = ()) -> str:
     """The variant table as markdown (summary columns, then the `{key}` interval), its legend, and the splits with
-    their sizes and chance level."""
+    their sizes and chance level; `narrowed`, the splits where only the chosen variants and the reference were
+    scored (their cells empty for the others), said under the table."""
     view = table[summary_columns(table)].copy()
     if f"{key}_delta" in table:
         view[f"{key} Δ [95%]"] = delta_column(table, key, reference)
     parts = [to_markdown(view)]
+    if narrowed:
+        parts += [f"On {', '.join(narrowed)}, only the chosen variant(s) and the reference were scored "
+                  f"(`--score-others auto` scores every variant only on a split of at most "
+                  f"{EVERY_VARIANT_PAIRS / 1e6:.0f} million probe x gallery pairs; `--score-others every` scores them "
+                  "all): the other rows' cells there are empty.\n"]
     if reference:
         parts += ["\n".join(legend(key, reference, n_boot, noise_text(table, chance, key))) + "\n"]
     if chance is not None and len(chance):

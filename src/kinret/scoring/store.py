@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +184,20 @@ def cached_scores(path: str | Path, probe_ids: Sequence[str], gallery_ids: Seque
 KEPT_FILE = "kept.json"
 
 
-def write_kept(scores_dir: str | Path, choose_on: Sequence[str], variants: Sequence[str], ranks_only: Sequence[str]
-               ) -> Path:
+def write_kept(scores_dir: str | Path, choose_on: Sequence[str], variants: Sequence[str], ranks_only: Sequence[str],
+               narrowed: Mapping[str, Sequence[str]] | None = None) -> Path:
     """Record which matrices the store keeps: every variant's on the splits the choice is made on (`choose_on`),
-    elsewhere those of `variants` (the chosen), `ranks_only` of them for their ranking alone."""
-    data = {"choose_on": list(choose_on), "variants": list(variants), "ranks_only": list(ranks_only)}
+    elsewhere those of `variants` (the chosen), `ranks_only` of them for their ranking alone; and `narrowed`, the
+    splits where only some variants were scored (split -> those variants; elsewhere every variant)."""
+    data = {"choose_on": list(choose_on), "variants": list(variants), "ranks_only": list(ranks_only),
+            "narrowed": {k: list(v) for k, v in (narrowed or {}).items()}}
     path = Path(scores_dir) / KEPT_FILE
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 
-def read_kept(scores_dir: str | Path) -> dict[str, list[str]] | None:
+def read_kept(scores_dir: str | Path) -> dict | None:
     """What `write_kept` recorded, or None when nothing was (a first run) or the file is damaged (named in a
     warning: then every matrix counts as one to keep, which only overstates what a plan lists)."""
     path = Path(scores_dir) / KEPT_FILE
@@ -203,8 +205,9 @@ def read_kept(scores_dir: str | Path) -> dict[str, list[str]] | None:
         return None
     try:
         data = json.loads(path.read_text())
-        found = {k: [str(v) for v in data[k]] for k in ("choose_on", "variants", "ranks_only")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        found: dict = {k: [str(v) for v in data[k]] for k in ("choose_on", "variants", "ranks_only")}
+        found["narrowed"] = {str(k): [str(v) for v in vs] for k, vs in dict(data.get("narrowed", {})).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s: unreadable (%s); planning as if every matrix were kept", path, exc)
         return None
     return found

@@ -84,11 +84,13 @@ class Group:
 class Keep:
     """Which matrices of a split are written to the store: `every` (a split the choice is made on, or a caller that
     wants them all), else those of the `variants` named; `ranks_only`, the variants read back for their ranking
-    alone (stored as float16 when that ranks them alike)."""
+    alone (stored as float16 when that ranks them alike); `scored`, the variants scored on a labelled split where
+    not all are (`kinret.ensemble.settings.EnsembleSettings.score_others`; None: every variant)."""
 
     every: bool = True
     variants: frozenset[str] = frozenset()
     ranks_only: frozenset[str] = frozenset()
+    scored: frozenset[str] | None = None
 
     def __contains__(self, variant: str) -> bool:
         return self.every or variant in self.variants
@@ -123,7 +125,9 @@ def stored_keep(scores_dir: Path, sd: SplitData) -> Keep:
     kept = read_kept(scores_dir)
     if kept is None or sd.name in kept["choose_on"]:
         return Keep()
-    return Keep(False, frozenset(kept["variants"]), frozenset(kept["ranks_only"]))
+    scored = kept["narrowed"].get(sd.name)
+    return Keep(False, frozenset(kept["variants"]), frozenset(kept["ranks_only"]),
+                None if scored is None else frozenset(scored))
 
 
 def missing_scores(group: Group, sd: SplitData, scores_dir: Path, keep: Keep | None = None) -> list[str]:
@@ -137,8 +141,9 @@ def missing_scores(group: Group, sd: SplitData, scores_dir: Path, keep: Keep | N
     out = []
     for kind in group.kinds:
         v, path, key = group.variant(kind), score_path(scores_dir, group, kind, sd), group_key(group, kind, sd)
+        evaluated = labelled and (keep.scored is None or v in keep.scored)
         if (v in keep and not _fresh(path, key, v in keep.ranks_only)) or (
-                labelled and load_results(path, key, len(sd.probe_ids), len(sd.gallery_ids)) is None):
+                evaluated and load_results(path, key, len(sd.probe_ids), len(sd.gallery_ids)) is None):
             out.append(v)
     return out
 

@@ -255,9 +255,10 @@ def cmc_curves(result, split: str, top: int = 5) -> dict[str, np.ndarray]:
         raise ValueError(f"split {split!r} is not labelled: no CMC curve")
     sel, pp = result.selection, result.per_probe
     shown = set(sel.weights) if len(sel.weights) == 1 else set()
-    variants = [v for v in result.table["variant"].astype(str)
-                if v in result.scores[split] and v not in shown][:top]
     pp = pp[pp["split"] == split]
+    scored = set(pp["variant"])  # on a narrowed split (`--score-others`), the variants scored there
+    variants = [v for v in result.table["variant"].astype(str)
+                if v in result.scores[split] and v in scored and v not in shown][:top]
     return {v: cmc_from_first(pp[pp["variant"] == v]["first"].to_numpy(dtype=np.float64, na_value=np.nan),
                               len(labels.gallery)) for v in [f"chosen: {sel.name}", *variants]}
 
