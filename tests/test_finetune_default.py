@@ -154,3 +154,42 @@ def test_the_held_out_fold_is_embedded_once_for_the_trainer_and_the_scorer(tuned
     cache.unlink()
     fresh = CheckpointSource(cfg.run_dir(0), out / "_cache").embeddings(images)
     assert kept.keys() == fresh.keys() and all(np.array_equal(kept[k], fresh[k]) for k in kept)
+
+
+def test_a_split_embedded_for_some_variants_keeps_those_and_grows_quietly_when_more_are_asked(tuned, faces112,
+                                                                                              caplog):
+    """A split scored for the chosen variants alone (`--score-others`) is embedded for the embeddings they compare;
+    a later run asking for more computes the cache again with both, without a warning, to the same numbers."""
+    import logging
+
+    from kinret.features.cache import cached_arrays
+
+    cfg, out, _ = tuned
+    paths = tuple(sorted((faces112 / "test").rglob("*.jpg"))[:12])
+    images = ImageSet("some12", paths, tuple(map(str, paths)))
+    source = CheckpointSource(cfg.run_dir(0), out / "_cache")
+    cache = source.cache_path(images)
+    with caplog.at_level(logging.WARNING):
+        emb = source.embeddings(images, {"emb"})
+        assert set(emb) == {"emb"} and cached_arrays(cache) == {"emb"}
+        more = CheckpointSource(cfg.run_dir(0), out / "_cache").embeddings(images, {"avg"})
+        assert set(more) == {"emb", "avg"} and cached_arrays(cache) == {"emb", "avg"}
+        every = CheckpointSource(cfg.run_dir(0), out / "_cache").embeddings(images)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert {"emb", "avg", "max", "gem", "native"} <= set(every) == cached_arrays(cache)
+    assert np.array_equal(emb["emb"], every["emb"]) and np.array_equal(more["emb"], every["emb"])
+    assert np.array_equal(more["avg"], every["avg"])
+
+
+def test_stored_rows_read_a_slice_of_one_view_or_of_a_subset_s_rows(tmp_path):
+    from kinret.features.feed import StoredRows
+
+    stored = np.arange(2 * 10 * 3, dtype=np.float16).reshape(2, 10, 3)
+    np.save(tmp_path / "cut.npy", stored)
+    whole = StoredRows(tmp_path / "cut.npy", 1, 10)
+    assert len(whole) == 10 and np.array_equal(whole[2:5], stored[1, 2:5])
+    assert np.array_equal(whole[8:20], stored[1, 8:])
+    rows = np.array([7, 1, 1, 4])
+    subset = StoredRows(tmp_path / "cut.npy", 0, 10, rows)
+    assert len(subset) == 4 and np.array_equal(subset[1:4], stored[0, [1, 1, 4]])
+    assert not isinstance(subset[0:2], np.memmap) and not isinstance(whole[0:2], np.memmap)  # copies, map released

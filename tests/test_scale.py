@@ -60,7 +60,7 @@ class Fixed:
     def key(self, images):
         return "fixed"
 
-    def embeddings(self, images):
+    def embeddings(self, images, names=None):
         return {"emb": self.vectors}
 
 

@@ -284,7 +284,7 @@ class FakeSource:
     def key(self, images):
         return f"fake{self.seed}"
 
-    def embeddings(self, images):
+    def embeddings(self, images, names=None):
         return {"emb": np.random.default_rng(self.seed).normal(size=(len(images), 6)).astype(np.float32)}
 
 

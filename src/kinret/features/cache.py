@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,14 +48,24 @@ def read_cache(cache: Path, ids: np.ndarray, keys: Sequence[str] = ()) -> dict[s
     return data
 
 
+def cached_arrays(cache: Path) -> set[str] | None:
+    """The names of the arrays an `.npz` cache holds beside its ids (listed, not read), or None when there is no
+    cache or it cannot be listed (a damaged one, named when it is read)."""
+    try:
+        with zipfile.ZipFile(cache) as z:
+            return {n.removesuffix(".npy") for n in z.namelist()} - {"ids"}
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
 def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     """The (start, stop) rows of each saved chunk of a cache of `n` rows."""
     return [(a, min(a + chunk, n)) for a in range(0, max(n, 1), chunk)]
 
 
 def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], dict[str, np.ndarray]],
-                    chunk: int = CHUNK, shard: bool = False, desc: str | None = None, keys: Sequence[str] = ()
-                    ) -> dict[str, np.ndarray]:
+                    chunk: int = CHUNK, shard: bool = False, desc: str | None = None, keys: Sequence[str] = (),
+                    replace: bool = False) -> dict[str, np.ndarray]:
     """`compute(start, stop)` -> arrays of shape (views, stop - start, ...) for every chunk of rows, each chunk saved
     under ``{cache}.parts/`` as soon as it is done; then the whole `.npz` (with `ids`) is written atomically and the
     parts removed. A chunk already saved by a killed run is read, not recomputed.
@@ -62,8 +73,9 @@ def build_in_chunks(cache: Path, ids: np.ndarray, compute: Callable[[int, int], 
     With `shard`, under torchrun, every process must call this in the same order: process r computes chunks r,
     r + world, ...; after a barrier rank 0 joins the parts into the cache and the others read it after a second
     barrier. (The trainer instead lets rank 0 fill its caches alone, so it does not shard.) A damaged cache or
-    chunk (`read_cache`: `keys` are the arrays it must hold) is computed again, with one warning, and replaced."""
-    if cache.is_file():
+    chunk (`read_cache`: `keys` are the arrays it must hold) is computed again, with one warning, and replaced.
+    With `replace`, a cache already there is computed again without being read (it holds fewer arrays than asked)."""
+    if cache.is_file() and not replace:
         try:
             return read_cache(cache, ids, keys)
         except DamagedFile as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -119,9 +119,10 @@ class Feed:
         """What `set_pooled` reads for `images` (computed here; under torchrun every process calls it in order)."""
         return None
 
-    def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: Any, start: int, stop: int
-                   ) -> dict[str, np.ndarray]:
-        """{name: (V, stop - start, D)} of `embeddings` for rows start..stop of `images`."""
+    def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: Any, start: int, stop: int,
+                   names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """{name: (V, stop - start, D)} of `embeddings` for rows start..stop of `images`: those of `names` (and what
+        the feed computes with them) when given, else all."""
         raise NotImplementedError
 
     def inference_network(self, model: KinNet) -> nn.Module:
@@ -137,6 +138,26 @@ def embed_pooled_rows(model: KinNet, features: torch.Tensor, rows: np.ndarray, d
     """`model`'s embeddings of table rows from cached pooled features (V, N, D): the mean over the views."""
     model.eval()
     return model.embed_pooled(features[:, torch.as_tensor(rows)].mean(0).to(device)).float().cpu().numpy()
+
+
+class StoredRows:
+    """Rows of one view of a stored (V, N, ...) `.npy` output, read when sliced: each slice maps the file afresh and
+    releases the map once its rows are copied, so a pass over a large output holds one slice, not every page it has
+    read (a map held open keeps each page read resident in the process). `rows`: the rows of a subset, else all."""
+
+    def __init__(self, path: Path, view: int, n: int, rows: np.ndarray | None = None):
+        self.path, self.view, self.rows = Path(path), view, None if rows is None else np.asarray(rows)
+        self.n = n if rows is None else len(self.rows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, at: slice) -> np.ndarray:
+        start, stop, step = at.indices(self.n)
+        stored = np.load(self.path, mmap_mode="r")[self.view]
+        if self.rows is None and step == 1:
+            return np.array(stored[start:stop])
+        return gather(stored, self.rows[start:stop:step] if self.rows is not None else np.arange(start, stop, step))
 
 
 def gather_views(views: Sequence[np.ndarray], rows: np.ndarray, view: np.ndarray) -> np.ndarray:

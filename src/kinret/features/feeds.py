@@ -16,7 +16,7 @@ and one registry line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from kinret.data.pixels import ImageTable, decode_pixels, gather, normalize, to_
 from kinret.dist import autocast, dist_rank_world
 from kinret.errors import KinretInputError
 from kinret.features.augment import augment
-from kinret.features.feed import Feed, embed_pooled_rows, gather_views
+from kinret.features.feed import Feed, StoredRows, embed_pooled_rows, gather_views
 from kinret.features.frozen import Cut, FrozenPass, forward_pooled, rest_pooled
 from kinret.features.image_set import ImageSet
 from kinret.models.checkpoint import read_checkpoint, shared_backbone
@@ -112,7 +112,7 @@ class CachedFeatures(Feed):
         return images.of_root(outputs[self.cfg.pool])
 
     def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: np.ndarray, start: int,
-                   stop: int) -> dict[str, np.ndarray]:
+                   stop: int, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         with torch.no_grad():
             views = torch.from_numpy(inputs[:, start:stop])
             return {"emb": torch.stack([model.embed_pooled(v.to(self.device)) for v in views]).float().cpu().numpy()}
@@ -253,14 +253,15 @@ class CachedPrefix(EndToEnd):
         if frozen.net.units_digest(self.cut) != model.backbone.units_digest(self.cut):
             raise KinretInputError(None, f"{self.cfg.name}: the checkpoint's first {self.cut} units differ from the "
                                          f"network {self.cfg.backbone!r} it was fine-tuned from: retrain it")
-        outputs = self._outputs(frozen, frozen.data_cfg, images.root.paths, shard=True)
-        return [images.of_root(v[None])[0] for v in outputs[self.cuts(self.cfg)[0].name]]
+        stored = self._outputs(frozen, frozen.data_cfg, images.root.paths, shard=True)[self.cuts(self.cfg)[0].name]
+        rows = None if images.parent is None else np.asarray(images.rows)
+        return [StoredRows(stored.filename, v, len(images.root.paths), rows) for v in range(len(stored))]
 
-    def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: list[np.ndarray], start: int,
-                   stop: int) -> dict[str, np.ndarray]:
+    def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: list[StoredRows], start: int,
+                   stop: int, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         cfg = self.cfg
         return rest_pooled(self.inference_network(model), [v[start:stop] for v in inputs], self.cut, self.device,
-                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool, cfg.channels_last)
+                           cfg.eval_batch_size, cfg.gem_p, model.neck, cfg.pool, cfg.channels_last, names)
 
 
 class Pixels(EndToEnd):
@@ -311,12 +312,12 @@ class Pixels(EndToEnd):
         return decode_pixels(images.paths, data_cfg["input_size"][-1], self.cache_dir)
 
     def set_pooled(self, model: KinNet, data_cfg: dict, images: ImageSet, inputs: np.ndarray | None, start: int,
-                   stop: int) -> dict[str, np.ndarray]:
+                   stop: int, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         cfg, size = self.cfg, data_cfg["input_size"][-1]
         pixels = inputs[start:stop] if inputs is not None else decode_pixels(images.paths[start:stop], size, None)
         return forward_pooled(self.inference_network(model), pixels, data_cfg, self.device, cfg.eval_batch_size,
                               cfg.gem_p, f"embed {cfg.name} {images.label}", cfg.channels_last, model.neck, cfg.pool,
-                              flip=cfg.flip_views)
+                              flip=cfg.flip_views, names=names)
 
 
 FEEDS: dict[str, type[Feed]] = {cls.name: cls for cls in (CachedFeatures, CachedPrefix, Pixels)}

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -88,6 +88,15 @@ def _pooled(backbone: nn.Module, fmap: torch.Tensor, names: list[str], gem_p: fl
     return pooled
 
 
+def wanted_pools(backbone: nn.Module, names: Collection[str] | None, neck: nn.Module | None, neck_pool: str
+                 ) -> tuple[list[str], list[str]]:
+    """(the poolings to compute, the outputs to return) for the outputs `names` (None: every pooling, and "emb" with
+    a `neck`): the neck's pooling is computed whenever "emb" is asked for."""
+    produced = pool_names(backbone) + (["emb"] if neck is not None else [])
+    out = [k for k in produced if names is None or k in names]
+    return [k for k in pool_names(backbone) if k in out or ("emb" in out and k == neck_pool)], out
+
+
 def _stack_views(out: dict[str, list[np.ndarray]], views: list[dict[str, torch.Tensor]]) -> None:
     for k in out:
         out[k].append(torch.stack([v[k] for v in views]).float().cpu().numpy())
@@ -108,19 +117,18 @@ def _view_outputs(backbone: nn.Module, x: torch.Tensor, cuts: Sequence[int]) -> 
 def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, device: torch.device, batch: int = 128,
                    gem_p: float = 3.0, desc: str = "features", channels_last: bool = True,
                    neck: nn.Module | None = None, neck_pool: str = "avg", flip: bool = True,
-                   cuts: Sequence[int] = ()) -> dict[str, np.ndarray]:
+                   cuts: Sequence[int] = (), names: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """For each pooling, float32 (V, N, D): row 0 the image, row 1 (with `flip`, V = 2) its mirror image; `pixels`
     uint8 RGB or float RGB in 0..1. The backbone runs in eval mode once per batch and view; every pooling is read off
     the same feature map. With a `neck`, "emb" holds neck(`neck_pool` features); with `cuts`, `cut_key(k)` holds the
-    output of the first k units, from the same pass."""
+    output of the first k units, from the same pass; `names`, the poolings and "emb" returned (None: all)."""
     backbone.eval()
     if neck is not None:
         neck.eval()
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
-    names = pool_names(backbone)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])
-                                        + [cut_key(k) for k in cuts]}
+    pools, kept = wanted_pools(backbone, names, neck, neck_pool)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in kept + [cut_key(k) for k in cuts]}
     for start in progress(range(0, len(pixels), batch), desc=desc, total=math.ceil(len(pixels) / batch)):
         chunk = np.asarray(pixels[start:start + batch])
         x = to_float(chunk, device) if chunk.dtype == np.uint8 else torch.from_numpy(chunk).to(device).permute(
@@ -131,7 +139,7 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
         views = []
         for view in (x, x.flip(3)) if flip else (x,):
             fmap, at_cuts = _view_outputs(backbone, view, cuts)
-            views.append({**_pooled(backbone, fmap, names, gem_p, neck, neck_pool), **at_cuts})
+            views.append({**_pooled(backbone, fmap, pools, gem_p, neck, neck_pool), **at_cuts})
         _stack_views(out, views)
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}
 
@@ -139,21 +147,21 @@ def forward_pooled(backbone: nn.Module, pixels: np.ndarray, data_cfg: dict, devi
 @torch.no_grad()
 def rest_pooled(backbone: nn.Module, prefix: Sequence[np.ndarray], cut: int, device: torch.device, batch: int = 128,
                 gem_p: float = 3.0, neck: nn.Module | None = None, neck_pool: str = "avg",
-                channels_last: bool = True) -> dict[str, np.ndarray]:
+                channels_last: bool = True, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """`forward_pooled` from the stored output of the backbone's first `cut` units: `prefix` one (N, C, H, W) array
-    a view (the image, its mirror image); the rest of the network runs on each view."""
+    a view (the image, its mirror image); the rest of the network runs on each view; `names` as there."""
     backbone.eval()
     if neck is not None:
         neck.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     backbone.to(memory_format=fmt)
-    names = pool_names(backbone)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in names + (["emb"] if neck is not None else [])}
+    pools, kept = wanted_pools(backbone, names, neck, neck_pool)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in kept}
     for start in range(0, len(prefix[0]), batch):
         # float16 rows to float32 in torch, in the layout the model wants (numpy's half cast is ~2.5x slower)
         views = [torch.from_numpy(np.array(v[start:start + batch])).to(device).contiguous(memory_format=fmt).float()
                  for v in prefix]
-        _stack_views(out, [_pooled(backbone, backbone.forward_rest(h, cut), names, gem_p, neck, neck_pool)
+        _stack_views(out, [_pooled(backbone, backbone.forward_rest(h, cut), pools, gem_p, neck, neck_pool)
                            for h in views])
     return {k: np.concatenate(v, axis=1) for k, v in out.items()}
 

@@ -6,6 +6,7 @@ and names its own content in `key`."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from kinret.data.pixels import decode_pixels
 from kinret.dist import local_device
 from kinret.errors import KinretInputError
-from kinret.features.cache import build_in_chunks, chunk_bounds, file_digest
+from kinret.features.cache import build_in_chunks, cached_arrays, chunk_bounds, file_digest
 from kinret.features.feed import Feed
 from kinret.features.feeds import feed_class, load_model
 from kinret.features.frozen import CODE, Cut, FrozenPass
@@ -59,7 +60,7 @@ class RawPixelSource:
     def key(self, images: ImageSet) -> str:
         return _key("raw32", code_version("kinret.data.images", "kinret.features.raw_pixels"), images.digest)
 
-    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+    def embeddings(self, images: ImageSet, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         cache = Path(self.cache_dir) / f"raw_pixels_{images.label}_{self.key(images)}.npz"
         found = build_in_chunks(cache, np.asarray(images.ids),
                                 lambda a, b: {"pixels": RawPixels()(list(images.paths[a:b]))[0][None]}, shard=True,
@@ -97,7 +98,7 @@ class BackboneSource:
                                       pixels=lambda: decode_pixels(root.paths, size, self.cache_dir))
         return {k: images.of_root(found[k]) for k in self.features.poolings}
 
-    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+    def embeddings(self, images: ImageSet, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         return _views_mean(self.raw(images))
 
 
@@ -200,18 +201,26 @@ class CheckpointSource:
             np.savez(tmp, ids=np.asarray(images.ids), **arrays)
         return cache
 
-    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+    def embeddings(self, images: ImageSet, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """{name: (N, D)} of `images`: `names` and "emb" (None: every output, the poolings the model offers to score
+        among them, `Feed.embeddings`), read from the cache; a cache holding fewer (written for a split scored for
+        some variants only) is computed again with what it held and what is asked, in one pass."""
         cache = self.cache_path(images)
+        need = {"emb", *(self.feed.embeddings(self.cfg) if names is None else names)}
+        held = cached_arrays(cache)
+        narrower = held is not None and "emb" in held and not need <= held  # "emb" is always kept: else damaged
+        want = None if names is None else need | (held if narrower else set())  # None: every output
         model, _, data_cfg = self._loaded
-        inputs = [None if cache.is_file() else self.feed.set_inputs(model, data_cfg, images)]  # every process, in order
+        inputs = [None if cache.is_file() and not narrower else self.feed.set_inputs(model, data_cfg, images)]
 
         def compute(start: int, stop: int) -> dict[str, np.ndarray]:
             if inputs[0] is None:  # a damaged cache is computed again: what it reads, read now
                 inputs[0] = self.feed.set_inputs(model, data_cfg, images)
-            return self.feed.set_pooled(model, data_cfg, images, inputs[0], start, stop)
+            return self.feed.set_pooled(model, data_cfg, images, inputs[0], start, stop, want)
 
-        return _views_mean(build_in_chunks(cache, np.asarray(images.ids), compute, shard=True,
-                                           desc=f"embed {self.cfg.name} {images.label}", keys=("emb",)))
+        found = build_in_chunks(cache, np.asarray(images.ids), compute, shard=True, replace=narrower,
+                                desc=f"embed {self.cfg.name} {images.label}", keys=("emb",))
+        return _views_mean({k: v for k, v in found.items() if names is None or k in need})
 
     @property
     def pair_fn(self) -> PairFn | None:
@@ -259,7 +268,7 @@ class ExternalEmbeddings:
     def key(self, images: ImageSet) -> str:
         return _key(file_digest(self.path), images.digest)
 
-    def embeddings(self, images: ImageSet) -> dict[str, np.ndarray]:
+    def embeddings(self, images: ImageSet, names: Collection[str] | None = None) -> dict[str, np.ndarray]:
         index, emb = self._table
         missing = [i for i in images.ids if i not in index]
         if missing:

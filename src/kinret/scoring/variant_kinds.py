@@ -22,7 +22,7 @@ an exact order, which a mean of K matrices does not keep) and cluster the galler
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,12 +61,13 @@ class GroupSpec:
 
 
 class SourceScoring:
-    """One source's embeddings of a split's images, with what several variants of that source share (the FC head's
-    per-image matrix, a re-scoring's unit vectors) computed once."""
+    """One source's embeddings of a split's images (`names`: those the variants to compute compare; None: all), with
+    what several variants of that source share (the FC head's per-image matrix, a re-scoring's unit vectors)
+    computed once."""
 
-    def __init__(self, source: Any, sd: SplitData):
+    def __init__(self, source: Any, sd: SplitData, names: Collection[str] | None = None):
         self.source, self.sd = source, sd
-        self.emb = source.embeddings(sd.images)
+        self.emb = source.embeddings(sd.images, names)
         self.n_probes = len(sd.split.probes)
         self._shared: dict[object, object] = {}
 
@@ -81,6 +82,11 @@ class SourceScoring:
         if key not in self._shared:
             self._shared[key] = compute()
         return self._shared[key]
+
+
+def compared(kinds: Collection[VariantKind]) -> set[str]:
+    """The embeddings `kinds` compare."""
+    return {getattr(k, "emb", PAIR_HEAD_EMB) for k in kinds}
 
 
 def _check_emb(emb: str) -> None:

@@ -38,7 +38,7 @@ from kinret.scoring.store import (
     stored_dtype,
     stored_key,
 )
-from kinret.scoring.variant_kinds import SourceScoring, VariantKind
+from kinret.scoring.variant_kinds import SourceScoring, VariantKind, compared
 from kinret.versions import code_version
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,10 @@ class Keep:
 
 
 def open_sources(group: Group, sd: SplitData) -> list[SourceScoring]:
-    """Each source's embeddings of the split's images, with what its variants share, for the kinds to compute."""
-    return [SourceScoring(source, sd) for source in group.sources_for(sd)]
+    """Each source's embeddings of the split's images that the group's kinds compare, with what its variants share,
+    for the kinds to compute."""
+    names = compared(group.kinds)
+    return [SourceScoring(source, sd, names) for source in group.sources_for(sd)]
 
 
 def group_key(group: Group, kind: VariantKind, sd: SplitData) -> str:
