@@ -371,3 +371,36 @@ def test_auto_narrows_a_split_only_past_the_pair_budget():
     assert auto.scores_every_variant(190, 4_482) and auto.scores_every_variant(5_000, 5_000)
     assert not auto.scores_every_variant(1_900, 33_610) and every.scores_every_variant(1_900, 33_610)
     assert not chosen.scores_every_variant(1, 1)
+
+
+def test_a_blend_is_kept_combined_where_the_choice_is_not_made_and_read_back_without_its_variants(
+        tiny_data, tmp_path, monkeypatch):
+    from kinret.ensemble.chosen import CHOSEN_DIR
+    from kinret.ensemble.selection import combine
+    from kinret.scoring import variants as scoring_variants
+    from kinret.scoring.ranking import rank_gallery
+
+    args = ensemble_args(tmp_path, "--variants", *NAMED, "--choose", "blend")
+    settings, splits, groups = prepared(args, tiny_data)
+    scores = tmp_path / "ens" / "scores"
+    result = run_ensemble(groups, splits, settings, scores, tmp_path / "ens")
+    sel = result.selection
+    assert len(sel.weights) > 1
+    for split in ("val", "test"):  # one combined matrix, none of its variants'
+        assert (scores / CHOSEN_DIR / f"{split}.npy").is_file()
+        assert not any((scores / safe_name(v) / f"{split}.npy").exists() for v in sel.weights)
+        assert all((scores / safe_name(v) / f"{split}.results.npz").exists() for v in sel.weights)
+        kept = result.chosen[split]
+        fresh = combine({v: scoring_variants.variant_scores(*result.scores[split].where(v), splits[split], scores)
+                         for v in sel.weights}, sel)
+        assert np.array_equal(rank_gallery(np.asarray(kept, np.float32)), rank_gallery(fresh))
+    assert all((scores / safe_name(v) / "oof0.npy").is_file() for v in sel.weights)  # the choice's splits: each
+    assert json.loads((scores / "kept.json").read_text())["variants"] == []
+
+    def forbidden(self, kind):
+        raise AssertionError(f"{kind.label} computed again")
+
+    monkeypatch.setattr(scoring_variants._Scoring, "compute", forbidden)  # a rerun reads what was kept
+    again = run_ensemble(groups, splits, settings, scores, tmp_path / "again")
+    assert np.array_equal(again.chosen["test"], result.chosen["test"])
+    assert (tmp_path / "again" / "variants.md").read_bytes() == (tmp_path / "ens" / "variants.md").read_bytes()

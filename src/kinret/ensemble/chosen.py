@@ -1,14 +1,70 @@
 """Score matrices read from the store when asked for, never all held: the chosen scores of each split (a single
 variant's matrix, or the blend combined from its variants' matrices one at a time) and one variant's matrices on
-the splits the choice is made on (what `kinret.ensemble.selection.select` takes)."""
+the splits the choice is made on (what `kinret.ensemble.selection.select` takes).
+
+On a split the choice is not made on, a blend is kept combined (`keep_blend`): one matrix, `{scores}/chosen/
+{split}.npy`, in float16 where that ranks every probe's gallery as float32 does (what the submission reads), instead
+of one matrix per blended variant; its key covers the blended variants' own keys, the weights and the
+normalisation, so a changed choice or source is never read back."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from kinret.ensemble.selection import Selection, combine
+from kinret.scoring.ranking import float16_ranks_alike
+from kinret.scoring.store import cached_scores, ids_path, save_scores, stored_key
+from kinret.scoring.variants import SplitScores, group_key, score_path
+
+CHOSEN_DIR = "chosen"
+
+
+def blend_store(scores: SplitScores, sel: Selection) -> tuple[Path, str] | None:
+    """(where a blend's combined scores on `scores`' split are kept, their key); None for a single variant, or a
+    blend with an external matrix among its variants (their matrices are kept instead)."""
+    if len(sel.weights) < 2:
+        return None
+    parts = [sel.normalisation]
+    for v, w in sel.weights.items():
+        group, kind = scores.where(v)
+        if kind is None:
+            return None
+        parts += [v, repr(float(w)), group_key(group, kind, scores.sd)]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return scores.scores_dir / CHOSEN_DIR / f"{scores.sd.name}.npy", key
+
+
+def blend_kept(scores: SplitScores, sel: Selection) -> bool:
+    """Whether the chosen blend is kept combined on `scores`' split under its current key."""
+    found = blend_store(scores, sel)
+    return found is not None and stored_key(found[0]) == found[1]
+
+
+def _write_blend(path: Path, key: str, combined: np.ndarray, scores: SplitScores) -> None:
+    sd = scores.sd
+    half = float16_ranks_alike(combined)
+    save_scores(path, combined, sd.probe_ids, sd.gallery_ids, key, np.float16 if half else np.float32)
+
+
+def keep_blend(scores: SplitScores, sel: Selection) -> bool:
+    """Keep the chosen blend of `scores`' split combined, and remove its variants' matrices there (their per-probe
+    results stay); True when it is kept so (already, or now), False where `blend_store` keeps none."""
+    found = blend_store(scores, sel)
+    if found is None:
+        return False
+    path, key = found
+    if stored_key(path) != key:
+        _write_blend(path, key, combine(scores, sel), scores)
+    for v in sel.weights:
+        group, kind = scores.where(v)
+        matrix = score_path(scores.scores_dir, group, kind, scores.sd)
+        for stale in (matrix, ids_path(matrix)):
+            stale.unlink(missing_ok=True)
+    return True
 
 
 class ChosenScores(Mapping):
@@ -26,8 +82,21 @@ class ChosenScores(Mapping):
             return self.given[split]
         if self._last is None or self._last[0] != split:
             self._last = None  # released before the next is read
-            self._last = (split, combine(self.scores[split], self.selection))
+            self._last = (split, self._read(split))
         return self._last[1]
+
+    def _read(self, split: str) -> np.ndarray:
+        """The kept combined blend when there is one under its key (one found damaged is combined again and kept
+        again), else the matrices combined."""
+        scores = self.scores[split]
+        found = blend_store(scores, self.selection) if isinstance(scores, SplitScores) else None
+        if found is None or stored_key(found[0]) != found[1]:
+            return combine(scores, self.selection)
+        kept = cached_scores(found[0], scores.sd.probe_ids, scores.sd.gallery_ids)
+        if kept is None:  # damaged (named in one warning): combined from its variants, computed again, and kept
+            kept = combine(scores, self.selection)
+            _write_blend(found[0], found[1], kept, scores)
+        return kept
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.scores)

@@ -18,7 +18,7 @@ import pandas as pd
 from kinret.data.layout import DataLayout
 from kinret.data.track3 import write_labelled
 from kinret.ensemble.bootstrap import average_terms, paired_intervals
-from kinret.ensemble.chosen import ByVariant, ChosenScores
+from kinret.ensemble.chosen import ByVariant, ChosenScores, blend_kept, keep_blend
 from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
 from kinret.ensemble.selection import Scorer, Selection, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
@@ -222,7 +222,9 @@ def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: En
     sel, key = _choose(scores, scorers, found, chooser, variants, settings)
     reference = pick_reference(variants, settings.reference, sel.best_single) if scorers else ""
     single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
-    keep = Keep(False, frozenset(sel.weights), frozenset([single] if single else []))
+    others = [n for n in splits if n not in chooser]
+    keep = Keep(False, frozenset(sel.weights), frozenset([single] if single else []),
+                combined=frozenset(n for n in others if blend_kept(scores[n], sel)))
     narrowed = {}
     for names, scored in others_by_scope(groups, splits, chooser, settings, [*sel.weights, reference]):
         if scored is not None:
@@ -230,7 +232,8 @@ def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: En
         for v, by_split in score_splits(filter_groups(groups, scored), splits, names, scores_dir, scorers,
                                         keep).items():
             found.setdefault(v, {}).update(by_split)
-    write_kept(scores_dir, chooser, list(sel.weights), sorted(keep.ranks_only), narrowed)
+    blended = [n for n in others if keep_blend(scores[n], sel)]  # kept combined, not variant by variant
+    write_kept(scores_dir, chooser, [] if blended else list(sel.weights), sorted(keep.ranks_only), narrowed)
     pp = {v: {n: found[v][n] for n in scorers if n in found.get(v, {})} for v in variants}
     chosen = ChosenScores(scores, sel)
     chosen_row = f"chosen: {sel.name}"

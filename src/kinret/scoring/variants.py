@@ -85,15 +85,22 @@ class Keep:
     """Which matrices of a split are written to the store: `every` (a split the choice is made on, or a caller that
     wants them all), else those of the `variants` named; `ranks_only`, the variants read back for their ranking
     alone (stored as float16 when that ranks them alike); `scored`, the variants scored on a labelled split where
-    not all are (`kinret.ensemble.settings.EnsembleSettings.score_others`; None: every variant)."""
+    not all are (`kinret.ensemble.settings.EnsembleSettings.score_others`; None: every variant); `combined`, the
+    splits where the chosen blend is kept combined already (`kinret.ensemble.chosen.keep_blend`): its variants'
+    matrices are not kept there."""
 
     every: bool = True
     variants: frozenset[str] = frozenset()
     ranks_only: frozenset[str] = frozenset()
     scored: frozenset[str] | None = None
+    combined: frozenset[str] = frozenset()
 
     def __contains__(self, variant: str) -> bool:
         return self.every or variant in self.variants
+
+    def wants(self, variant: str, split: str) -> bool:
+        """Whether `variant`'s matrix on `split` is kept."""
+        return self.every or (variant in self.variants and split not in self.combined)
 
 
 def open_sources(group: Group, sd: SplitData) -> list[SourceScoring]:
@@ -144,7 +151,7 @@ def missing_scores(group: Group, sd: SplitData, scores_dir: Path, keep: Keep | N
     for kind in group.kinds:
         v, path, key = group.variant(kind), score_path(scores_dir, group, kind, sd), group_key(group, kind, sd)
         evaluated = labelled and (keep.scored is None or v in keep.scored)
-        if (v in keep and not _fresh(path, key, v in keep.ranks_only)) or (
+        if (keep.wants(v, sd.name) and not _fresh(path, key, v in keep.ranks_only)) or (
                 evaluated and load_results(path, key, len(sd.probe_ids), len(sd.gallery_ids)) is None):
             out.append(v)
     return out
@@ -180,7 +187,7 @@ def score_group(group: Group, sd: SplitData, scores_dir: Path, evaluate: Evaluat
     for kind in group.kinds:
         v, path, key = group.variant(kind), score_path(scores_dir, group, kind, sd), group_key(group, kind, sd)
         results = load_results(path, key, len(sd.probe_ids), len(sd.gallery_ids)) if evaluate is not None else None
-        want = v in keep
+        want = keep.wants(v, sd.name)
         have = want and _fresh(path, key, v in keep.ranks_only)
         if (evaluate is None or results is not None) and (have or not want):
             yield v, results
