@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,17 @@ def test_grid_by_default_trains_heads_in_workers_and_networks_here(tmp_path, tin
     assert here == [("e", 0, os.cpu_count())]  # the network here with every core; both heads in the workers
     assert len(list((out / "_cache").glob("frozen_*"))) == 1  # built once, before the workers started
     assert all(json.loads((r.run_dir / "state.json").read_text())["finished"] for r in runs)
+    workers = [p for p in Path("/proc").glob("[0-9]*") if _worker_of(p, os.getpid())]
+    assert not workers  # shut down with the grid: idle, they would hold their memory through scoring
+
+
+def _worker_of(proc: Path, parent: int) -> bool:
+    """Whether /proc entry `proc` is a joblib worker process of `parent` (not one of its resource trackers)."""
+    try:
+        stat, cmdline = (proc / "stat").read_text(), (proc / "cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return False
+    return int(stat[stat.rindex(")") + 2:].split()[1]) == parent and b"LokyProcess" in cmdline
 
 
 def test_large_end_to_end_runs_train_the_odd_one_here_then_the_rest_in_workers(tmp_path, tiny_data, monkeypatch):

@@ -85,12 +85,15 @@ def _train_rest(rest: list[Run], jobs: int, cores: int, quiet: bool, verbose: bo
     process."""
     if jobs > 1 and len(rest) > 1:
         from joblib import Parallel, delayed
+        from joblib.externals.loky import get_reusable_executor
 
         threads = max(1, cores // jobs)
         work = Parallel(n_jobs=jobs, return_as="generator_unordered")(
             delayed(_in_worker)(i, replace(r.cfg, threads=threads).to_dict(), r.fold, os.getpid())
             for i, r in enumerate(rest))
-        return dict(progress(work, desc=f"grid ({jobs} processes)", total=len(rest), unit="run"))
+        done = dict(progress(work, desc=f"grid ({jobs} processes)", total=len(rest), unit="run"))
+        get_reusable_executor().shutdown(wait=True)  # idle workers would keep their memory through the next stages
+        return done
     return {i: train_in_process(replace(r.cfg, threads=cores).to_dict(), r.fold, quiet, verbose)
             for i, r in progress(list(enumerate(rest)), desc="grid", unit="run")}
 
