@@ -95,13 +95,30 @@ def save_results(scores_path: str | Path, results: pd.DataFrame, key: str) -> Pa
     return path
 
 
+_READ: dict[tuple, pd.DataFrame] = {}  # results read in this process, by file identity: a rerun asks many times
+
+
 def load_results(scores_path: str | Path, key: str, n_probes: int, n_gallery: int) -> pd.DataFrame | None:
     """The per-probe results stored for the matrix at `scores_path` under `key`: None when absent or stored under
     another key (stale); a damaged file (unreadable, a column missing, of another length, an AP outside [0, 1], a
-    first rank that is not a gallery place) is named in a warning and None is returned, so it is computed again."""
+    first rank that is not a gallery place) is named in a warning and None is returned, so it is computed again.
+    A file read before in this process, unchanged since (the same inode, size and modification time: files are
+    replaced by renaming), is not read again."""
     path = results_path(scores_path)
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except OSError:
         return None
+    memo = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, key, n_probes, n_gallery)
+    if memo not in _READ:
+        found = _read_results(path, key, n_probes, n_gallery)
+        if found is None:
+            return None
+        _READ[memo] = found
+    return _READ[memo].copy()
+
+
+def _read_results(path: Path, key: str, n_probes: int, n_gallery: int) -> pd.DataFrame | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             if str(data["key"]) != key:

@@ -110,11 +110,23 @@ def open_sources(group: Group, sd: SplitData) -> list[SourceScoring]:
     return [SourceScoring(source, sd, names) for source in group.sources_for(sd)]
 
 
+def source_key(source: Any, images: Any) -> str:
+    """`source.key(images)`, once per source object and image set (a source's content is fixed while it lives:
+    a checkpoint's digest is taken once)."""
+    digest = getattr(images, "digest", None)
+    if digest is None:
+        return source.key(images)
+    memo = source.__dict__.setdefault("_keys", {})
+    if digest not in memo:
+        memo[digest] = source.key(images)
+    return memo[digest]
+
+
 def group_key(group: Group, kind: VariantKind, sd: SplitData) -> str:
     """The cache key of `kind`'s matrix on `sd`: the scoring code (`kinret.versions.code_version`), the variant, the
     split's ids and the sources."""
     parts = [code_version("kinret.scoring"), kind.label, *kind.key_parts(), ids_digest(sd.probe_ids, sd.gallery_ids)]
-    parts += [s.key(sd.images) for s in group.sources_for(sd)]
+    parts += [source_key(s, sd.images) for s in group.sources_for(sd)]
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
