@@ -45,6 +45,7 @@ FILES = {
     "run.json": ("sub/run.json", ()),
     "report key": ("sub/report/.report_key", ()),
     "selection.json": ("sub/selection.json", ()),
+    "choice record": ("ens/scores/choice.json", ()),
 }
 
 
@@ -64,7 +65,7 @@ def _wrong_thing(kind: str, path: Path, work: Path) -> None:
     """A file of the right format holding the wrong thing, for each kind."""
     if kind == "checkpoint":  # another fold's checkpoint
         shutil.copyfile(work / "runs/tiny/fold1/checkpoint.pt", path)
-    elif kind in ("config.json", "data.json", "throughput.json", "run.json", "selection.json"):
+    elif kind in ("config.json", "data.json", "throughput.json", "run.json", "selection.json", "choice record"):
         path.write_text("[]\n")  # JSON of the wrong type
     elif kind == "state.json":
         path.write_text(json.dumps({"epoch": "two", "epochs": 2, "finished": "yes"}))

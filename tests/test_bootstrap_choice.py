@@ -404,3 +404,36 @@ def test_a_blend_is_kept_combined_where_the_choice_is_not_made_and_read_back_wit
     again = run_ensemble(groups, splits, settings, scores, tmp_path / "again")
     assert np.array_equal(again.chosen["test"], result.chosen["test"])
     assert (tmp_path / "again" / "variants.md").read_bytes() == (tmp_path / "ens" / "variants.md").read_bytes()
+
+
+def test_a_rerun_reads_the_choice_back_and_makes_it_again_when_its_inputs_or_record_change(run, tiny_data,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           caplog):
+    import logging
+
+    from kinret.ensemble import run as ensemble_run
+    from kinret.ensemble.chosen import CHOICE_FILE
+
+    result, work = run
+    shutil.copytree(work / "ens", tmp_path / "ens")
+    scores, record = tmp_path / "ens" / "scores", tmp_path / "ens" / "scores" / CHOICE_FILE
+    assert record.is_file()
+    made, real = [], ensemble_run.select
+
+    def counted(*args, **kwargs):
+        made.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble_run, "select", counted)
+    settings, splits, groups = prepared(ensemble_args(tmp_path, "--variants", *NAMED), tiny_data)
+    again = run_ensemble(groups, splits, settings, scores, tmp_path / "again")
+    assert made == [] and again.selection == result.selection  # read back, the same to the last bit
+    assert (tmp_path / "again" / "variants.md").read_bytes() == (work / "ens" / "variants.md").read_bytes()
+    best = prepared(ensemble_args(tmp_path, "--variants", *NAMED, "--choose", "best"), tiny_data)[0]
+    assert run_ensemble(groups, splits, best, scores, None).selection.name.startswith("best_") and made == ["best"]
+    record.write_bytes(np.random.default_rng(0).bytes(200))  # damaged: named once, made again, recorded again
+    with caplog.at_level(logging.WARNING):
+        healed = run_ensemble(groups, splits, settings, scores, tmp_path / "healed")
+    assert made == ["best", "auto"] and healed.selection == result.selection
+    assert sum(str(record) in r.getMessage() for r in caplog.records) == 1
+    assert json.loads(record.read_text())["selection"]["name"] == result.selection.name

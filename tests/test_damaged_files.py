@@ -45,7 +45,8 @@ CASES = [
     *[(k, d, HEALED) for k in ("cache chunk", "pixel caches", "score matrix") for d in ALL],
     *[("score ids", d, HEALED) for d in (*ALL, "missing key")],
     ("score ids", "other split", QUIET),  # another split's key: stale, so computed again as after a data change
-    *[(k, d, HEALED) for k in ("throughput.json", "run.json", "report key") for d in ("random bytes", "wrong thing")],
+    *[(k, d, HEALED) for k in ("throughput.json", "run.json", "report key", "choice record")
+      for d in ("random bytes", "wrong thing")],  # the choice made again and recorded
     ("selection.json", "random bytes", QUIET),  # written by a run, never read back by one
 ]
 # what each case used to give before these checks (2026-12-07, the same command on the same folders; the four)

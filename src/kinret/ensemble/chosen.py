@@ -10,17 +10,67 @@ normalisation, so a changed choice or source is never read back."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 
 from kinret.ensemble.selection import Selection, combine
+from kinret.io import write_text_atomic
+from kinret.readback import DamagedFile, read_json, rebuilt
 from kinret.scoring.ranking import float16_ranks_alike
 from kinret.scoring.store import cached_scores, ids_path, save_scores, stored_key
 from kinret.scoring.variants import SplitScores, group_key, score_path
+from kinret.versions import code_version
 
 CHOSEN_DIR = "chosen"
+CHOICE_FILE = "choice.json"  # the last choice and the key of what it was made from
+
+
+def choice_key(scores: Mapping[str, SplitScores], chooser: Sequence[str], variants: Sequence[str],
+               settings: Mapping[str, object]) -> str | None:
+    """What a choice is made from: the code that makes it, the `settings` it is made with, the families of every
+    split it is made on, and the key of every variant's matrix there; None where an external matrix is among them
+    (no key of its own: chosen afresh)."""
+    parts = [code_version("kinret.ensemble.selection", "kinret.ensemble.blend", "kinret.ensemble.bootstrap"),
+             json.dumps(dict(settings), sort_keys=True, default=str)]
+    for name in chooser:
+        labels = scores[name].sd.labels
+        parts += [name, *map(str, labels.probe_fids), "|", *map(str, labels.gallery_fids)]
+        for v in variants:
+            group, kind = scores[name].where(v)
+            if kind is None:
+                return None
+            parts += [name, v, group_key(group, kind, scores[name].sd)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def read_choice(scores_dir: Path, key: str | None) -> Selection | None:
+    """The choice recorded under `key` (`write_choice`), or None: none recorded, another key, or a damaged record
+    (named in one warning; the choice is made again and recorded)."""
+    path = Path(scores_dir) / CHOICE_FILE
+    if key is None or not path.is_file():
+        return None
+    try:
+        data = read_json(path, dict, ("key", "selection"))
+        if data["key"] != key:
+            return None
+        found = data["selection"]
+        if not isinstance(found, dict) or set(found) != {f.name for f in fields(Selection)}:
+            raise DamagedFile(path, "its selection is not a recorded choice")
+        return Selection(**found)
+    except DamagedFile as exc:
+        rebuilt(exc, "the choice is made again")
+        return None
+
+
+def write_choice(scores_dir: Path, key: str | None, sel: Selection) -> None:
+    """Record `sel` under `key`, so a rerun with the same matrices and settings reads the choice back."""
+    if key is None:
+        return
+    write_text_atomic(Path(scores_dir) / CHOICE_FILE, json.dumps({"key": key, "selection": asdict(sel)}) + "\n")
 
 
 def blend_store(scores: SplitScores, sel: Selection) -> tuple[Path, str] | None:

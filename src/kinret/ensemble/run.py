@@ -18,7 +18,15 @@ import pandas as pd
 from kinret.data.layout import DataLayout
 from kinret.data.track3 import write_labelled
 from kinret.ensemble.bootstrap import average_terms, paired_intervals
-from kinret.ensemble.chosen import ByVariant, ChosenScores, blend_kept, keep_blend
+from kinret.ensemble.chosen import (
+    ByVariant,
+    ChosenScores,
+    blend_kept,
+    choice_key,
+    keep_blend,
+    read_choice,
+    write_choice,
+)
 from kinret.ensemble.discovery import discover_groups, filter_groups, fold_plan
 from kinret.ensemble.selection import Scorer, Selection, pooled, select
 from kinret.ensemble.settings import EnsembleSettings
@@ -36,6 +44,7 @@ from kinret.scoring.variants import Group, Keep, SplitScores, missing_scores, sc
 from kinret.train.experiments import Run, experiment_runs, scoped_overrides
 
 log = logging.getLogger("kinret.ensemble")
+CHOICE_SETTINGS = ("choose", "normalise", "max_steps", "blend_pool", "bootstrap")  # what `select` is given
 REFERENCES = (variant_name("sface", Cosine("native", "meanemb")),  # zero-shot SFace
               variant_name("raw_pixels", Cosine("pixels", "meanemb")))  # else raw pixels
 
@@ -193,14 +202,20 @@ def write_per_probe(path: Path, table: pd.DataFrame) -> Path:
     return Path(path)
 
 
-def _choose(scores, scorers, pp, chooser, variants, settings: EnsembleSettings) -> tuple[Selection, str]:
+def _choose(scores, scorers, pp, chooser, variants, settings: EnsembleSettings, scores_dir: Path
+            ) -> tuple[Selection, str]:
     if not chooser:
         log.warning("nothing labelled to choose on (no DATA/train folds, no DATA/val): taking the first variant")
         return Selection(f"best_{safe_name(variants[0])}", {variants[0]: 1.0}, settings.normalise, variants[0],
                          reason="the first variant: nothing labelled to choose on"), "oof"
-    sel = select({v: ByVariant(scores, v, chooser) for v in variants}, {n: scorers[n] for n in chooser},
-                 settings.choose, settings.normalise, settings.max_steps, settings.blend_pool, settings.bootstrap,
-                 per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
+    made_with = {k: v for k, v in settings.to_dict().items() if k in CHOICE_SETTINGS}
+    key = choice_key(scores, chooser, variants, made_with)
+    sel = read_choice(scores_dir, key)  # a rerun on the same matrices and settings: the same choice, read back
+    if sel is None:
+        sel = select({v: ByVariant(scores, v, chooser) for v in variants}, {n: scorers[n] for n in chooser},
+                     settings.choose, settings.normalise, settings.max_steps, settings.blend_pool, settings.bootstrap,
+                     per_probe={v: {n: pp[v][n] for n in chooser} for v in variants})
+        write_choice(scores_dir, key, sel)
     return sel, split_group(chooser[0])
 
 
@@ -219,7 +234,7 @@ def run_ensemble(groups: list[Group], splits: dict[str, SplitData], settings: En
     scores = {n: SplitScores(groups, sd, scores_dir) for n, sd in splits.items()}
     chooser = choice_splits(splits)
     found = score_splits(groups, splits, chooser, scores_dir, scorers, Keep())
-    sel, key = _choose(scores, scorers, found, chooser, variants, settings)
+    sel, key = _choose(scores, scorers, found, chooser, variants, settings, scores_dir)
     reference = pick_reference(variants, settings.reference, sel.best_single) if scorers else ""
     single = next(iter(sel.weights)) if len(sel.weights) == 1 else None
     others = [n for n in splits if n not in chooser]
