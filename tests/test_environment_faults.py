@@ -143,6 +143,12 @@ def _ours(mark: str) -> list[int]:
     return found
 
 
+def _terminal_sigint() -> None:
+    """SIGINT as a terminal leaves it: a suite started in the background by a shell without job control (`cmd &`
+    in a script, nohup) inherits it ignored, and so would the run, which Ctrl-C could then not stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_training_stops_the_workers_says_what_is_kept_and_exits_130(tiny_data, tmp_path):
     """SIGINT to make_submission.py and its two grid workers while they train, as Ctrl-C in a terminal sends it to
     the whole process group (the main process alone, kill -INT, takes the same path)."""
@@ -151,7 +157,8 @@ def test_ctrl_c_during_training_stops_the_workers_says_what_is_kept_and_exits_13
     argv = fast(tiny_data, tmp_path, "--jobs", "2")
     argv[argv.index("--experiments") + 1:argv.index("--experiments") + 1] = ["tiny"]
     proc = subprocess.Popen([sys.executable, str(REPO / "make_submission.py"), *argv], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_terminal_sigint)
     t0 = time.monotonic()
     while not list((tmp_path / "runs").rglob("config.json")):  # a worker has started its run
         assert proc.poll() is None, proc.communicate()[1][-2000:]  # a run that ended before training fails here
