@@ -97,8 +97,7 @@ def _train_rest(rest: list[Run], jobs: int, cores: int, quiet: bool, verbose: bo
 
 
 # A worker idle this long ends by itself: kept, each would hold its memory through the stages after training (2.1 GB
-# of the process tree during scoring at ten times the test split); not shut down by the grid, whose process must
-# stay interruptible (a Ctrl-C during a shutdown is lost in joblib's wait).
+# of the process tree during scoring at ten times the test split); joblib's default keeps it 300 s.
 WORKER_IDLE_SECONDS = 5
 
 
