@@ -29,6 +29,18 @@ CHOSEN_DIR = "chosen"
 CHOICE_FILE = "choice.json"  # the last choice and the key of what it was made from
 
 
+def matrix_keys(scores: SplitScores, variants: Sequence[str]) -> list[str] | None:
+    """Each variant's name and the key its matrix on `scores`' split is stored under; None where an external matrix
+    is among them (it has no key of its own)."""
+    out = []
+    for v in variants:
+        group, kind = scores.where(v)
+        if kind is None:
+            return None
+        out += [v, group_key(group, kind, scores.sd)]
+    return out
+
+
 def choice_key(scores: Mapping[str, SplitScores], chooser: Sequence[str], variants: Sequence[str],
                settings: Mapping[str, object]) -> str | None:
     """What a choice is made from: the code that makes it, the `settings` it is made with, the families of every
@@ -37,13 +49,10 @@ def choice_key(scores: Mapping[str, SplitScores], chooser: Sequence[str], varian
     parts = [code_version("kinret.ensemble.selection", "kinret.ensemble.blend", "kinret.ensemble.bootstrap"),
              json.dumps(dict(settings), sort_keys=True, default=str)]
     for name in chooser:
-        labels = scores[name].sd.labels
-        parts += [name, *map(str, labels.probe_fids), "|", *map(str, labels.gallery_fids)]
-        for v in variants:
-            group, kind = scores[name].where(v)
-            if kind is None:
-                return None
-            parts += [name, v, group_key(group, kind, scores[name].sd)]
+        labels, keys = scores[name].sd.labels, matrix_keys(scores[name], variants)
+        if keys is None:
+            return None
+        parts += [name, *map(str, labels.probe_fids), "|", *map(str, labels.gallery_fids), *keys]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -78,12 +87,10 @@ def blend_store(scores: SplitScores, sel: Selection) -> tuple[Path, str] | None:
     blend with an external matrix among its variants (their matrices are kept instead)."""
     if len(sel.weights) < 2:
         return None
-    parts = [sel.normalisation]
-    for v, w in sel.weights.items():
-        group, kind = scores.where(v)
-        if kind is None:
-            return None
-        parts += [v, repr(float(w)), group_key(group, kind, scores.sd)]
+    keys = matrix_keys(scores, list(sel.weights))
+    if keys is None:
+        return None
+    parts = [sel.normalisation, *keys, *(repr(float(w)) for w in sel.weights.values())]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return scores.scores_dir / CHOSEN_DIR / f"{scores.sd.name}.npy", key
 

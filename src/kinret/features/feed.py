@@ -153,11 +153,8 @@ class StoredRows:
         return self.n
 
     def __getitem__(self, at: slice) -> np.ndarray:
-        start, stop, step = at.indices(self.n)
         stored = np.load(self.path, mmap_mode="r")[self.view]
-        if self.rows is None and step == 1:
-            return np.array(stored[start:stop])
-        return gather(stored, self.rows[start:stop:step] if self.rows is not None else np.arange(start, stop, step))
+        return np.array(stored[at]) if self.rows is None else gather(stored, self.rows[at])
 
 
 def gather_views(views: Sequence[np.ndarray], rows: np.ndarray, view: np.ndarray) -> np.ndarray:
